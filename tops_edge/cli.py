@@ -1,0 +1,140 @@
+"""Command-line entry points: thin layers over `tops_edge.export.export_model` and `tops_edge.runtime.Pipeline`.
+
+Every error a user can cause prints one line on stderr and exits non-zero; no tracebacks
+(set TOPS_EDGE_DEBUG=1 to see one for an unexpected failure).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import traceback
+
+from .errors import TopsError
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line on stderr like every other error."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def _run_cli(prog: str, fn, argv) -> int:
+    try:
+        return fn(argv) or 0
+    except TopsError as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # a bug: still one line, the traceback on request
+        if os.environ.get("TOPS_EDGE_DEBUG"):
+            traceback.print_exc()
+        first = (str(exc).strip().splitlines() or [""])[0]
+        print(f"{prog}: internal error: {type(exc).__name__}: {first} (TOPS_EDGE_DEBUG=1 shows the traceback)", file=sys.stderr)
+        return 70
+
+
+# --- tops-export ---------------------------------------------------------------------------
+def export_parser() -> argparse.ArgumentParser:
+    from . import selector
+    from .export.exporter import DEFAULT_EXPORTER, POSITIONS, PRECISIONS, TARGETS
+    from .export.onnx_export import EXPORTERS
+    from .models import aliases, builtin_models
+
+    p = _Parser(
+        prog="tops-export",
+        description="Split a LLaVA-class model into ONNX parts (vision, selector, embed, decoder) plus a manifest.",
+        epilog=f"built-in models (no download): {', '.join(builtin_models())}; aliases: {', '.join(sorted(aliases()))}",
+    )
+    p.add_argument("--model", required=True, help="hub id (llava-hf/llava-1.5-7b-hf), alias, local HF directory, or built-in tiny model")
+    p.add_argument("--out", required=True, help="output directory (replaced atomically)")
+    p.add_argument("--selector", default="none", choices=selector.available(), help="visual-token selector baked into the selector graph (default: none)")
+    p.add_argument("--keep", type=int, default=None, help="default visual-token budget K (the runtime can change it); default: all tokens")
+    p.add_argument("--precision", default="fp32", choices=PRECISIONS, help="graph precision (default: fp32)")
+    p.add_argument("--target", default="ort", choices=TARGETS, help="deployment target (default: ort)")
+    p.add_argument("--positions", default="compact", choices=POSITIONS, help="position ids after pruning (default: compact)")
+    p.add_argument("--exporter", default=DEFAULT_EXPORTER, choices=EXPORTERS, help=f"torch.onnx exporter (default: {DEFAULT_EXPORTER}, chosen on measured ORT speed)")
+    p.add_argument("--opset", type=int, default=None, help="ONNX opset (default: 18)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar (it only shows on a terminal anyway)")
+    return p
+
+
+def _export(argv) -> int:
+    args = export_parser().parse_args(argv)
+    from .export import export_model
+
+    out = export_model(
+        args.model, args.out, selector=args.selector, keep=args.keep, precision=args.precision,
+        target=args.target, exporter=args.exporter, opset=args.opset, positions=args.positions,
+        progress=not args.quiet and sys.stderr.isatty(),
+    )
+    if not args.quiet:
+        print(f"exported {args.model} -> {out}", file=sys.stderr)
+    return 0
+
+
+def export_main(argv=None) -> int:
+    return _run_cli("tops-export", _export, argv)
+
+
+# --- tops-run ------------------------------------------------------------------------------
+def run_parser() -> argparse.ArgumentParser:
+    from .runtime import BACKENDS
+
+    p = _Parser(prog="tops-run", description="Answer a prompt about an image with an exported model directory.")
+    p.add_argument("dir", help="a tops-export output directory")
+    p.add_argument("--image", required=True, help="image file (PNG, JPEG, ...)")
+    p.add_argument("--prompt", required=True, help="the question; the model's chat template and image slot are added")
+    p.add_argument("--raw-prompt", action="store_true", help="the prompt is already templated and holds the image slot itself")
+    p.add_argument("--keep", type=int, default=None, help="visual tokens to keep (default: the export's budget)")
+    p.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate at most (default: 64)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default: 1.0)")
+    p.add_argument("--seed", type=int, default=None, help="sampling seed")
+    p.add_argument("--backend", default="ort", choices=BACKENDS, help="inference backend (default: ort)")
+    p.add_argument("--json", action="store_true", help="print one JSON object: text, token_ids, kept_indices, timings_ms, kv_cache_bytes")
+    return p
+
+
+def _run(argv) -> int:
+    args = run_parser().parse_args(argv)
+    from .runtime import Pipeline
+
+    pipe = Pipeline.load(args.dir, backend=args.backend)
+    options = dict(
+        max_new_tokens=args.max_new_tokens, keep=args.keep, temperature=args.temperature,
+        top_p=args.top_p, seed=args.seed, raw_prompt=args.raw_prompt,
+    )
+    if args.json:
+        result = pipe.generate(args.image, args.prompt, **options)
+        print(json.dumps(result.to_json()))
+        return 0
+    stream = pipe.stream(args.image, args.prompt, **options)
+    for chunk in stream:
+        sys.stdout.write(chunk.text)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    r = stream.result
+    t = r.timings_ms
+    tps = 1e3 / t["decode_per_token"] if t["decode_per_token"] else 0.0
+    print(
+        f"[{len(r.kept_indices)}/{pipe.num_visual_tokens} visual tokens, prompt {r.prompt_tokens} tokens, "
+        f"vision {t['vision']:.1f} ms, prefill {t['prefill']:.1f} ms, decode {tps:.1f} tok/s, "
+        f"KV cache {r.kv_cache_bytes / 2**20:.2f} MiB]",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def run_main(argv=None) -> int:
+    return _run_cli("tops-run", _run, argv)
+
+
+if __name__ == "__main__":  # python -m tops_edge.cli export|run ...
+    cmd, rest = (sys.argv[1], sys.argv[2:]) if len(sys.argv) > 1 else ("", [])
+    sys.exit({"export": export_main, "run": run_main}.get(cmd, lambda _: print("usage: python -m tops_edge.cli export|run ...") or 2)(rest))

@@ -1,0 +1,163 @@
+"""`tops-export`'s engine: model -> ONNX parts + preprocessing files + manifest, written atomically."""
+
+from __future__ import annotations
+
+import platform
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .. import __version__, selector as selectors
+from ..errors import ExportError, InputError
+from ..models import ModelAdapter, PartSpec, TensorSpec, load
+from ..models.base import config_sha256
+from .atomic import staged_directory
+from .manifest import SCHEMA_VERSION, file_record, write_manifest
+from .onnx_export import EXPORTERS, export_part, opset_default
+
+PRECISIONS = ("fp32",)
+POSITIONS = ("compact",)
+TARGETS = ("ort",)
+DEFAULT_EXPORTER = "legacy"  # measured: see README "Exporter choice"
+
+
+def selector_part(method: str, layout: dict[str, Any], hidden: int) -> PartSpec | None:
+    info = selectors.get(method)
+    if info.build is None:
+        return None
+    n = layout["tokens_per_image"]
+    return PartSpec(
+        name="selector",
+        module=info.build(grid=layout["grid"], tokens=n),
+        inputs=[
+            TensorSpec("image_features", "float32", ("num_images", n, hidden)),
+            TensorSpec("keep", "int64", ()),
+        ],
+        outputs=[
+            TensorSpec("kept_indices", "int64", ("num_images", "kept")),
+            TensorSpec("selected_features", "float32", ("num_images", "kept", hidden)),
+        ],
+        # trace at a budget that is not N so nothing folds K into a constant
+        example_inputs=lambda: (torch.randn(1, n, hidden), torch.tensor(max(1, n // 3), dtype=torch.int64)),
+        meta={"method": method},
+    )
+
+
+def export_model(
+    model: str | ModelAdapter,
+    out: str | Path,
+    selector: str = "none",
+    keep: int | None = None,
+    precision: str = "fp32",
+    target: str = "ort",
+    exporter: str = DEFAULT_EXPORTER,
+    opset: int | None = None,
+    positions: str = "compact",
+    progress: bool = True,
+) -> Path:
+    """Export MODEL into OUT. Returns OUT. A failure leaves an existing OUT untouched.
+
+    `keep` is the default budget recorded in the manifest (the runtime may change it per call);
+    None means every visual token.
+    """
+    _check_choice("precision", precision, PRECISIONS, later="--precision fp16/int8 come with INT8/FP16 builds (calib)")
+    _check_choice("target", target, TARGETS, later="--target trt needs the TensorRT build step")
+    _check_choice("positions", positions, POSITIONS)
+    _check_choice("exporter", exporter, EXPORTERS)
+    info = selectors.get(selector)
+    opset = opset or opset_default()
+
+    from tqdm.auto import tqdm
+
+    steps = tqdm(total=2, desc="tops-export", unit="step", disable=not progress, leave=False)
+    try:
+        steps.set_postfix_str("loading model")
+        adapter = model if isinstance(model, ModelAdapter) else load(model)
+        steps.update()
+        layout = adapter.visual_layout()
+        n = layout["tokens_per_image"]
+        if info.build is None:
+            if keep not in (None, n):
+                raise InputError(f"--selector none keeps all {n} visual tokens; pass a --selector to export a budget")
+            keep = n
+        keep = selectors.check_keep(n if keep is None else keep, n)
+        parts = adapter.parts()
+        sel = selector_part(selector, layout, adapter.hidden_size)
+        if sel is not None:
+            parts.insert(1, sel)
+        steps.total = len(parts) + 2  # load, each part, preprocessing + manifest
+        steps.refresh()
+        out = Path(out)
+        with staged_directory(out) as stage:
+            records = {}
+            for part in parts:
+                steps.set_postfix_str(f"exporting {part.name}")
+                files = export_part(part, stage / f"{part.name}.onnx", opset=opset, exporter=exporter)
+                records[part.name] = {
+                    "files": [file_record(stage, f) for f in files],
+                    "inputs": [s.to_json() for s in part.inputs],
+                    "outputs": [s.to_json() for s in part.outputs],
+                }
+                steps.update()
+            steps.set_postfix_str("writing preprocessing + manifest")
+            adapter.save_preprocessing(stage)
+            manifest = _manifest(adapter, layout, records, selector, keep, precision, opset, exporter, positions)
+            write_manifest(stage, manifest)
+            steps.update()
+    finally:
+        steps.close()
+    return out
+
+
+def _check_choice(flag: str, value: str, allowed, later: str = "") -> None:
+    if value not in allowed:
+        hint = f" ({later})" if later else ""
+        raise InputError(f"--{flag} {value} is not available in this version; choose {', '.join(allowed)}{hint}")
+
+
+def _manifest(adapter, layout, records, selector, keep, precision, opset, exporter, positions) -> dict[str, Any]:
+    import onnx
+    import transformers
+
+    try:
+        import onnxruntime
+
+        ort_version = onnxruntime.__version__
+    except ImportError:  # export does not need it; the runtime does
+        ort_version = None
+    tc = adapter.text_config
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "tops_edge_version": __version__,
+        "model": {
+            "source": adapter.source,
+            "family": adapter.family,
+            "model_type": adapter.config.model_type,
+            "config_sha256": config_sha256(adapter.config),
+        },
+        "visual": layout,
+        "selector": {"method": selector, "default_keep": keep, "positions": positions},
+        "decoder": {
+            "num_layers": adapter.num_layers,
+            "num_kv_heads": adapter.num_kv_heads,
+            "head_dim": adapter.head_dim,
+            "hidden_size": adapter.hidden_size,
+            "vocab_size": tc.vocab_size,
+            "max_context": adapter.max_context,
+            "eos_token_ids": adapter.eos_token_ids,
+            "kv_dtype": "float32",
+            "logits": "last_position",
+        },
+        "parts": records,
+        "precision": precision,
+        "opset": opset,
+        "exporter": exporter,
+        "tools": {
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "onnx": onnx.__version__,
+            "onnxruntime": ort_version,
+            "python": platform.python_version(),
+        },
+    }

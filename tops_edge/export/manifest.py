@@ -1,0 +1,118 @@
+"""`manifest.json`: the one contract between export and runtime. Versioned, validated on load.
+
+Everything the runtime needs is here or in the HF preprocessing files beside it, so the runtime never
+imports a model adapter or touches torch weights.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from ..errors import ManifestError
+
+SCHEMA_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+
+# key -> type the loader insists on; nested parts are checked separately
+_REQUIRED = {
+    "schema_version": int,
+    "tops_edge_version": str,
+    "model": dict,
+    "visual": dict,
+    "selector": dict,
+    "decoder": dict,
+    "parts": dict,
+    "precision": str,
+    "opset": int,
+    "exporter": str,
+    "tools": dict,
+}
+_REQUIRED_PARTS = ("vision", "embed", "decoder")
+_REQUIRED_VISUAL = ("tokens_per_image", "grid", "image_token_id")
+_REQUIRED_DECODER = ("num_layers", "num_kv_heads", "head_dim", "hidden_size", "vocab_size", "max_context", "eos_token_ids")
+
+
+def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def file_record(directory: Path, name: str) -> dict[str, Any]:
+    path = directory / name
+    return {"path": name, "bytes": path.stat().st_size, "sha256": sha256_file(path)}
+
+
+def write_manifest(directory: Path, manifest: dict[str, Any]) -> Path:
+    path = Path(directory) / MANIFEST_NAME
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=False) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def load_manifest(directory: str | os.PathLike, verify: str = "fast") -> dict[str, Any]:
+    """Read and validate DIR/manifest.json.
+
+    verify: "fast" hashes every .onnx graph and checks the size of external-data files (a truncated
+    or edited graph is caught without reading gigabytes of weights); "full" hashes everything;
+    "none" only checks the schema.
+    """
+    directory = Path(directory)
+    path = directory / MANIFEST_NAME
+    if not directory.is_dir():
+        raise ManifestError(f"{directory} is not a directory; pass the --out DIR of tops-export")
+    if not path.is_file():
+        raise ManifestError(f"{directory} has no {MANIFEST_NAME}; is it a tops-export output directory?")
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ManifestError(f"{path} is not valid JSON ({exc})") from None
+    if not isinstance(manifest, dict):
+        raise ManifestError(f"{path} is not a JSON object")
+    version = manifest.get("schema_version")
+    if version != SCHEMA_VERSION:
+        raise ManifestError(
+            f"{path} has schema version {version!r}, this tops-edge reads version {SCHEMA_VERSION}; re-export with tops-export"
+        )
+    for key, typ in _REQUIRED.items():
+        if not isinstance(manifest.get(key), typ):
+            raise ManifestError(f"{path}: field '{key}' is missing or not a {typ.__name__}")
+    _require(path, "visual", manifest["visual"], _REQUIRED_VISUAL)
+    _require(path, "decoder", manifest["decoder"], _REQUIRED_DECODER)
+    parts = manifest["parts"]
+    for name in _REQUIRED_PARTS:
+        if name not in parts:
+            raise ManifestError(f"{path}: part '{name}' is missing")
+    if verify != "none":
+        for name, part in parts.items():
+            _verify_part(directory, name, part, full=(verify == "full"))
+    return manifest
+
+
+def _require(path: Path, section: str, data: dict, keys) -> None:
+    for key in keys:
+        if key not in data:
+            raise ManifestError(f"{path}: field '{section}.{key}' is missing")
+
+
+def _verify_part(directory: Path, name: str, part: dict, full: bool) -> None:
+    files = part.get("files")
+    if not isinstance(files, list) or not files:
+        raise ManifestError(f"{directory / MANIFEST_NAME}: part '{name}' lists no files")
+    for rec in files:
+        path = directory / rec["path"]
+        if not path.is_file():
+            raise ManifestError(f"{path} is missing (part '{name}'); re-export with tops-export")
+        if path.stat().st_size != rec["bytes"]:
+            raise ManifestError(
+                f"{path} is {path.stat().st_size} bytes, the manifest says {rec['bytes']}: truncated or replaced; re-export"
+            )
+        if (full or path.suffix == ".onnx") and sha256_file(path) != rec["sha256"]:
+            raise ManifestError(f"{path} does not match its sha256 in the manifest: modified or corrupt; re-export")

@@ -1,0 +1,216 @@
+"""What every model family's adapter provides, and the parts shared by all LLaVA-style models.
+
+An adapter holds all model-specific knowledge: how to split the HF model into parts, the IO of each
+part, where image tokens go and which config fields matter. Export, runtime and calibration read it
+from here instead of branching on model names (cf. optimum's per-model OnnxConfig classes).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One graph input or output: its name, dtype and shape (str entries are dynamic dims)."""
+
+    name: str
+    dtype: str
+    shape: tuple[int | str, ...]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape)}
+
+
+@dataclass
+class PartSpec:
+    """One exportable part: a torch module, its IO and example inputs for tracing."""
+
+    name: str
+    module: nn.Module
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+    example_inputs: Callable[[], tuple[torch.Tensor, ...]]
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def dynamic_axes(self) -> dict[str, dict[int, str]]:
+        return {
+            spec.name: {i: d for i, d in enumerate(spec.shape) if isinstance(d, str)}
+            for spec in [*self.inputs, *self.outputs]
+        }
+
+
+def config_sha256(config) -> str:
+    """A stable hash of a HF config, so a manifest names exactly the architecture it came from."""
+    data = config.to_dict()
+    data.pop("_name_or_path", None)
+    data.pop("transformers_version", None)
+    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def kv_names(num_layers: int) -> tuple[list[str], list[str]]:
+    """optimum's KV naming: past_key_values.{i}.key|value in, present.{i}.key|value out."""
+    past = [f"past_key_values.{i}.{kind}" for i in range(num_layers) for kind in ("key", "value")]
+    present = [f"present.{i}.{kind}" for i in range(num_layers) for kind in ("key", "value")]
+    return past, present
+
+
+class EmbedTokens(nn.Module):
+    """input_ids -> inputs_embeds: the LLM's token-embedding lookup as a part of its own."""
+
+    def __init__(self, embedding: nn.Embedding):
+        super().__init__()
+        self.embedding = embedding
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.embedding(input_ids)
+
+
+class CausalDecoder(nn.Module):
+    """The LLM on inputs_embeds with an explicit KV cache; returns the last position's logits.
+
+    Only the last position's logits leave the graph: prefill never needs the others, and the lm_head
+    over a 600-token prefill would be a large share of its cost at 7B.
+    """
+
+    def __init__(self, language_model: nn.Module, lm_head: nn.Module, num_layers: int):
+        super().__init__()
+        self.language_model = language_model
+        self.lm_head = lm_head
+        self.num_layers = num_layers
+
+    def forward(self, inputs_embeds, attention_mask, position_ids, *past):
+        from transformers import DynamicCache
+
+        cache = DynamicCache(ddp_cache_data=[(past[2 * i], past[2 * i + 1]) for i in range(self.num_layers)])
+        out = self.language_model(
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=cache,
+            use_cache=True,
+        )
+        logits = self.lm_head(out.last_hidden_state[:, -1:, :])
+        present = []
+        for layer in out.past_key_values.layers:
+            present += [layer.keys, layer.values]
+        return (logits, *present)
+
+
+class ModelAdapter(ABC):
+    """Base class of the per-family adapters (llava, later llava_next)."""
+
+    family: str = ""
+    model_types: tuple[str, ...] = ()
+    #: substrings of the short aliases this family answers to, mapped to hub ids
+    aliases: dict[str, str] = {}
+
+    def __init__(self, model: nn.Module, processor, source: str):
+        self.model = model.eval()
+        self.processor = processor
+        self.source = source
+
+    # --- loading ---------------------------------------------------------------------------
+    @classmethod
+    @abstractmethod
+    def hf_model_class(cls): ...
+
+    @classmethod
+    @abstractmethod
+    def build_tiny(cls, name: str, seed: int = 0) -> "ModelAdapter": ...
+
+    # --- facts the manifest records ------------------------------------------------------------
+    @property
+    def config(self):
+        return self.model.config
+
+    @property
+    def text_config(self):
+        return self.config.get_text_config(decoder=True)
+
+    @property
+    def num_layers(self) -> int:
+        return self.text_config.num_hidden_layers
+
+    @property
+    def num_kv_heads(self) -> int:
+        tc = self.text_config
+        return getattr(tc, "num_key_value_heads", None) or tc.num_attention_heads
+
+    @property
+    def head_dim(self) -> int:
+        tc = self.text_config
+        return getattr(tc, "head_dim", None) or tc.hidden_size // tc.num_attention_heads
+
+    @property
+    def hidden_size(self) -> int:
+        return self.text_config.hidden_size
+
+    @property
+    def max_context(self) -> int:
+        return self.text_config.max_position_embeddings
+
+    @property
+    def eos_token_ids(self) -> list[int]:
+        eos = getattr(getattr(self.model, "generation_config", None), "eos_token_id", None)
+        if eos is None:
+            eos = self.text_config.eos_token_id
+        return [eos] if isinstance(eos, int) else list(eos or [])
+
+    @abstractmethod
+    def visual_layout(self) -> dict[str, Any]:
+        """Visual tokens per image, their grid and the image token id."""
+
+    @abstractmethod
+    def parts(self) -> list[PartSpec]:
+        """The exportable parts, in pipeline order (vision, embed, decoder)."""
+
+    def decoder_part(self, language_model: nn.Module, lm_head: nn.Module) -> PartSpec:
+        """The KV-cached decoder part; shared by every family whose LLM is HF-causal-LM shaped."""
+        n, h, d, e = self.num_layers, self.num_kv_heads, self.head_dim, self.hidden_size
+        past_names, present_names = kv_names(n)
+        kv_in = [TensorSpec(nm, "float32", ("batch", h, "past_sequence", d)) for nm in past_names]
+        kv_out = [TensorSpec(nm, "float32", ("batch", h, "total_sequence", d)) for nm in present_names]
+
+        def example():
+            past_len, seq = 3, 5
+            past = [torch.randn(1, h, past_len, d) for _ in past_names]
+            return (
+                torch.randn(1, seq, e),
+                torch.ones(1, past_len + seq, dtype=torch.int64),
+                torch.arange(past_len, past_len + seq).unsqueeze(0),
+                *past,
+            )
+
+        return PartSpec(
+            name="decoder",
+            module=CausalDecoder(language_model, lm_head, n),
+            inputs=[
+                TensorSpec("inputs_embeds", "float32", ("batch", "sequence", e)),
+                TensorSpec("attention_mask", "int64", ("batch", "total_sequence")),
+                TensorSpec("position_ids", "int64", ("batch", "sequence")),
+                *kv_in,
+            ],
+            outputs=[TensorSpec("logits", "float32", ("batch", 1, self.text_config.vocab_size)), *kv_out],
+            example_inputs=example,
+        )
+
+    def embed_part(self, embedding: nn.Embedding) -> PartSpec:
+        return PartSpec(
+            name="embed",
+            module=EmbedTokens(embedding),
+            inputs=[TensorSpec("input_ids", "int64", ("batch", "sequence"))],
+            outputs=[TensorSpec("inputs_embeds", "float32", ("batch", "sequence", self.hidden_size))],
+            example_inputs=lambda: (torch.tensor([[1, 2, 3]], dtype=torch.int64),),
+        )
+
+    def save_preprocessing(self, out_dir) -> None:
+        """Tokenizer, image processor and chat template, in HF format, beside the graphs."""
+        self.processor.save_pretrained(str(out_dir))

@@ -1,0 +1,123 @@
+"""Built-in tiny models: random weights from a fixed seed, built in code, no download.
+
+They keep the real models' shapes where they matter to the pipeline (CLIP 336px/14 -> 576 visual
+tokens, Llama with grouped KV heads, LLaVA-1.5's chat template) and shrink everything else.
+"""
+
+from __future__ import annotations
+
+import torch
+
+IMAGE_TOKEN = "<image>"
+SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>", IMAGE_TOKEN]
+
+# LLaVA-1.5's template (llava-hf), without the training-only generation markers.
+LLAVA_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] != 'system' %}{{ message['role'].upper() + ': ' }}{% endif %}"
+    "{% if message['content'] is string %}{{ message['content'] + ' ' }}{% else %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}{{ '<image>\n' }}{% endfor %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}{{ content['text'] + ' ' }}{% endfor %}"
+    "{% endif %}"
+    "{% if message['role'] == 'assistant' %}{{ '</s>' }}{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
+)
+
+
+def build_byte_tokenizer():
+    """A byte-level BPE tokenizer with no merges: every UTF-8 byte is a token, plus the specials.
+
+    Deterministic, covers any text, needs no training data; BOS is added like Llama's tokenizer.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS)}
+    for ch in sorted(alphabet):
+        vocab[ch] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", vocab["<s>"])]
+    )
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        unk_token="<unk>",
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
+        extra_special_tokens={"image_token": IMAGE_TOKEN},
+        model_max_length=2048,
+    )
+    fast.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
+    fast.chat_template = LLAVA_CHAT_TEMPLATE
+    return fast
+
+
+def tiny_llava_config(tokenizer, **overrides):
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
+
+    vision = dict(
+        image_size=336, patch_size=14, hidden_size=32, intermediate_size=64,
+        num_hidden_layers=2, num_attention_heads=2, projection_dim=32,
+    )
+    text = dict(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+        # a wider init than Llama's 0.02 keeps greedy logits apart, so parity is not decided by ties
+        initializer_range=0.2,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id, rms_norm_eps=1e-5,
+    )
+    vision.update(overrides.pop("vision", {}))
+    text.update(overrides.pop("text", {}))
+    cfg = dict(
+        vision_config=CLIPVisionConfig(**vision),
+        text_config=LlamaConfig(**text),
+        image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+        projector_hidden_act="gelu",
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    cfg.update(overrides)
+    return LlavaConfig(**cfg)
+
+
+def build_processor(tokenizer, image_size: int, patch_size: int, strategy: str):
+    from transformers import LlavaProcessor
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+    image_processor = CLIPImageProcessorPil(
+        size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
+    )
+    return LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=patch_size,
+        vision_feature_select_strategy=strategy,
+        num_additional_image_tokens=1,
+        image_token=IMAGE_TOKEN,
+        chat_template=LLAVA_CHAT_TEMPLATE,
+    )
+
+
+def build_tiny_llava(seed: int = 0, **overrides):
+    """(model, processor) of a random LLaVA-1.5 in miniature. Same seed -> same weights."""
+    from transformers import GenerationConfig, LlavaForConditionalGeneration
+
+    tokenizer = build_byte_tokenizer()
+    config = tiny_llava_config(tokenizer, **overrides)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = LlavaForConditionalGeneration(config).eval()
+    model.generation_config = GenerationConfig(
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    vc = config.vision_config
+    processor = build_processor(tokenizer, vc.image_size, vc.patch_size, config.vision_feature_select_strategy)
+    return model, processor

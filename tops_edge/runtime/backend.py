@@ -1,0 +1,184 @@
+"""Backends behind one small interface: sessions with named inputs and outputs, and a decoder runner
+whose KV cache is allocated once and fed through IO binding.
+
+The decoder follows optimum's IO (`past_key_values.{i}.key` in, `present.{i}.key` = past + new out).
+Its KV cache is two buffers per tensor, allocated once for the whole generation: each step reads the
+past from one and ORT writes `present` straight into the other, then they swap. Nothing in the decode
+loop allocates.
+"""
+
+from __future__ import annotations
+
+import os
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import BackendUnavailableError
+
+BACKENDS = ("ort", "trt")
+
+
+@dataclass(frozen=True)
+class KVLayout:
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    itemsize: int = 4
+
+    def bytes_per_token(self) -> int:
+        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * self.itemsize
+
+
+class Session(ABC):
+    input_names: list[str]
+    output_names: list[str]
+
+    @abstractmethod
+    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]: ...
+
+
+class DecoderRunner(ABC):
+    """Prefill and decode steps over a KV cache that lives inside the runner."""
+
+    def __init__(self, layout: KVLayout):
+        self.layout = layout
+        self.length = 0  # tokens now in the cache
+
+    @abstractmethod
+    def reserve(self, capacity: int) -> None:
+        """Make room for `capacity` cached tokens; allocates only when it grows."""
+
+    @abstractmethod
+    def step(self, inputs_embeds: np.ndarray, position_ids: np.ndarray) -> np.ndarray:
+        """Feed [1, S, D] embeddings at the given positions; returns the last position's logits [V]."""
+
+    def reset(self) -> None:
+        self.length = 0
+
+    @property
+    def bytes_used(self) -> int:
+        return self.length * self.layout.bytes_per_token()
+
+
+class Backend(ABC):
+    name: str
+
+    @abstractmethod
+    def session(self, path: Path) -> Session: ...
+
+    @abstractmethod
+    def decoder(self, path: Path, layout: KVLayout) -> DecoderRunner: ...
+
+
+# --- ONNX Runtime --------------------------------------------------------------------------------
+class OrtSession(Session):
+    def __init__(self, sess):
+        self.sess = sess
+        self.input_names = [i.name for i in sess.get_inputs()]
+        self.output_names = [o.name for o in sess.get_outputs()]
+
+    def run(self, feeds):
+        return dict(zip(self.output_names, self.sess.run(self.output_names, feeds)))
+
+
+class OrtDecoderRunner(DecoderRunner):
+    def __init__(self, sess, layout: KVLayout, device: str):
+        super().__init__(layout)
+        import onnxruntime as ort
+
+        self._ort = ort
+        self.sess = sess
+        self.device = device
+        self.past_names = [i.name for i in sess.get_inputs() if i.name.startswith("past_key_values.")]
+        self.present_names = [n.replace("past_key_values.", "present.") for n in self.past_names]
+        vocab = sess.get_outputs()[0].shape[-1]
+        self.logits = np.empty((1, 1, vocab), dtype=np.float32)
+        self.binding = sess.io_binding()
+        self.capacity = 0
+        self._src: list = []
+        self._dst: list = []
+        self._mask = np.ones((1, 0), dtype=np.int64)
+
+    def reserve(self, capacity: int) -> None:
+        if capacity <= self.capacity:
+            return
+        per = self.layout.num_kv_heads * self.layout.head_dim * capacity
+        alloc = self._ort.OrtValue.ortvalue_from_shape_and_type
+        self._src = [alloc([per], np.float32, self.device, 0) for _ in self.past_names]
+        self._dst = [alloc([per], np.float32, self.device, 0) for _ in self.past_names]
+        self._mask = np.ones((1, capacity), dtype=np.int64)
+        self.capacity = capacity
+        self.length = 0
+
+    def step(self, inputs_embeds, position_ids):
+        seq = inputs_embeds.shape[1]
+        past, total = self.length, self.length + seq
+        if total > self.capacity:
+            raise RuntimeError(f"KV cache holds {self.capacity} tokens, step needs {total}")  # a bug, not user input
+        b = self.binding
+        h, d = self.layout.num_kv_heads, self.layout.head_dim
+        b.bind_cpu_input("inputs_embeds", np.ascontiguousarray(inputs_embeds, dtype=np.float32))
+        b.bind_cpu_input("attention_mask", self._mask[:, :total])
+        b.bind_cpu_input("position_ids", np.ascontiguousarray(position_ids, dtype=np.int64))
+        for name, out_name, src, dst in zip(self.past_names, self.present_names, self._src, self._dst):
+            b.bind_input(name, self.device, 0, np.float32, [1, h, past, d], src.data_ptr())
+            b.bind_output(out_name, self.device, 0, np.float32, [1, h, total, d], dst.data_ptr())
+        b.bind_output("logits", "cpu", 0, np.float32, list(self.logits.shape), self.logits.ctypes.data)
+        self.sess.run_with_iobinding(b)
+        self._src, self._dst = self._dst, self._src
+        self.length = total
+        return self.logits[0, -1]
+
+
+class OrtBackend(Backend):
+    name = "ort"
+
+    def __init__(self, device: str = "auto", threads: int | None = None):
+        try:
+            import onnxruntime as ort
+        except ImportError:
+            raise BackendUnavailableError("the ONNX Runtime backend needs `onnxruntime` (pip install onnxruntime)") from None
+        self._ort = ort
+        available = ort.get_available_providers()
+        want_cuda = device in ("auto", "cuda") and "CUDAExecutionProvider" in available
+        if device == "cuda" and not want_cuda:
+            raise BackendUnavailableError("device 'cuda' needs onnxruntime-gpu with CUDA (pip install tops-edge[gpu])")
+        self.providers = (["CUDAExecutionProvider"] if want_cuda else []) + ["CPUExecutionProvider"]
+        self.options = ort.SessionOptions()
+        self.options.log_severity_level = 3  # a missing CUDA library falls back to CPU; we report it ourselves
+        threads = threads or int(os.environ.get("TOPS_EDGE_THREADS", "0"))
+        if threads:
+            self.options.intra_op_num_threads = threads
+
+    def _open(self, path: Path):
+        return self._ort.InferenceSession(str(path), sess_options=self.options, providers=self.providers)
+
+    def session(self, path):
+        return OrtSession(self._open(path))
+
+    def decoder(self, path, layout):
+        sess = self._open(path)
+        device = "cuda" if "CUDAExecutionProvider" in sess.get_providers() else "cpu"
+        return OrtDecoderRunner(sess, layout, device)
+
+    @property
+    def device(self) -> str:
+        return "cuda" if "CUDAExecutionProvider" in self.providers else "cpu"
+
+
+def get_backend(name: str, **options) -> Backend:
+    if name == "ort":
+        return OrtBackend(**options)
+    if name == "trt":
+        try:
+            import tensorrt  # noqa: F401
+        except ImportError:
+            raise BackendUnavailableError(
+                "backend 'trt' needs the `tensorrt` Python package: on Jetson it comes with JetPack; elsewhere "
+                "install it with pip from NVIDIA's package index (pip install tops-edge[trt])"
+            ) from None
+        raise BackendUnavailableError("backend 'trt' is not built yet in this version of tops-edge; use backend 'ort'")
+    raise BackendUnavailableError(f"unknown backend '{name}'; choose one of {', '.join(BACKENDS)}")

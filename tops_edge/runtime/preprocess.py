@@ -1,0 +1,74 @@
+"""HF-identical preprocessing from the files tops-export saved: image processor, tokenizer, chat template."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import InputError, ManifestError
+
+
+class Preprocessor:
+    def __init__(self, directory: Path, image_token_id: int):
+        from transformers import AutoProcessor
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()  # the torchvision -> PIL image-processor fallback notice
+        try:
+            self.processor = AutoProcessor.from_pretrained(str(directory))
+        except Exception as exc:
+            raise ManifestError(f"cannot load the processor files in {directory}: {str(exc).splitlines()[0]}") from None
+        self.tokenizer = self.processor.tokenizer
+        self.image_processor = self.processor.image_processor
+        self.image_token_id = image_token_id
+        self.image_token = self.tokenizer.convert_ids_to_tokens(image_token_id)
+
+    def pixel_values(self, image) -> np.ndarray:
+        return np.asarray(self.image_processor(images=load_image(image), return_tensors="np")["pixel_values"], np.float32)
+
+    def prompt_text(self, prompt: str, raw: bool = False) -> str:
+        """The user's question in the model's chat template with one image slot; `raw` = already templated."""
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise InputError("the prompt is empty")
+        if raw:
+            return prompt
+        if self.image_token in prompt:
+            raise InputError(f"the prompt contains '{self.image_token}'; pass the question only, or use a raw prompt")
+        conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
+        return self.processor.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
+
+    def split_ids(self, text: str) -> tuple[np.ndarray, np.ndarray]:
+        """Token ids before and after the single image slot (BOS included, as HF tokenizes it)."""
+        ids = np.asarray(self.tokenizer(text)["input_ids"], dtype=np.int64)
+        slots = np.flatnonzero(ids == self.image_token_id)
+        if len(slots) != 1:
+            raise InputError(f"the prompt must have exactly one image slot '{self.image_token}', found {len(slots)}")
+        return ids[: slots[0]], ids[slots[0] + 1 :]
+
+    def decode(self, token_ids) -> str:
+        return self.tokenizer.decode(list(token_ids), skip_special_tokens=True)
+
+
+def load_image(image):
+    """A PIL RGB image from a path, a PIL image or an HxWx3 uint8 array; bad input -> InputError."""
+    from PIL import Image, UnidentifiedImageError
+
+    if isinstance(image, Image.Image):
+        return image.convert("RGB")
+    if isinstance(image, np.ndarray):
+        if image.ndim != 3 or image.shape[2] not in (3, 4) or image.dtype != np.uint8:
+            raise InputError(f"an image array must be HxWx3 uint8, got {image.dtype} {image.shape}")
+        return Image.fromarray(image).convert("RGB")
+    if isinstance(image, (str, os.PathLike)):
+        path = Path(image)
+        if not path.is_file():
+            raise InputError(f"image {path} does not exist")
+        try:
+            with Image.open(path) as img:
+                img.load()
+                return img.convert("RGB")
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+            raise InputError(f"image {path} cannot be decoded ({exc})") from None
+    raise InputError(f"unsupported image type {type(image).__name__}; pass a path, a PIL image or a uint8 array")

@@ -25,6 +25,8 @@ class _Parser(argparse.ArgumentParser):
 def _run_cli(prog: str, fn, argv) -> int:
     try:
         return fn(argv) or 0
+    except SystemExit as stop:  # argparse: --help (0) or a usage error it already printed (2)
+        return stop.code if isinstance(stop.code, int) else 2
     except TopsError as exc:
         print(f"{prog}: error: {exc}", file=sys.stderr)
         return exc.exit_code

@@ -41,8 +41,8 @@ class GenerationResult:
 
 @dataclass
 class StreamChunk:
-    token_id: int
-    text: str  # the text this token completes (may be "" while a multi-byte character is pending)
+    token_id: int | None  # None only for a last chunk that flushes text held back (see below)
+    text: str  # the text this token completes ("" while a multi-byte character is incomplete)
 
 
 class GenerationStream:
@@ -61,6 +61,8 @@ class GenerationStream:
                 tok = next(self._steps)
             except StopIteration as stop:
                 self.result = stop.value
+                if len(self.result.text) > len(shown):  # ended inside an incomplete character
+                    yield StreamChunk(None, self.result.text[len(shown) :])
                 return
             ids.append(tok)
             text = self._pre.decode(ids)

@@ -1,0 +1,42 @@
+"""HF transformers references, computed with HF's own code paths (never our wrappers)."""
+
+from __future__ import annotations
+
+import torch
+
+
+def chat_text(processor, prompt: str) -> str:
+    conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
+    return processor.apply_chat_template(conversation, add_generation_prompt=True)
+
+
+@torch.no_grad()
+def hf_generate(model, processor, image, prompt: str, max_new_tokens: int) -> list[int]:
+    """`LlavaForConditionalGeneration.generate` on the processor's output: greedy new token ids."""
+    inputs = processor(images=image, text=chat_text(processor, prompt), return_tensors="pt")
+    out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+    return out[0, inputs["input_ids"].shape[1] :].tolist()
+
+
+@torch.no_grad()
+def hf_pruned_inputs_embeds(model, processor, image, prompt: str, kept: list[int]) -> torch.Tensor:
+    """The prompt's embeddings with HF's image features at `kept` spliced into the image slot."""
+    cfg = model.config
+    ids = processor.tokenizer(chat_text(processor, prompt), return_tensors="pt").input_ids
+    pixels = processor.image_processor(images=image, return_tensors="pt").pixel_values
+    feats = model.model.get_image_features(
+        pixel_values=pixels,
+        vision_feature_layer=cfg.vision_feature_layer,
+        vision_feature_select_strategy=cfg.vision_feature_select_strategy,
+    ).pooler_output[0]
+    slot = int((ids[0] == cfg.image_token_id).nonzero()[0, 0])
+    text = model.get_input_embeddings()(ids)
+    return torch.cat([text[:, :slot], feats[kept].unsqueeze(0), text[:, slot + 1 :]], dim=1)
+
+
+@torch.no_grad()
+def hf_generate_from_embeds(model, inputs_embeds: torch.Tensor, max_new_tokens: int) -> list[int]:
+    """HF generate fed the given inputs_embeds (positions 0..L-1: the compact convention)."""
+    mask = torch.ones(inputs_embeds.shape[:2], dtype=torch.long)
+    out = model.generate(inputs_embeds=inputs_embeds, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False)
+    return out[0].tolist()

@@ -1,0 +1,61 @@
+"""How --model strings resolve: built-in, alias, local directory, hub id in the HF cache."""
+
+from __future__ import annotations
+
+import pytest
+
+from tops_edge.errors import ModelNotFoundError, UnsupportedModelError
+from tops_edge.models import aliases, load
+from tops_edge.models.tiny import build_tiny_llava
+
+
+def test_tiny_llava_is_deterministic_and_has_llava15_shapes():
+    a, b = load("tiny-llava"), load("tiny-llava")
+    layout = a.visual_layout()
+    assert layout["tokens_per_image"] == 576 and layout["grid"] == [24, 24]
+    assert a.num_kv_heads < a.text_config.num_attention_heads  # grouped KV heads
+    for (name, pa), (_, pb) in zip(a.model.state_dict().items(), b.model.state_dict().items()):
+        assert pa.equal(pb), name
+
+
+def test_aliases_name_the_llava_hf_checkpoints():
+    assert aliases()["llava-v1.5-7b"] == "llava-hf/llava-1.5-7b-hf"
+    assert aliases()["llava-v1.5-13b"] == "llava-hf/llava-1.5-13b-hf"
+
+
+def test_hub_id_loads_from_the_hf_cache_offline(tmp_path, monkeypatch):
+    """A hub id resolves through huggingface_hub's cache layout, with downloads off."""
+    import huggingface_hub.constants as hf_constants
+
+    model, processor = build_tiny_llava(seed=3)
+    snapshot = tmp_path / "hub" / "models--someorg--tiny-llava-test" / "snapshots" / "0123abcd"
+    model.save_pretrained(snapshot)
+    processor.save_pretrained(snapshot)
+    refs = snapshot.parents[1] / "refs"
+    refs.mkdir()
+    (refs / "main").write_text("0123abcd")
+    monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    adapter = load("someorg/tiny-llava-test")
+    assert adapter.source == "someorg/tiny-llava-test"
+    assert adapter.model.state_dict()["lm_head.weight"].equal(model.state_dict()["lm_head.weight"])
+
+
+def test_hub_id_not_in_cache_names_the_model_and_how_to_get_it():
+    with pytest.raises(ModelNotFoundError) as err:
+        load("llava-v1.5-13b")
+    assert "llava-hf/llava-1.5-13b-hf" in str(err.value) and "hf download" in str(err.value)
+
+
+def test_directory_without_weights_is_refused(tmp_path):
+    model, _ = build_tiny_llava()
+    model.config.save_pretrained(tmp_path)
+    with pytest.raises(ModelNotFoundError, match="no weights"):
+        load(str(tmp_path))
+
+
+def test_unsupported_model_type_is_refused(tmp_path):
+    from transformers import LlamaConfig
+
+    LlamaConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64).save_pretrained(tmp_path)
+    with pytest.raises(UnsupportedModelError, match="llama"):
+        load(str(tmp_path))

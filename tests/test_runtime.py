@@ -1,0 +1,84 @@
+"""Runtime behaviour beyond parity: sampling, streaming, KV reuse, context limit, Python API errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from tops_edge.errors import BackendUnavailableError, ContextLengthError, InputError
+from tops_edge.runtime import Pipeline
+from tops_edge.runtime.sampling import next_token
+
+
+def test_seeded_sampling_is_reproducible_and_seed_dependent(pipe_uniform, images):
+    run = lambda seed: pipe_uniform.generate(images["wide"], "Hi", max_new_tokens=12, temperature=1.5, seed=seed).token_ids  # noqa: E731
+    assert run(1) == run(1)
+    assert run(1) != run(2)
+
+
+def test_greedy_is_the_default_and_ignores_the_seed(pipe_uniform, images):
+    a = pipe_uniform.generate(images["wide"], "Hi", max_new_tokens=8, seed=1)
+    b = pipe_uniform.generate(images["wide"], "Hi", max_new_tokens=8, seed=2)
+    assert a.token_ids == b.token_ids
+
+
+def test_top_p_keeps_only_the_nucleus():
+    logits = np.log(np.array([0.6, 0.3, 0.05, 0.05]))
+    rng = np.random.default_rng(0)
+    draws = {next_token(logits, 1.0, 0.8, rng) for _ in range(300)}
+    assert draws == {0, 1}
+    assert {next_token(logits, 1.0, 0.5, rng) for _ in range(50)} == {0}
+
+
+def test_stream_yields_the_same_tokens_and_text_as_generate(pipe_uniform, images):
+    full = pipe_uniform.generate(images["tall"], "Describe it.", max_new_tokens=10)
+    stream = pipe_uniform.stream(images["tall"], "Describe it.", max_new_tokens=10)
+    chunks = list(stream)
+    assert [c.token_id for c in chunks if c.token_id is not None] == full.token_ids
+    assert "".join(c.text for c in chunks) == full.text
+    assert stream.result.token_ids == full.token_ids
+
+
+def test_generation_stops_at_eos(pipe_uniform, images, monkeypatch):
+    eos = next(iter(pipe_uniform.eos_ids))
+    calls = {"n": 0}
+    real = pipe_uniform.decoder.step
+
+    def step(embeds, positions):  # force EOS as the third token
+        logits = real(embeds, positions).copy()
+        calls["n"] += 1
+        if calls["n"] == 3:
+            logits[eos] = 1e9
+        return logits
+
+    monkeypatch.setattr(pipe_uniform.decoder, "step", step)
+    r = pipe_uniform.generate(images["wide"], "Hi", max_new_tokens=20)
+    assert r.token_ids[-1] == eos and len(r.token_ids) == 3 and r.finish_reason == "eos"
+
+
+def test_kv_cache_is_allocated_once_and_reused_across_calls(pipe_uniform, images):
+    pipe_uniform.generate(images["wide"], "Hi", max_new_tokens=16)
+    buffers = [id(b) for b in pipe_uniform.decoder._src + pipe_uniform.decoder._dst]
+    pipe_uniform.generate(images["wide"], "Hi again", max_new_tokens=8, keep=32)
+    assert sorted(id(b) for b in pipe_uniform.decoder._src + pipe_uniform.decoder._dst) == sorted(buffers)
+
+
+def test_context_limit_is_a_clear_error(pipe_uniform, images):
+    with pytest.raises(ContextLengthError, match="context of 2048"):
+        pipe_uniform.generate(images["wide"], "Hi", max_new_tokens=2000, keep=576)
+
+
+def test_image_as_array_equals_image_as_pil(pipe_uniform, images):
+    img = images["square"]
+    assert pipe_uniform.generate(np.asarray(img), "Hi", max_new_tokens=4).token_ids == \
+        pipe_uniform.generate(img, "Hi", max_new_tokens=4).token_ids
+
+
+def test_bad_image_type_is_an_input_error(pipe_uniform):
+    with pytest.raises(InputError, match="unsupported image type"):
+        pipe_uniform.generate(42, "Hi")
+
+
+def test_trt_backend_without_tensorrt_names_the_package(tiny_uniform_dir):
+    with pytest.raises(BackendUnavailableError, match="tensorrt"):
+        Pipeline.load(tiny_uniform_dir, backend="trt")

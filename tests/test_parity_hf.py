@@ -116,3 +116,10 @@ def test_kv_cache_bytes_ratio_k64_vs_unpruned_equals_sequence_length_ratio(pipe_
     assert Fraction(pruned.kv_cache_bytes, full.kv_cache_bytes) == Fraction(cached(pruned), cached(full))
     per_token = 2 * 2 * 2 * 16 * 4  # K and V x layers x kv heads x head_dim x fp32
     assert pruned.kv_cache_bytes == per_token * cached(pruned)
+
+
+def test_dynamo_exporter_pipeline_gives_the_same_tokens_as_legacy(tiny, pipe_none, tmp_path, images):
+    out = export_model(tiny, tmp_path / "dynamo", selector="none", exporter="dynamo", progress=False)
+    assert Pipeline.load(out).manifest["exporter"] == "dynamo"
+    ours = Pipeline.load(out).generate(images["wide"], "What is in the picture?", max_new_tokens=NEW_TOKENS)
+    assert ours.token_ids == pipe_none.generate(images["wide"], "What is in the picture?", max_new_tokens=NEW_TOKENS).token_ids

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import inspect
 import io
 import os
 import tempfile
@@ -28,45 +29,87 @@ def export_part(part: PartSpec, path: Path, opset: int, exporter: str = "legacy"
     if exporter not in EXPORTERS:
         raise ExportError(f"unknown exporter '{exporter}'; choose one of {', '.join(EXPORTERS)}")
     path = Path(path)
+    module = part.module.eval()
     args = part.example_inputs()
-    common = dict(
-        input_names=[s.name for s in part.inputs], output_names=[s.name for s in part.outputs],
-        dynamic_axes=part.dynamic_axes(), opset_version=opset,
-    )
+    names = dict(input_names=[s.name for s in part.inputs], output_names=[s.name for s in part.outputs], opset_version=opset)
     with tempfile.TemporaryDirectory(prefix=f".{part.name}-", dir=path.parent) as scratch:
         raw = Path(scratch) / "model.onnx"
         try:
             with torch.no_grad(), _quiet():
                 if exporter == "legacy":
-                    torch.onnx.export(part.module, args, str(raw), dynamo=False, do_constant_folding=True, **common)
+                    torch.onnx.export(module, args, str(raw), dynamo=False, do_constant_folding=True,
+                                      dynamic_axes=part.dynamic_axes(), **names)
                 else:
-                    torch.onnx.export(part.module, args, str(raw), dynamo=True, external_data=True,
-                                      optimize=True, verify=False, **common)
+                    torch.onnx.export(module, args, str(raw), dynamo=True, external_data=True, optimize=True,
+                                      verify=False, dynamic_shapes=_dynamic_shapes(part), **names)
+            return save_graph(raw, path)
         except Exception as exc:  # the exporters raise many types; one line names the part
             raise ExportError(f"exporting part '{part.name}' with the {exporter} exporter failed: {_first_line(exc)}") from exc
-        return save_graph(raw, path)
+
+
+def _dynamic_shapes(part: PartSpec) -> tuple:
+    """torch.export's dynamic_shapes for the part's inputs; a `*past` parameter is one tuple input."""
+    from torch.export import Dim
+
+    axes = part.dynamic_axes()
+    shapes = [{i: Dim.DYNAMIC for i in axes[s.name]} for s in part.inputs]
+    params = list(inspect.signature(part.module.forward).parameters.values())
+    if any(p.kind is p.VAR_POSITIONAL for p in params):
+        n = sum(p.kind is p.POSITIONAL_OR_KEYWORD for p in params)
+        shapes = [*shapes[:n], tuple(shapes[n:])]
+    return tuple(shapes)
 
 
 def save_graph(src: Path, dst: Path) -> list[str]:
-    """Loads `src` (with any external data) and writes it as `dst` (+ `dst.data` above the threshold)."""
+    """Writes the exported graph at `src` as `dst`, plus one `dst.data` when its weights are large.
+
+    Weights the exporter already put outside the protobuf (one file per tensor from the legacy
+    exporter, one `.data` file from dynamo) are streamed into `dst.data` tensor by tensor, never loaded:
+    the peak host RAM of a 7B export stays near the torch model's own size.
+    """
     import onnx
+    from onnx.external_data_helper import ExternalDataInfo, _get_all_tensors, uses_external_data
 
-    model = onnx.load(str(src), load_external_data=True)
-    return save_model_proto(model, dst)
-
-
-def save_model_proto(model, dst: Path) -> list[str]:
-    import onnx
-
-    data_name = dst.name + ".data"
-    size = sum(t.ByteSize() for t in model.graph.initializer)
-    if size >= EXTERNAL_DATA_THRESHOLD:
+    data_path = dst.parent / (dst.name + ".data")
+    data_path.unlink(missing_ok=True)  # onnx appends to an existing data file
+    model = onnx.load(str(src), load_external_data=False)
+    external = [t for t in _get_all_tensors(model) if uses_external_data(t)]
+    if external:
+        with open(data_path, "wb") as out:
+            for tensor in external:
+                info = ExternalDataInfo(tensor)
+                offset = out.tell()
+                with open(src.parent / info.location, "rb") as f:
+                    f.seek(info.offset or 0)
+                    length = _copy_bytes(f, out, info.length)
+                del tensor.external_data[:]
+                for key, value in (("location", data_path.name), ("offset", str(offset)), ("length", str(length))):
+                    entry = tensor.external_data.add()
+                    entry.key, entry.value = key, value
+        onnx.save_model(model, str(dst))
+    elif sum(t.ByteSize() for t in model.graph.initializer) >= EXTERNAL_DATA_THRESHOLD:
         onnx.save_model(model, str(dst), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=data_name, size_threshold=1024)
+                        location=data_path.name, size_threshold=1024)
     else:
         onnx.save_model(model, str(dst))
     onnx.checker.check_model(str(dst))
-    return [dst.name] + ([data_name] if (dst.parent / data_name).exists() else [])
+    files = [dst] + ([data_path] if data_path.exists() else [])
+    umask = os.umask(0)
+    os.umask(umask)
+    for f in files:  # onnx creates data files private; exports are ordinary files
+        os.chmod(f, 0o666 & ~umask)
+    return [f.name for f in files]
+
+
+def _copy_bytes(src, dst, length: int | None, chunk: int = 1 << 24) -> int:
+    done = 0
+    while length is None or done < length:
+        block = src.read(chunk if length is None else min(chunk, length - done))
+        if not block:
+            break
+        dst.write(block)
+        done += len(block)
+    return done
 
 
 def _first_line(exc: BaseException) -> str:

@@ -1,0 +1,70 @@
+"""Graph files: external data is merged into one `.data` file, readable, never appended to a stale one."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from tops_edge.export import onnx_export
+
+
+def _matmul_model(rng) -> tuple[onnx.ModelProto, np.ndarray, np.ndarray]:
+    w1 = rng.standard_normal((64, 64)).astype(np.float32)
+    w2 = rng.standard_normal((64, 8)).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w1"], ["h"]), helper.make_node("MatMul", ["h", "w2"], ["y"])],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 64])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8])],
+        [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(w2, "w2")],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=10), w1, w2
+
+
+def _run(path, x):
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+
+
+def test_per_tensor_external_files_are_streamed_into_one_data_file(tmp_path):
+    rng = np.random.default_rng(0)
+    model, w1, w2 = _matmul_model(rng)
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    onnx.save_model(model, str(scratch / "model.onnx"), save_as_external_data=True, all_tensors_to_one_file=False, size_threshold=0)
+    assert len(list(scratch.iterdir())) == 3  # graph + one file per tensor, like the legacy exporter above 2 GB
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "part.onnx.data").write_bytes(b"stale" * 1000)  # must be replaced, not appended to
+    files = onnx_export.save_graph(scratch / "model.onnx", out / "part.onnx")
+    assert files == ["part.onnx", "part.onnx.data"]
+    assert (out / "part.onnx.data").stat().st_size == w1.nbytes + w2.nbytes
+    x = rng.standard_normal((1, 64)).astype(np.float32)
+    np.testing.assert_allclose(_run(out / "part.onnx", x), x @ w1 @ w2, rtol=1e-5, atol=1e-4)
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (out / "part.onnx.data").stat().st_mode & 0o777 == 0o666 & ~umask
+
+
+def test_large_inline_weights_move_to_external_data(tmp_path, monkeypatch):
+    rng = np.random.default_rng(1)
+    model, w1, w2 = _matmul_model(rng)
+    onnx.save_model(model, str(tmp_path / "model.onnx"))
+    monkeypatch.setattr(onnx_export, "EXTERNAL_DATA_THRESHOLD", 1024)
+    files = onnx_export.save_graph(tmp_path / "model.onnx", tmp_path / "part.onnx")
+    assert files == ["part.onnx", "part.onnx.data"]
+    assert (tmp_path / "part.onnx").stat().st_size < 1024
+    x = rng.standard_normal((1, 64)).astype(np.float32)
+    np.testing.assert_allclose(_run(tmp_path / "part.onnx", x), x @ w1 @ w2, rtol=1e-5, atol=1e-4)
+
+
+def test_small_graph_stays_one_file_even_beside_an_old_data_file(tmp_path):
+    model, _, _ = _matmul_model(np.random.default_rng(2))
+    onnx.save_model(model, str(tmp_path / "model.onnx"))
+    (tmp_path / "part.onnx.data").write_bytes(b"old")
+    assert onnx_export.save_graph(tmp_path / "model.onnx", tmp_path / "part.onnx") == ["part.onnx"]
+    assert not (tmp_path / "part.onnx.data").exists()

@@ -1,22 +1,84 @@
-"""Selectors: registry, the uniform grid's invariants, and its ONNX form against the torch reference."""
+"""Selectors: the invariants of TOPS.md as properties, and every ONNX form against its torch reference."""
 
 from __future__ import annotations
+
+import functools
+import itertools
 
 import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
-from hypothesis import given, settings, strategies as st
+from hypothesis import HealthCheck, assume, given, settings, strategies as st
 
 from tops_edge import selector
 from tops_edge.errors import InputError
+from tops_edge.export.exporter import selector_part
+from tops_edge.selector.dpp import conditional_kernel, greedy, relevance, sanitize
 from tops_edge.selector.uniform import UniformGrid
 
+PRUNING = [m for m in selector.available() if selector.get(m).prunes]
+CONTENT_BASED = ["tops", "cdpruner", "divprune", "attention"]  # uniform and random look only at positions
+HIDDEN, VISION, TEXT = 16, 48, 6  # vision width >= N below, so similarity has full rank (no exhausted ties)
 
-def test_registry_lists_none_and_uniform():
-    assert {"none", "uniform"} <= set(selector.available())
+
+def make_inputs(rng: np.random.Generator, batch: int, n: int, *, duplicates: int = 0, degenerate: int = 0) -> dict:
+    x = {
+        "image_features": rng.standard_normal((batch, n, HIDDEN)).astype(np.float32),
+        "vision_features": rng.standard_normal((batch, n, VISION)).astype(np.float32),
+        "instruction_embeds": rng.standard_normal((batch, TEXT, HIDDEN)).astype(np.float32),
+        "instruction_mask": (rng.random((batch, TEXT)) < 0.8).astype(np.int64),
+        "cls_attention": rng.random((batch, n)).astype(np.float32),
+    }
+    for b in range(batch):
+        for _ in range(duplicates):  # exact copies: ties in similarity and in attention
+            i, j = rng.choice(n, 2, replace=False)
+            for key in ("image_features", "vision_features", "cls_attention"):
+                x[key][b, j] = x[key][b, i]
+        for i in rng.choice(n, degenerate, replace=False):
+            kind = rng.integers(3)
+            bad = (np.nan, np.inf, 0.0)[kind]
+            x["image_features"][b, i, rng.integers(HIDDEN) if kind < 2 else slice(None)] = bad
+            x["vision_features"][b, i, rng.integers(VISION) if kind < 2 else slice(None)] = bad
+            x["cls_attention"][b, i] = (np.nan, np.inf, np.nan)[kind]
+    return x
+
+
+def grid_for(n: int) -> tuple[int, int]:
+    side = int(round(n**0.5))
+    return (side, side) if side * side == n else (1, n)
+
+
+def reference(method: str, x: dict, keep: int, params: dict | None = None) -> np.ndarray:
+    info = selector.get(method)
+    tensors = {k: torch.from_numpy(v) for k, v in x.items()}
+    n = x["image_features"].shape[1]
+    return info.reference(tensors, keep, info.resolve_params(params), grid_for(n)).numpy()
+
+
+@functools.lru_cache(maxsize=None)
+def _session(method: str, n: int, params: tuple) -> ort.InferenceSession:
+    info = selector.get(method)
+    layout = {"tokens_per_image": n, "grid": list(grid_for(n))}
+    part = selector_part(method, info.resolve_params(dict(params)), layout, HIDDEN, VISION)
+    return ort.InferenceSession(part.onnx_model().SerializeToString(), providers=["CPUExecutionProvider"])
+
+
+def onnx_select(method: str, x: dict, keep: int, params: dict | None = None) -> tuple[np.ndarray, np.ndarray]:
+    n = x["image_features"].shape[1]
+    sess = _session(method, n, tuple(sorted((params or {}).items())))
+    feeds = dict(x, keep=np.array(keep, dtype=np.int64))
+    idx, sel = sess.run(None, {i.name: feeds[i.name] for i in sess.get_inputs()})
+    return idx, sel
+
+
+# --- registry -----------------------------------------------------------------------------------
+def test_registry_has_tops_and_every_baseline():
+    assert set(selector.available()) == {"tops", "cdpruner", "divprune", "attention", "uniform", "random", "none"}
     with pytest.raises(InputError, match="unknown selector"):
         selector.get("nope")
+    with pytest.raises(InputError, match="no parameter 'gamma'"):
+        selector.get("tops").resolve_params({"gamma": 1.0})
 
 
 @pytest.mark.parametrize("keep", [0, -1, 577, 2.5, True])
@@ -25,17 +87,184 @@ def test_check_keep_refuses_out_of_range_or_non_integer(keep):
         selector.check_keep(keep, 576)
 
 
-@settings(max_examples=200, deadline=None)
-@given(h=st.integers(1, 40), w=st.integers(1, 40), data=st.data())
-def test_uniform_gives_k_distinct_ascending_in_range_indices(h, w, data):
-    k = data.draw(st.integers(1, h * w))
-    idx = UniformGrid(h, w).indices(torch.tensor(k)).tolist()
-    assert len(idx) == k and idx == sorted(set(idx)) and 0 <= idx[0] and idx[-1] < h * w
+# --- invariants as properties, on the torch reference and the ONNX form -------------------------
+cases = st.tuples(st.integers(2, 40), st.integers(1, 40), st.integers(0, 2**31 - 1))
 
 
-@pytest.mark.parametrize("h, w", [(24, 24), (14, 14), (1, 577), (3, 7)])
-def test_uniform_keep_all_is_identity(h, w):
-    assert UniformGrid(h, w).indices(torch.tensor(h * w)).tolist() == list(range(h * w))
+@pytest.mark.parametrize("method", PRUNING)
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(case=cases)
+def test_k_distinct_ascending_in_range_and_deterministic(method, case):
+    n, k, seed = case
+    k = min(k, n)
+    x = make_inputs(np.random.default_rng(seed), 2, n)
+    for idx in (reference(method, x, k), onnx_select(method, x, k)[0]):
+        assert idx.shape == (2, k)
+        for row in idx:
+            assert list(row) == sorted(set(row.tolist())) and 0 <= row[0] and row[-1] < n
+    assert np.array_equal(reference(method, x, k), reference(method, x, k))
+    assert np.array_equal(onnx_select(method, x, k)[0], onnx_select(method, x, k)[0])
+
+
+@pytest.mark.parametrize("method", PRUNING)
+@pytest.mark.parametrize("n", [1, 7, 36])
+def test_keep_at_least_n_is_the_identity(method, n):
+    x = make_inputs(np.random.default_rng(n), 2, n)
+    for k in (n, n + 5):
+        assert np.array_equal(reference(method, x, k), np.tile(np.arange(n), (2, 1)))
+        idx, sel = onnx_select(method, x, k)
+        assert np.array_equal(idx, np.tile(np.arange(n), (2, 1)))
+        assert np.array_equal(sel, x["image_features"], equal_nan=True)
+
+
+@pytest.mark.parametrize("method", CONTENT_BASED)
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(case=cases)
+def test_degenerate_tokens_are_never_chosen_over_finite_ones(method, case):
+    n, k, seed = case
+    rng = np.random.default_rng(seed)
+    bad = int(rng.integers(1, n)) if n > 1 else 0
+    x = make_inputs(rng, 1, n, degenerate=bad)
+    f = x["vision_features"] if method in ("tops", "cdpruner") else x["image_features"]
+    finite = np.isfinite(x["image_features"]).all(-1) & (np.abs(x["image_features"]).sum(-1) > 0)
+    finite &= np.isfinite(f).all(-1) & (np.abs(f).sum(-1) > 0)
+    if method == "attention":
+        finite = np.isfinite(x["cls_attention"])
+    k = min(k, int(finite.sum())) or 1
+    for idx in (reference(method, x, k), onnx_select(method, x, k)[0]):
+        if finite.sum():
+            assert finite[0, idx[0]].all()
+
+
+@pytest.mark.parametrize("method", CONTENT_BASED)
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(case=cases)
+def test_permuting_tokens_permutes_the_chosen_set(method, case):
+    n, k, seed = case
+    rng = np.random.default_rng(seed)
+    k = min(k, n)
+    x = make_inputs(rng, 1, n)
+    if method == "divprune":  # its first pick ties by construction for a mutual-nearest pair
+        f = x["image_features"][0] / np.linalg.norm(x["image_features"][0], axis=-1, keepdims=True)
+        dist = 1 - f @ f.T + np.diag(np.full(n, np.inf))
+        nearest = np.sort(dist.min(0))
+        assume(n > 2 and nearest[-1] - nearest[-2] > 1e-4)
+    perm = rng.permutation(n)
+    px = dict(x)
+    for key in ("image_features", "vision_features", "cls_attention"):
+        px[key] = x[key][:, perm]
+    chosen = set(reference(method, x, k)[0].tolist())
+    assert {int(perm[i]) for i in reference(method, px, k)[0]} == chosen
+
+
+@pytest.mark.parametrize("method", PRUNING)
+def test_batch_gives_what_each_item_gives_alone(method):
+    x = make_inputs(np.random.default_rng(5), 3, 25, duplicates=2, degenerate=2)
+    batched_ref, batched_onnx = reference(method, x, 9), onnx_select(method, x, 9)[0]
+    for b in range(3):
+        one = {key: v[b : b + 1] for key, v in x.items()}
+        assert np.array_equal(reference(method, one, 9)[0], batched_ref[b])
+        assert np.array_equal(onnx_select(method, one, 9)[0][0], batched_onnx[b])
+
+
+# --- ONNX form == torch reference ----------------------------------------------------------------
+@pytest.mark.parametrize("method", PRUNING)
+def test_onnx_form_returns_the_reference_indices_on_200_random_cases(method):
+    rng = np.random.default_rng(sum(map(ord, method)))
+    for case in range(200):
+        n = int(rng.integers(2, 65))
+        k = int(rng.integers(1, n + 1))
+        x = make_inputs(rng, int(rng.integers(1, 3)), n, duplicates=int(rng.integers(0, 4)), degenerate=int(rng.integers(0, 3)))
+        idx, sel = onnx_select(method, x, k)
+        ref = reference(method, x, k)
+        assert np.array_equal(idx, ref), f"case {case}: n={n} k={k}"
+        gathered = np.take_along_axis(x["image_features"], ref[..., None], axis=1)
+        assert np.array_equal(sel, gathered, equal_nan=True)
+
+
+def test_onnx_forms_agree_at_llava_shapes():
+    """N = 576 tokens, the grids and budgets the product uses."""
+    rng = np.random.default_rng(0)
+    x = {
+        "image_features": rng.standard_normal((1, 576, 64)).astype(np.float32),
+        "vision_features": rng.standard_normal((1, 576, 32)).astype(np.float32),
+        "instruction_embeds": rng.standard_normal((1, 9, 64)).astype(np.float32),
+        "instruction_mask": np.ones((1, 9), np.int64),
+        "cls_attention": rng.random((1, 576)).astype(np.float32),
+    }
+    global HIDDEN, VISION
+    saved = HIDDEN, VISION
+    HIDDEN, VISION = 64, 32
+    try:
+        _session.cache_clear()
+        for method, k in itertools.product(PRUNING, (64, 128)):
+            assert np.array_equal(onnx_select(method, x, k)[0], reference(method, x, k)), (method, k)
+    finally:
+        HIDDEN, VISION = saved
+        _session.cache_clear()
+
+
+# --- the DPP methods' semantics ------------------------------------------------------------------
+def logdet_greedy(kernel: np.ndarray, keep: int) -> list[int]:
+    """Greedy MAP by recomputing log det L[S] from scratch for every candidate (float64)."""
+    chosen: list[int] = []
+    for _ in range(keep):
+        best, best_val = None, -np.inf
+        for i in range(len(kernel)):
+            if i in chosen:
+                continue
+            idx = chosen + [i]
+            sign, val = np.linalg.slogdet(kernel[np.ix_(idx, idx)])
+            if sign > 0 and val > best_val:
+                best, best_val = i, val
+        chosen.append(best)
+    return chosen
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_cdpruner_equals_greedy_on_log_det_recomputed_from_scratch(seed):
+    rng = np.random.default_rng(seed)
+    n, k = 24, 10
+    x = make_inputs(rng, 1, n)
+    p = selector.get("cdpruner").resolve_params()
+    v, valid = sanitize(torch.from_numpy(x["image_features"]))
+    f, _ = sanitize(torch.from_numpy(x["vision_features"]))
+    r = relevance(v, valid, torch.from_numpy(x["instruction_embeds"]), torch.from_numpy(x["instruction_mask"]), p["relevance_sign"])
+    kernel = conditional_kernel(f, torch.exp(p["alpha"] * r))
+    order = greedy(kernel, valid, k, beta=0.0)[0].tolist()
+    assert order == logdet_greedy(kernel[0].double().numpy(), k)
+    assert sorted(order) == reference("cdpruner", x, k)[0].tolist()
+
+
+def test_tops_with_beta_zero_equals_cdpruner():
+    rng = np.random.default_rng(3)
+    cd = selector.get("cdpruner").resolve_params()
+    same = {"beta": 0.0, "alpha": cd["alpha"], "relevance_sign": cd["relevance_sign"], "similarity": cd["similarity"]}
+    for _ in range(20):
+        x = make_inputs(rng, 2, 49)
+        assert np.array_equal(reference("tops", x, 12, same), reference("cdpruner", x, 12))
+        assert np.array_equal(onnx_select("tops", x, 12, same)[0], onnx_select("cdpruner", x, 12)[0])
+
+
+def test_coverage_term_changes_the_selection():
+    x = make_inputs(np.random.default_rng(4), 1, 64)
+    picks = {beta: reference("tops", x, 16, {"beta": beta})[0].tolist() for beta in (0.0, 0.5, 0.9)}
+    assert picks[0.0] != picks[0.5] != picks[0.9]
+
+
+@pytest.mark.parametrize("method, aware", [("tops", True), ("cdpruner", True), ("divprune", False), ("uniform", False)])
+def test_only_instruction_aware_methods_change_with_the_instruction(method, aware):
+    rng = np.random.default_rng(8)
+    x = make_inputs(rng, 1, 64)
+    # tokens near two different directions, and two instructions pointing at either direction
+    a, b = rng.standard_normal(HIDDEN), rng.standard_normal(HIDDEN)
+    x["image_features"][0, :32] += 3 * a.astype(np.float32)
+    x["image_features"][0, 32:] += 3 * b.astype(np.float32)
+    x["instruction_mask"][:] = 1
+    first = dict(x, instruction_embeds=np.tile(a, (1, TEXT, 1)).astype(np.float32))
+    second = dict(x, instruction_embeds=np.tile(b, (1, TEXT, 1)).astype(np.float32))
+    for select in (lambda y: reference(method, y, 12), lambda y: onnx_select(method, y, 12)[0]):
+        assert (select(first).tolist() != select(second).tolist()) == aware
 
 
 def test_uniform_64_of_24x24_is_an_8x8_lattice():
@@ -45,19 +274,9 @@ def test_uniform_64_of_24x24_is_an_8x8_lattice():
     assert rows[:, 0].tolist() == cols[0].tolist() == [1, 4, 7, 10, 13, 16, 19, 22]
 
 
-def test_uniform_is_batched_and_gathers_the_indexed_tokens():
-    feats = torch.randn(3, 576, 8)
-    idx, sel = UniformGrid(24, 24)(feats, torch.tensor(50))
-    assert idx.shape == (3, 50) and (idx == idx[0]).all()
-    assert torch.equal(sel[2], feats[2, idx[2]])
-
-
-def test_uniform_onnx_graph_equals_torch_for_every_budget(tiny_uniform_dir):
-    sess = ort.InferenceSession(str(tiny_uniform_dir / "selector.onnx"), providers=["CPUExecutionProvider"])
-    ref = UniformGrid(24, 24)
-    feats = np.random.default_rng(0).standard_normal((2, 576, 64)).astype(np.float32)
-    for k in range(1, 577):
-        idx, sel = sess.run(None, {"image_features": feats, "keep": np.array(k, dtype=np.int64)})
-        expected = ref.indices(torch.tensor(k)).numpy()
-        assert (idx == expected).all(), k
-        assert np.array_equal(sel, feats[:, expected])
+def test_random_depends_on_the_seed_only():
+    x = make_inputs(np.random.default_rng(0), 1, 100)
+    y = make_inputs(np.random.default_rng(1), 1, 100)
+    assert np.array_equal(reference("random", x, 10, {"seed": 3}), reference("random", y, 10, {"seed": 3}))
+    assert not np.array_equal(reference("random", x, 10, {"seed": 3}), reference("random", x, 10, {"seed": 4}))
+    assert np.array_equal(onnx_select("random", x, 10, {"seed": 4})[0], reference("random", x, 10, {"seed": 4}))

@@ -17,31 +17,38 @@ from .manifest import SCHEMA_VERSION, file_record, write_manifest
 from .onnx_export import EXPORTERS, export_part, opset_default
 
 PRECISIONS = ("fp32",)
-POSITIONS = ("compact",)
+POSITIONS = ("compact", "original")
 TARGETS = ("ort",)
 DEFAULT_EXPORTER = "legacy"  # measured: see README "Exporter choice"
 
 
-def selector_part(method: str, layout: dict[str, Any], hidden: int) -> PartSpec | None:
+def selector_part(method: str, params: dict[str, Any], layout: dict[str, Any], hidden: int, vision_width: int) -> PartSpec | None:
+    """The selector graph for `method` from its registered ONNX form; None for `none`."""
+    from ..selector.onnx_forms import build_graph
+
     info = selectors.get(method)
-    if info.build is None:
+    if not info.prunes:
         return None
     n = layout["tokens_per_image"]
-    return PartSpec(
-        name="selector",
-        module=info.build(grid=layout["grid"], tokens=n),
-        inputs=[
-            TensorSpec("image_features", "float32", ("num_images", n, hidden)),
-            TensorSpec("keep", "int64", ()),
-        ],
-        outputs=[
-            TensorSpec("kept_indices", "int64", ("num_images", "kept")),
-            TensorSpec("selected_features", "float32", ("num_images", "kept", hidden)),
-        ],
-        # trace at a budget that is not N so nothing folds K into a constant
-        example_inputs=lambda: (torch.randn(1, n, hidden), torch.tensor(max(1, n // 3), dtype=torch.int64)),
-        meta={"method": method},
-    )
+    grid = selectors.token_grid(layout["grid"], n)
+    available = {
+        "instruction_embeds": TensorSpec("instruction_embeds", "float32", ("num_images", "instruction", hidden)),
+        "instruction_mask": TensorSpec("instruction_mask", "int64", ("num_images", "instruction")),
+        "vision_features": TensorSpec("vision_features", "float32", ("num_images", n, vision_width)),
+        "cls_attention": TensorSpec("cls_attention", "float32", ("num_images", n)),
+    }
+    inputs = [
+        TensorSpec("image_features", "float32", ("num_images", n, hidden)),
+        TensorSpec("keep", "int64", ()),
+        *(available[name] for name in info.extra_inputs(params)),
+    ]
+    outputs = [
+        TensorSpec("kept_indices", "int64", ("num_images", "kept")),
+        TensorSpec("selected_features", "float32", ("num_images", "kept", hidden)),
+    ]
+    fn, constants = info.onnx_form(params, grid)
+    return PartSpec(name="selector", inputs=inputs, outputs=outputs,
+                    onnx_model=lambda: build_graph(fn, constants, inputs, outputs), meta={"method": method})
 
 
 def export_model(
@@ -54,18 +61,22 @@ def export_model(
     exporter: str = DEFAULT_EXPORTER,
     opset: int | None = None,
     positions: str = "compact",
+    selector_params: dict[str, Any] | None = None,
     progress: bool = True,
 ) -> Path:
     """Export MODEL into OUT. Returns OUT. A failure leaves an existing OUT untouched.
 
     `keep` is the default budget recorded in the manifest (the runtime may change it per call);
-    None means every visual token.
+    None means every visual token. `selector_params` override the method's defaults (e.g. alpha,
+    beta, relevance_sign, similarity for tops; seed for random).
     """
     _check_choice("precision", precision, PRECISIONS, later="--precision fp16/int8 come with INT8/FP16 builds (calib)")
     _check_choice("target", target, TARGETS, later="--target trt needs the TensorRT build step")
     _check_choice("positions", positions, POSITIONS)
     _check_choice("exporter", exporter, EXPORTERS)
     info = selectors.get(selector)
+    params = info.resolve_params(selector_params)
+    info.extra_inputs(params)  # validates choices such as `similarity` before any work
     opset = opset or opset_default()
 
     from tqdm.auto import tqdm
@@ -77,13 +88,14 @@ def export_model(
         steps.update()
         layout = adapter.visual_layout()
         n = layout["tokens_per_image"]
-        if info.build is None:
+        if not info.prunes:
             if keep not in (None, n):
                 raise InputError(f"--selector none keeps all {n} visual tokens; pass a --selector to export a budget")
             keep = n
         keep = selectors.check_keep(n if keep is None else keep, n)
-        parts = adapter.parts()
-        sel = selector_part(selector, layout, adapter.hidden_size)
+        parts = adapter.parts(cls_attention="cls_attention" in info.extra_inputs(params))
+        vision_width = next(o for o in parts[0].outputs if o.name == "vision_features").shape[-1]
+        sel = selector_part(selector, params, layout, adapter.hidden_size, vision_width)
         if sel is not None:
             parts.insert(1, sel)
         steps.total = len(parts) + 2  # load, each part, preprocessing + manifest
@@ -102,7 +114,7 @@ def export_model(
                 steps.update()
             steps.set_postfix_str("writing preprocessing + manifest")
             adapter.save_preprocessing(stage)
-            manifest = _manifest(adapter, layout, records, selector, keep, precision, opset, exporter, positions)
+            manifest = _manifest(adapter, layout, records, selector, params, keep, precision, opset, exporter, positions)
             write_manifest(stage, manifest)
             steps.update()
     finally:
@@ -116,7 +128,7 @@ def _check_choice(flag: str, value: str, allowed, later: str = "") -> None:
         raise InputError(f"--{flag} {value} is not available in this version; choose {', '.join(allowed)}{hint}")
 
 
-def _manifest(adapter, layout, records, selector, keep, precision, opset, exporter, positions) -> dict[str, Any]:
+def _manifest(adapter, layout, records, selector, params, keep, precision, opset, exporter, positions) -> dict[str, Any]:
     import onnx
     import transformers
 
@@ -137,7 +149,7 @@ def _manifest(adapter, layout, records, selector, keep, precision, opset, export
             "config_sha256": config_sha256(adapter.config),
         },
         "visual": layout,
-        "selector": {"method": selector, "default_keep": keep, "positions": positions},
+        "selector": {"method": selector, "params": params, "default_keep": keep, "positions": positions},
         "decoder": {
             "num_layers": adapter.num_layers,
             "num_kv_heads": adapter.num_kv_heads,

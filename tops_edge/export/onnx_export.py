@@ -29,6 +29,8 @@ def export_part(part: PartSpec, path: Path, opset: int, exporter: str = "legacy"
     if exporter not in EXPORTERS:
         raise ExportError(f"unknown exporter '{exporter}'; choose one of {', '.join(EXPORTERS)}")
     path = Path(path)
+    if part.onnx_model is not None:
+        return _save_built(part, path)
     module = part.module.eval()
     args = part.example_inputs()
     names = dict(input_names=[s.name for s in part.inputs], output_names=[s.name for s in part.outputs], opset_version=opset)
@@ -45,6 +47,18 @@ def export_part(part: PartSpec, path: Path, opset: int, exporter: str = "legacy"
             return save_graph(raw, path)
         except Exception as exc:  # the exporters raise many types; one line names the part
             raise ExportError(f"exporting part '{part.name}' with the {exporter} exporter failed: {_first_line(exc)}") from exc
+
+
+def _save_built(part: PartSpec, path: Path) -> list[str]:
+    import onnx
+
+    with tempfile.TemporaryDirectory(prefix=f".{part.name}-", dir=path.parent) as scratch:
+        try:
+            raw = Path(scratch) / "model.onnx"
+            onnx.save_model(part.onnx_model(), str(raw))
+            return save_graph(raw, path)
+        except Exception as exc:
+            raise ExportError(f"building part '{part.name}' failed: {_first_line(exc)}") from exc
 
 
 def _dynamic_shapes(part: PartSpec) -> tuple:

@@ -31,13 +31,15 @@ class TensorSpec:
 
 @dataclass
 class PartSpec:
-    """One exportable part: a torch module, its IO and example inputs for tracing."""
+    """One exportable part: its IO, and either a torch module (traced with example inputs) or a
+    builder of the ONNX model itself (the selectors, written directly in ONNX)."""
 
     name: str
-    module: nn.Module
     inputs: list[TensorSpec]
     outputs: list[TensorSpec]
-    example_inputs: Callable[[], tuple[torch.Tensor, ...]]
+    module: nn.Module | None = None
+    example_inputs: Callable[[], tuple[torch.Tensor, ...]] | None = None
+    onnx_model: Callable[[], Any] | None = None
     meta: dict[str, Any] = field(default_factory=dict)
 
     def dynamic_axes(self) -> dict[str, dict[int, str]]:
@@ -169,8 +171,9 @@ class ModelAdapter(ABC):
         """Visual tokens per image, their grid and the image token id."""
 
     @abstractmethod
-    def parts(self) -> list[PartSpec]:
-        """The exportable parts, in pipeline order (vision, embed, decoder)."""
+    def parts(self, cls_attention: bool = False) -> list[PartSpec]:
+        """The exportable parts, in pipeline order (vision, embed, decoder). The vision part outputs
+        image_features and vision_features, plus cls_attention when asked (the attention selector)."""
 
     def decoder_part(self, language_model: nn.Module, lm_head: nn.Module) -> PartSpec:
         """The KV-cached decoder part; shared by every family whose LLM is HF-causal-LM shaped."""

@@ -7,7 +7,6 @@ slot of the chat prompt (HF expands it to N tokens; we splice the selected K ins
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
@@ -17,25 +16,47 @@ from .base import ModelAdapter, PartSpec, TensorSpec
 
 
 class LlavaVision(nn.Module):
-    """pixel_values -> projected image features, honouring vision_feature_layer / select_strategy.
+    """pixel_values -> (projected image features, vision features before the projector[, CLS attention]).
 
-    Mirrors `LlavaModel.get_image_features` but returns one stacked tensor (HF returns a list).
+    Mirrors `LlavaModel.get_image_features` (vision_feature_layer, vision_feature_select_strategy) but
+    returns stacked tensors, and also the pre-projector features that selectors may measure
+    similarity on. With `cls_attention`, it adds the [CLS] token's attention to every token of the
+    sequence (mean over heads) in the layer that produces the selected features (VisionZip's
+    "penultimate layer" for LLaVA's default -2). It is computed here from that layer's input and its
+    q/k projections, so the tower keeps its fast attention kernel.
     """
 
-    def __init__(self, llava_model: nn.Module, feature_layer: int | list[int], strategy: str):
+    def __init__(self, llava_model: nn.Module, feature_layer: int | list[int], strategy: str, cls_attention: bool = False):
         super().__init__()
         self.vision_tower = llava_model.vision_tower
         self.projector = llava_model.multi_modal_projector
-        self.feature_layer = feature_layer
+        self.layers = [feature_layer] if isinstance(feature_layer, int) else list(feature_layer)
         self.strategy = strategy
+        self.cls_attention = cls_attention
 
-    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+    def forward(self, pixel_values: torch.Tensor):
         out = self.vision_tower(pixel_values, output_hidden_states=True, return_dict=True)
-        layers = [self.feature_layer] if isinstance(self.feature_layer, int) else list(self.feature_layer)
-        feats = [out.hidden_states[i] for i in layers]
+        feats = [out.hidden_states[i] for i in self.layers]
         if self.strategy == "default":  # drop the [CLS] token
             feats = [f[:, 1:] for f in feats]
-        return self.projector(torch.cat(feats, dim=-1))
+        vision_features = torch.cat(feats, dim=-1)
+        outputs = (self.projector(vision_features), vision_features)
+        if self.cls_attention:
+            outputs += (self._cls_attention(out.hidden_states),)
+        return outputs
+
+    def _cls_attention(self, hidden_states) -> torch.Tensor:
+        layers = self.vision_tower.encoder.layers
+        index = self.layers[-1] % (len(layers) + 1) - 1  # hidden_states[i] is the output of layers[i - 1]
+        layer = layers[index]
+        attn = layer.self_attn
+        x = layer.layer_norm1(hidden_states[index])
+        b, n, _ = x.shape
+        q = attn.q_proj(x[:, :1]).view(b, 1, attn.num_heads, attn.head_dim).transpose(1, 2)
+        k = attn.k_proj(x).view(b, n, attn.num_heads, attn.head_dim).transpose(1, 2)
+        probs = torch.softmax((q @ k.transpose(-1, -2)) * attn.scale, dim=-1)  # [B, heads, 1, N]
+        scores = probs.mean(1)[:, 0]
+        return scores[:, 1:] if self.strategy == "default" else scores
 
 
 class LlavaAdapter(ModelAdapter):
@@ -82,22 +103,24 @@ class LlavaAdapter(ModelAdapter):
             "has_cls_token": self.config.vision_feature_select_strategy == "full",
         }
 
-    def parts(self) -> list[PartSpec]:
+    def parts(self, cls_attention: bool = False) -> list[PartSpec]:
+        """vision, embed, decoder. `cls_attention` adds that output to the vision part (attention selector)."""
         cfg = self.config
         vc = self.vision_config
-        layout = self.visual_layout()
-        n = layout["tokens_per_image"]
+        n = self.visual_layout()["tokens_per_image"]
+        vision_width = vc.hidden_size * (1 if isinstance(cfg.vision_feature_layer, int) else len(cfg.vision_feature_layer))
+        outputs = [
+            TensorSpec("image_features", "float32", ("num_images", n, self.hidden_size)),
+            TensorSpec("vision_features", "float32", ("num_images", n, vision_width)),
+        ]
+        if cls_attention:
+            outputs.append(TensorSpec("cls_attention", "float32", ("num_images", n)))
         vision = PartSpec(
             name="vision",
-            module=LlavaVision(self.model.model, cfg.vision_feature_layer, cfg.vision_feature_select_strategy),
+            module=LlavaVision(self.model.model, cfg.vision_feature_layer, cfg.vision_feature_select_strategy, cls_attention),
             inputs=[TensorSpec("pixel_values", "float32", ("num_images", vc.num_channels, vc.image_size, vc.image_size))],
-            outputs=[TensorSpec("image_features", "float32", ("num_images", n, self.hidden_size))],
+            outputs=outputs,
             example_inputs=lambda: (torch.randn(1, vc.num_channels, vc.image_size, vc.image_size),),
         )
         lm = self.model.model.language_model
         return [vision, self.embed_part(lm.get_input_embeddings()), self.decoder_part(lm, self.model.lm_head)]
-
-    @staticmethod
-    def grid_side(tokens: int) -> int:
-        side = math.isqrt(tokens)
-        return side if side * side == tokens else 0

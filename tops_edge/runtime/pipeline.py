@@ -100,6 +100,7 @@ class Pipeline:
         part_path = lambda name: directory / parts[name]["files"][0]["path"]  # noqa: E731
         self.vision = backend.session(part_path("vision"))
         self.selector = backend.session(part_path("selector")) if "selector" in parts else None
+        self.selector_inputs = set(self.selector.input_names) - {"image_features", "keep"} if self.selector else set()
         self.embed = backend.session(part_path("embed"))
         self.decoder = backend.decoder(part_path("decoder"), KVLayout(dec["num_layers"], dec["num_kv_heads"], dec["head_dim"]))
 
@@ -126,6 +127,29 @@ class Pipeline:
                raw_prompt: bool = False) -> GenerationStream:
         return GenerationStream(self._steps(image, prompt, max_new_tokens, keep, temperature, top_p, seed, raw_prompt), self.pre)
 
+    def prompt_positions(self, num_before: int, kept: np.ndarray, num_after: int) -> np.ndarray:
+        """Position ids of the prefill sequence. `compact`: 0..L-1, the kept tokens renumbered
+        contiguously. `original`: every token keeps the position it had in the unpruned sequence, so
+        the text after the image (and decoding) resumes at the unpruned length."""
+        if self.positions == "compact":
+            return np.arange(num_before + len(kept) + num_after, dtype=np.int64)
+        after_start = num_before + self.num_visual_tokens
+        return np.concatenate([
+            np.arange(num_before), num_before + np.asarray(kept), np.arange(after_start, after_start + num_after),
+        ]).astype(np.int64)
+
+    def _select(self, vision: dict, instruction: np.ndarray | None, keep: int):
+        """(kept indices [K], selected features [1,K,D]); K = N skips the selector (the identity)."""
+        features = vision["image_features"]
+        if self.selector is None or keep >= self.num_visual_tokens:
+            return np.arange(self.num_visual_tokens), features
+        available = dict(vision, keep=np.array(keep, dtype=np.int64))
+        if instruction is not None:
+            available["instruction_embeds"] = self.embed.run({"input_ids": instruction[None]})["inputs_embeds"]
+            available["instruction_mask"] = np.ones((1, len(instruction)), dtype=np.int64)
+        out = self.selector.run({name: available[name] for name in self.selector.input_names})
+        return out["kept_indices"][0], out["selected_features"]
+
     def resolve_keep(self, keep: int | None) -> int:
         n = self.num_visual_tokens
         keep = self.default_keep if keep is None else check_keep(keep, n)
@@ -144,28 +168,29 @@ class Pipeline:
         t = time.perf_counter()
         before, after = self.pre.split_ids(self.pre.prompt_text(prompt, raw=raw_prompt))
         prompt_len = len(before) + keep + len(after)
-        if prompt_len + max_new_tokens > self.max_context:
+        # with `original` positions the ids run to the unpruned length, whatever K is
+        span = prompt_len if self.positions == "compact" else prompt_len - keep + self.num_visual_tokens
+        if span + max_new_tokens > self.max_context:
             raise ContextLengthError(
-                f"prompt ({prompt_len} tokens with {keep} visual) + {max_new_tokens} new tokens exceeds the "
-                f"model's context of {self.max_context}; lower --max-new-tokens or --keep"
+                f"prompt ({span} positions, {keep} visual tokens kept) + {max_new_tokens} new tokens exceeds the "
+                f"model's context of {self.max_context}; lower --max-new-tokens" + (" or --keep" if span == prompt_len else "")
             )
         pixels = self.pre.pixel_values(image)
+        instruction = self.pre.instruction_ids(prompt, raw=raw_prompt) if self.selector_inputs else None
         t = clock.add("preprocess", t)
 
-        features = self.vision.run({"pixel_values": pixels})["image_features"]
+        vision = self.vision.run({"pixel_values": pixels})
         t = clock.add("vision", t)
-        if self.selector is not None:
-            sel = self.selector.run({"image_features": features, "keep": np.array(keep, dtype=np.int64)})
-            kept, visual = sel["kept_indices"][0], sel["selected_features"]
-        else:
-            kept, visual = np.arange(self.num_visual_tokens), features
+        kept, visual = self._select(vision, instruction, keep)
         t = clock.add("select", t)
 
         text = self.embed.run({"input_ids": np.concatenate([before, after])[None]})["inputs_embeds"]
         embeds = np.concatenate([text[:, : len(before)], visual, text[:, len(before) :]], axis=1)
+        positions = self.prompt_positions(len(before), kept, len(after))
+        next_position = int(positions[-1]) + 1
         self.decoder.reserve(prompt_len + max_new_tokens - 1)  # the last token is never fed back
         self.decoder.reset()
-        logits = self.decoder.step(embeds, np.arange(prompt_len, dtype=np.int64)[None])
+        logits = self.decoder.step(embeds, positions[None])
         t = clock.add("prefill", t)
 
         rng = np.random.default_rng(seed)
@@ -182,8 +207,8 @@ class Pipeline:
                 break
             t = time.perf_counter()  # time spent in the caller between tokens is not ours
             emb = self.embed.run({"input_ids": np.array([[tok]], dtype=np.int64)})["inputs_embeds"]
-            pos = self.decoder.length  # compact positions: the next slot in the cache
-            logits = self.decoder.step(emb, np.array([[pos]], dtype=np.int64))
+            logits = self.decoder.step(emb, np.array([[next_position]], dtype=np.int64))
+            next_position += 1
             clock.add("decode", t)
 
         decode_steps = max(len(token_ids) - 1, 0)

@@ -47,6 +47,13 @@ class Preprocessor:
             raise InputError(f"the prompt must have exactly one image slot '{self.image_token}', found {len(slots)}")
         return ids[: slots[0]], ids[slots[0] + 1 :]
 
+    def instruction_ids(self, prompt: str, raw: bool = False) -> np.ndarray:
+        """The user's own words as token ids, for instruction-aware selectors: no chat template, no
+        image slot, no special tokens. A raw prompt is used whole, less its image slot."""
+        text = prompt.replace(self.image_token, " ") if raw else prompt
+        ids = np.asarray(self.tokenizer(text, add_special_tokens=False)["input_ids"], dtype=np.int64)
+        return ids[ids != self.image_token_id]
+
     def decode(self, token_ids) -> str:
         return self.tokenizer.decode(list(token_ids), skip_special_tokens=True)
 

@@ -1,8 +1,6 @@
-"""Visual-token selectors: one registry, each method a torch module that also exports to ONNX."""
+"""Visual-token selectors: one registry; each method has a torch reference and an ONNX form."""
 
-from .base import SelectorInfo, available, check_keep, gather_tokens, get, register, register_identity
-from . import uniform as _uniform  # noqa: F401  (registers `uniform`)
+from . import methods as _methods  # noqa: F401  (registers every method)
+from .base import SelectorInfo, available, check_keep, gather_tokens, get, register, token_grid
 
-register_identity("none", "keep every visual token (no pruning)")
-
-__all__ = ["SelectorInfo", "available", "check_keep", "gather_tokens", "get", "register"]
+__all__ = ["SelectorInfo", "available", "check_keep", "gather_tokens", "get", "register", "token_grid"]

@@ -9,14 +9,11 @@ keeps [CLS]) uses H = 1: evenly spaced over the sequence.
 from __future__ import annotations
 
 import torch
-from torch import nn
-
-from .base import gather_tokens, register
 
 
-class UniformGrid(nn.Module):
+
+class UniformGrid:
     def __init__(self, grid_h: int, grid_w: int):
-        super().__init__()
         self.h, self.w = grid_h, grid_w
 
     def indices(self, keep: torch.Tensor) -> torch.Tensor:
@@ -32,14 +29,7 @@ class UniformGrid(nn.Module):
         row = torch.div((2 * r + 1) * h, 2 * rows, rounding_mode="floor")
         return row * w + col
 
-    def forward(self, image_features: torch.Tensor, keep: torch.Tensor):
-        idx = self.indices(keep).unsqueeze(0).expand(image_features.shape[0], -1)
-        return idx, gather_tokens(image_features, idx)
-
-
-@register("uniform", "evenly spaced spatial grid (instruction-agnostic baseline)")
-def build_uniform(grid: list[int], tokens: int) -> nn.Module:
-    gh, gw = grid
-    if gh * gw != tokens:  # e.g. [CLS] kept in the sequence: no grid, spread evenly in 1-D
-        gh, gw = 1, tokens
-    return UniformGrid(gh, gw)
+    def select(self, features: torch.Tensor, keep: int) -> torch.Tensor:
+        """[B, K] ascending indices, the same for every item of the batch."""
+        k = min(keep, self.h * self.w)
+        return self.indices(torch.tensor(k)).unsqueeze(0).expand(features.shape[0], -1)

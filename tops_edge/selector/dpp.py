@@ -1,0 +1,113 @@
+"""TOPS and CDPruner (torch reference): relevance-weighted DPP kernels and their greedy selection.
+
+Formulation (docs: TOPS.md, v1):
+  r  = min-max( sign * cos(v_i, q_bar) )            task relevance, q_bar = mean normalised instruction
+  w  = exp(alpha * r)                                alpha = 0 switches relevance off
+  L  = diag(w) S diag(w),  S_ij = cos(f_i, f_j)      conditional kernel (f: the similarity features)
+  greedy on the residual R = L - C C^T (C: Cholesky columns of the tokens kept so far):
+  j  = argmax_i (1 - beta) log d_i + beta log c_i    d_i = R_ii, c_i = sum_k R_ki^2
+     = argmax_i log d_i + beta log(c_i / d_i)        DPP MAP gain + coverage (greedy Nystrom)
+  beta = 0 is conditional-DPP greedy MAP (CDPruner).
+
+R is never materialised: its row j is L_j - C_j^T C (O(N k)), and the coverage update needs R e =
+L e - C^T (C e), one N^2 matrix-vector product a step. That is what keeps the ONNX loop cheap.
+
+Determinism across backends: a token whose residual d_i is at most EXHAUSTED_REL * L_ii carries no
+new information and scores EXHAUSTED, so once every token is exhausted the lowest index wins. A
+degenerate token (non-finite or zero features) scores below that and is never chosen over a finite
+one. Scores within TIE_TOL of the best are ties, won by the lowest index: duplicate tokens tie
+exactly in exact arithmetic, but two GEMMs (batched or not, torch or ORT) round them differently in
+the last bit. Everything is fp32, whatever the model's dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+
+EXHAUSTED_REL = 1e-3
+EXHAUSTED = -1e30  # score of a token with no residual information left
+INVALID = -1e30  # added to the score of a degenerate token (so it scores 2 * EXHAUSTED)
+MINMAX_EPS = 1e-6
+TIE_TOL = 1e-5  # on log-gains and cosine distances: far above fp32 rounding, far below real gaps
+
+
+def argmax_first(score: torch.Tensor) -> torch.Tensor:
+    """[B] index of the lowest-index score within TIE_TOL of the row's maximum."""
+    best = score.amax(1, keepdim=True)
+    return (score >= best - TIE_TOL).to(torch.int8).argmax(1)
+
+
+def sanitize(features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 unit-norm rows and a validity mask; non-finite or zero rows become zeros and invalid."""
+    x = features.float()
+    finite = torch.isfinite(x).all(-1)
+    x = torch.where(finite.unsqueeze(-1), x, torch.zeros_like(x))
+    norm = x.norm(dim=-1, keepdim=True)
+    valid = finite & (norm.squeeze(-1) > 0)
+    return x / norm.clamp_min(1e-12), valid
+
+
+def relevance(tokens: torch.Tensor, valid: torch.Tensor, instruction: torch.Tensor, mask: torch.Tensor,
+              sign: float) -> torch.Tensor:
+    """[B,N] in [0,1]: sign * cos(v_i, q_bar), min-max normalised over the valid tokens.
+
+    `tokens` are unit rows (from `sanitize`); `instruction` [B,M,D] with `mask` [B,M] (1 = user text).
+    CDPruner averages cos(v_i, t_m) over m: that is v_i . q_bar up to a positive scale, which the
+    min-max normalisation removes, so both readings give the same r.
+    """
+    q, q_valid = sanitize(instruction)
+    m = (mask.to(torch.float32) * q_valid.to(torch.float32)).unsqueeze(-1)
+    q_bar = (q * m).sum(1) / m.sum(1).clamp_min(1.0)  # [B, D]
+    raw = sign * torch.einsum("bnd,bd->bn", tokens, q_bar)
+    lo = torch.where(valid, raw, torch.full_like(raw, float("inf"))).amin(1, keepdim=True)
+    hi = torch.where(valid, raw, torch.full_like(raw, float("-inf"))).amax(1, keepdim=True)
+    r = (raw - lo) / (hi - lo + MINMAX_EPS)
+    return torch.where(valid, r, torch.zeros_like(r))
+
+
+def conditional_kernel(sim_tokens: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """L = diag(w) S diag(w) with S the cosine similarity of the (unit) rows of `sim_tokens`."""
+    s = sim_tokens @ sim_tokens.transpose(1, 2)
+    return weights.unsqueeze(2) * s * weights.unsqueeze(1)
+
+
+def greedy(kernel: torch.Tensor, valid: torch.Tensor, keep: int, beta: float = 0.0) -> torch.Tensor:
+    """Greedy selection on `kernel` [B,N,N]; returns [B, keep] indices in the order chosen."""
+    b, n, _ = kernel.shape
+    d = torch.diagonal(kernel, dim1=1, dim2=2).clone()
+    floor = EXHAUSTED_REL * d
+    c = (kernel * kernel).sum(1)
+    penalty = torch.where(valid, torch.zeros_like(d), torch.full_like(d, INVALID))
+    cols = kernel.new_zeros(b, 0, n)
+    rows = torch.arange(b)
+    order = []
+    for _ in range(keep):
+        gain = torch.log(d) if beta == 0 else (1.0 - beta) * torch.log(d) + beta * torch.log(c)
+        score = torch.where(d > floor, gain, torch.full_like(d, EXHAUSTED)) + penalty
+        j = argmax_first(score)
+        dj = d[rows, j]
+        resid = kernel[rows, j] - torch.einsum("bk,bkn->bn", cols[rows, :, j], cols)
+        e = torch.where((dj > floor[rows, j]).unsqueeze(1), resid / dj.sqrt().unsqueeze(1), torch.zeros_like(d))
+        if beta != 0:
+            re = torch.einsum("bn,bnm->bm", e, kernel) - torch.einsum("bk,bkn->bn", torch.einsum("bn,bkn->bk", e, cols), cols)
+            c = c - 2.0 * e * re + (e * e).sum(1, keepdim=True) * e * e
+        d = d - e * e
+        penalty[rows, j] = float("-inf")
+        cols = torch.cat([cols, e.unsqueeze(1)], 1)
+        order.append(j)
+    return torch.stack(order, 1)
+
+
+def dpp_select(image_features, instruction_embeds, instruction_mask, keep: int, *, alpha: float, beta: float,
+               sign: float, vision_features=None) -> torch.Tensor:
+    """TOPS (beta > 0) or CDPruner (beta = 0): [B, keep] ascending indices."""
+    v, valid = sanitize(image_features)
+    if vision_features is not None:
+        f, valid_f = sanitize(vision_features)
+        valid = valid & valid_f
+    else:
+        f = v
+    r = relevance(v, valid, instruction_embeds, instruction_mask, sign)
+    w = torch.where(valid, torch.exp(alpha * r), torch.zeros_like(r))
+    order = greedy(conditional_kernel(f, w), valid, min(keep, v.shape[1]), beta)
+    return order.sort(1).values

@@ -1,0 +1,98 @@
+"""The registered methods: each pairs its torch reference with its ONNX form.
+
+Defaults: `tops` and `cdpruner` use alpha = 0.5 (CDPruner's theta = 0.5) and compute similarity on the
+vision features before the projector (1024 wide on LLaVA-1.5 instead of 4096: 4x cheaper, see
+scripts/selector_cost.py). `cdpruner` keeps CDPruner's released relevance sign (-1, found for CLIP
+features); `tops` starts at +1. The signs and beta are provisional until the fidelity benchmark
+(ShapesVQA) has measured them.
+"""
+
+from __future__ import annotations
+
+from . import onnx_forms as F
+from .base import INSTRUCTION, SelectorInfo, register
+from .divprune import divprune_select
+from .dpp import dpp_select
+from .scored import LEHMER_ROUNDS, attention_select, random_select
+from .uniform import UniformGrid
+
+SIMILARITY = ("vision", "projected")
+
+
+def _similarity_inputs(params) -> tuple[str, ...]:
+    if params["similarity"] not in SIMILARITY:
+        from ..errors import InputError
+
+        raise InputError(f"similarity must be one of {', '.join(SIMILARITY)}, got '{params['similarity']}'")
+    return ("vision_features",) if params["similarity"] == "vision" else ()
+
+
+def _dpp_reference(x, keep, p, grid):
+    sim = x["vision_features"] if p["similarity"] == "vision" else None
+    return dpp_select(x["image_features"], x["instruction_embeds"], x["instruction_mask"], keep,
+                      alpha=p["alpha"], beta=p["beta"], sign=p["relevance_sign"], vision_features=sim)
+
+
+def _dpp_onnx(p, grid):
+    vision = p["similarity"] == "vision"
+    constants = {"alpha": ("float32", p["alpha"]), "sign": ("float32", p["relevance_sign"])}
+    if p["beta"] == 0:  # the plain greedy MAP loop: no coverage work at all
+        return (F.dpp_map_vision_graph if vision else F.dpp_map_graph), constants
+    constants["beta"] = ("float32", p["beta"])
+    return (F.dpp_coverage_vision_graph if vision else F.dpp_coverage_graph), constants
+
+
+register(SelectorInfo(
+    name="tops",
+    summary="TOPS: relevance x coverage x diversity greedy on a conditional DPP kernel",
+    params={"alpha": 0.5, "beta": 0.5, "relevance_sign": 1.0, "similarity": "vision"},
+    extra_inputs=lambda p: INSTRUCTION + _similarity_inputs(p),
+    reference=_dpp_reference,
+    onnx_form=_dpp_onnx,
+))
+
+register(SelectorInfo(
+    name="cdpruner",
+    summary="CDPruner: conditional-DPP greedy MAP (TOPS with beta = 0)",
+    params={"alpha": 0.5, "beta": 0.0, "relevance_sign": -1.0, "similarity": "vision"},
+    extra_inputs=lambda p: INSTRUCTION + _similarity_inputs(p),
+    reference=_dpp_reference,
+    onnx_form=_dpp_onnx,
+))
+
+
+register(SelectorInfo(
+    name="divprune",
+    summary="DivPrune: greedy max-min diversity on 1 - cos (instruction-agnostic)",
+    params={"similarity": "projected"},
+    extra_inputs=_similarity_inputs,
+    reference=lambda x, keep, p, grid: divprune_select(
+        x["vision_features"] if p["similarity"] == "vision" else x["image_features"], keep),
+    onnx_form=lambda p, grid: (F.divprune_vision_graph if p["similarity"] == "vision" else F.divprune_graph, {}),
+))
+
+register(SelectorInfo(
+    name="attention",
+    summary="the tokens the vision tower's [CLS] attends to most (VisionZip / VisPruner family)",
+    extra_inputs=lambda p: ("cls_attention",),
+    reference=lambda x, keep, p, grid: attention_select(x["cls_attention"], keep),
+    onnx_form=lambda p, grid: (F.attention_graph, {}),
+))
+
+
+register(SelectorInfo(
+    name="uniform",
+    summary="an evenly spaced spatial grid (instruction-agnostic baseline)",
+    reference=lambda x, keep, p, grid: UniformGrid(*grid).select(x["image_features"], keep),
+    onnx_form=lambda p, grid: (F.uniform_graph, {"grid_h": ("int64", grid[0]), "grid_w": ("int64", grid[1])}),
+))
+
+register(SelectorInfo(
+    name="random",
+    summary="a seeded pseudo-random subset (the same for every image)",
+    params={"seed": 0},
+    reference=lambda x, keep, p, grid: random_select(x["image_features"].shape[0], x["image_features"].shape[1], keep, p["seed"]),
+    onnx_form=lambda p, grid: (F.random_graph, {"seed": ("int64", p["seed"]), "rounds": ("int64", LEHMER_ROUNDS)}),
+))
+
+register(SelectorInfo(name="none", summary="keep every visual token (no pruning)"))

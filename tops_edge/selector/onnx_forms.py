@@ -1,0 +1,369 @@
+"""The selectors' ONNX forms, written with onnxscript: standard ops only, so ONNX Runtime (or any
+runtime) runs them; greedy methods are one ONNX `Loop` whose trip count is the run-time budget K.
+
+Each form mirrors its torch reference op for op (tests check they pick the same indices). Export-time
+parameters (alpha, beta, sign, seed, grid) are graph inputs here and are frozen into initializers by
+`build_graph`, so the exported graph's inputs are only the tensors the runtime feeds.
+
+Common IO: image_features [B,N,D] float, keep [] int64 -> kept_indices [B,K] int64 ascending,
+selected_features [B,K,D].
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnx.inliner
+from onnxscript import BOOL, DOUBLE, FLOAT, INT64, script
+from onnxscript import opset18 as op
+
+from .dpp import EXHAUSTED, EXHAUSTED_REL, INVALID, MINMAX_EPS, TIE_TOL
+from .scored import LEHMER_MODULUS, LEHMER_MULTIPLIER
+
+IR_VERSION = 10  # what ONNX Runtime >= 1.20 reads
+
+
+@script()
+def _unit_rows(x: FLOAT["B", "N", "D"]):
+    """Unit-norm fp32 rows and validity: non-finite or zero rows become zeros and invalid."""
+    last = op.Constant(value_ints=[-1])
+    bad = op.Or(op.IsNaN(x), op.IsInf(x))
+    finite = op.Not(op.Cast(op.ReduceMax(op.Cast(bad, to=1), last, keepdims=0), to=9))
+    clean = op.Where(op.Unsqueeze(finite, last), x, op.CastLike(op.Constant(value_float=0.0), x))
+    norm = op.Sqrt(op.ReduceSum(op.Mul(clean, clean), last, keepdims=1))
+    valid = op.And(finite, op.Greater(op.Squeeze(norm, last), op.Constant(value_float=0.0)))
+    unit = op.Div(clean, op.Max(norm, op.Constant(value_float=1e-12)))
+    return unit, valid
+
+
+@script()
+def _relevance(v: FLOAT["B", "N", "D"], valid: BOOL["B", "N"], instruction: FLOAT["B", "M", "D"],
+               mask: INT64["B", "M"], sign: FLOAT):
+    one = op.Constant(value_ints=[1])
+    last = op.Constant(value_ints=[-1])
+    q, q_valid = _unit_rows(instruction)
+    m = op.Unsqueeze(op.Mul(op.Cast(mask, to=1), op.Cast(q_valid, to=1)), last)
+    q_bar = op.Div(op.ReduceSum(op.Mul(q, m), one, keepdims=0), op.Max(op.ReduceSum(m, one, keepdims=0), op.Constant(value_float=1.0)))
+    raw = op.Mul(sign, op.Squeeze(op.MatMul(v, op.Unsqueeze(q_bar, last)), last))
+    inf = op.Constant(value_float=float("inf"))
+    lo = op.ReduceMin(op.Where(valid, raw, inf), one, keepdims=1)
+    hi = op.ReduceMax(op.Where(valid, raw, op.Neg(inf)), one, keepdims=1)
+    r = op.Div(op.Sub(raw, lo), op.Add(op.Sub(hi, lo), op.Constant(value_float=MINMAX_EPS)))
+    return op.Where(valid, r, op.Constant(value_float=0.0))
+
+
+@script()
+def _argmax_first(score: FLOAT["B", "N"]):
+    """[B,1] lowest index within TIE_TOL of the row's best (see dpp.argmax_first)."""
+    best = op.ReduceMax(score, op.Constant(value_ints=[1]), keepdims=1)
+    near = op.GreaterOrEqual(score, op.Sub(best, op.Constant(value_float=TIE_TOL)))
+    return op.ArgMax(op.Cast(near, to=1), axis=1, keepdims=1)
+
+
+@script()
+def _sorted_and_gathered(order: INT64["B", "K"], features: FLOAT["B", "N", "D"]):
+    """Ascending indices (spatial order) and the tokens they name."""
+    k = op.Slice(op.Shape(order), op.Constant(value_ints=[1]), op.Constant(value_ints=[2]))
+    values, _ = op.TopK(op.Cast(order, to=11), k, axis=1, largest=0, sorted=1)
+    kept = op.Cast(values, to=7)
+    d = op.Slice(op.Shape(features), op.Constant(value_ints=[2]), op.Constant(value_ints=[3]))
+    index = op.Expand(op.Unsqueeze(kept, op.Constant(value_ints=[2])), op.Concat(op.Shape(kept), d, axis=0))
+    return kept, op.GatherElements(features, index, axis=1)
+
+
+@script()
+def _budget(features: FLOAT["B", "N", "D"], keep: INT64) -> INT64:
+    """min(K, N) as a 0-d tensor: K >= N keeps every token."""
+    n = op.Squeeze(op.Slice(op.Shape(features), op.Constant(value_ints=[1]), op.Constant(value_ints=[2])))
+    return op.Min(op.Reshape(keep, op.Constant(value_ints=[])), n)
+
+
+@script()
+def _greedy_init(kernel: FLOAT["B", "N", "N"], valid: BOOL["B", "N"]):
+    """Residual diagonal d, its exhaustion floor, the score penalty, no columns yet, an empty order."""
+    zero = op.Constant(value_ints=[0])
+    one = op.Constant(value_ints=[1])
+    two = op.Constant(value_ints=[2])
+    bsz = op.Slice(op.Shape(kernel), zero, one)
+    n = op.Slice(op.Shape(kernel), one, two)
+    eye = op.EyeLike(op.Squeeze(op.Slice(kernel, zero, one, zero), zero))
+    d = op.ReduceSum(op.Mul(kernel, eye), two, keepdims=0)
+    floor = op.Mul(op.Constant(value_float=EXHAUSTED_REL), d)
+    penalty = op.Where(valid, op.Constant(value_float=0.0), op.Constant(value_float=INVALID))
+    cols = op.CastLike(op.ConstantOfShape(op.Concat(bsz, zero, n, axis=0)), kernel)
+    order = op.Cast(op.ConstantOfShape(op.Concat(bsz, zero, axis=0)), to=7)
+    return d, floor, penalty, cols, order
+
+
+@script()
+def _greedy_pick(kernel: FLOAT["B", "N", "N"], d: FLOAT["B", "N"], floor: FLOAT["B", "N"], penalty: FLOAT["B", "N"],
+                 cols: FLOAT["B", "K", "N"], gain: FLOAT["B", "N"]):
+    """The best token j [B,1] and its new Cholesky column e [B,1,N] (zero for an exhausted pick)."""
+    one = op.Constant(value_ints=[1])
+    two = op.Constant(value_ints=[2])
+    bsz = op.Slice(op.Shape(kernel), op.Constant(value_ints=[0]), one)
+    n = op.Slice(op.Shape(kernel), one, two)
+    score = op.Add(op.Where(op.Greater(d, floor), gain, op.Constant(value_float=EXHAUSTED)), penalty)
+    j = _argmax_first(score)
+    dj = op.GatherElements(d, j, axis=1)
+    jj = op.Unsqueeze(j, two)
+    row = op.GatherElements(kernel, op.Expand(jj, op.Concat(bsz, one, n, axis=0)), axis=1)
+    k = op.Slice(op.Shape(cols), one, two)
+    cj = op.GatherElements(cols, op.Expand(jj, op.Concat(bsz, k, one, axis=0)), axis=2)
+    # no Transpose feeding a MatMul here: ORT 1.31 fused that pattern into a FusedMatMul that gave
+    # wrong batched results in this loop (correct with graph optimisations off)
+    resid = op.Sub(row, op.MatMul(op.Reshape(cj, op.Concat(bsz, one, k, axis=0), allowzero=1), cols))
+    ok = op.Unsqueeze(op.Greater(dj, op.GatherElements(floor, j, axis=1)), two)
+    e = op.Where(ok, op.Div(resid, op.Unsqueeze(op.Sqrt(dj), two)), op.Constant(value_float=0.0))
+    return j, e
+
+
+@script()
+def _greedy_map(kernel: FLOAT["B", "N", "N"], valid: BOOL["B", "N"], keep: INT64):
+    """Conditional-DPP greedy MAP (beta = 0): order [B, K]."""
+    one = op.Constant(value_ints=[1])
+    taken = op.Constant(value_floats=[float("-inf")])
+    d, floor, penalty, cols, order = _greedy_init(kernel, valid)
+    for _ in range(keep):
+        j, e = _greedy_pick(kernel, d, floor, penalty, cols, op.Log(d))
+        e2 = op.Squeeze(e, one)
+        d = op.Sub(d, op.Mul(e2, e2))
+        penalty = op.ScatterElements(penalty, j, op.Expand(taken, op.Shape(j)), axis=1)
+        cols = op.Concat(cols, e, axis=1)
+        order = op.Concat(order, j, axis=1)
+    return order
+
+
+@script()
+def _greedy_coverage(kernel: FLOAT["B", "N", "N"], valid: BOOL["B", "N"], keep: INT64, beta: FLOAT):
+    """TOPS greedy (beta > 0): DPP gain plus coverage, with c = column energies of the residual."""
+    one = op.Constant(value_ints=[1])
+    two = op.Constant(value_ints=[2])
+    taken = op.Constant(value_floats=[float("-inf")])
+    d, floor, penalty, cols, order = _greedy_init(kernel, valid)
+    c = op.ReduceSum(op.Mul(kernel, kernel), one, keepdims=0)
+    for _ in range(keep):
+        gain = op.Add(op.Mul(op.Sub(op.Constant(value_float=1.0), beta), op.Log(d)), op.Mul(beta, op.Log(c)))
+        j, e = _greedy_pick(kernel, d, floor, penalty, cols, gain)
+        e2 = op.Squeeze(e, one)
+        ce = op.Unsqueeze(op.ReduceSum(op.Mul(cols, e), two, keepdims=0), one)  # (C e)^T, [B,1,k]
+        re = op.Squeeze(op.Sub(op.MatMul(e, kernel), op.MatMul(ce, cols)), one)  # R e = L e - C^T C e
+        sq = op.ReduceSum(op.Mul(e2, e2), one, keepdims=1)
+        c = op.Add(op.Sub(c, op.Mul(op.Mul(op.Constant(value_float=2.0), e2), re)), op.Mul(sq, op.Mul(e2, e2)))
+        d = op.Sub(d, op.Mul(e2, e2))
+        penalty = op.ScatterElements(penalty, j, op.Expand(taken, op.Shape(j)), axis=1)
+        cols = op.Concat(cols, e, axis=1)
+        order = op.Concat(order, j, axis=1)
+    return order
+
+
+@script()
+def _conditional_kernel(tokens: FLOAT["B", "N", "D"], sim: FLOAT["B", "N", "E"], valid: BOOL["B", "N"],
+                        instruction: FLOAT["B", "M", "D"], mask: INT64["B", "M"], alpha: FLOAT, sign: FLOAT):
+    """L = diag(w) S diag(w), w = exp(alpha * relevance), S the cosine similarity of `sim`'s rows."""
+    r = _relevance(tokens, valid, instruction, mask, sign)
+    w = op.Where(valid, op.Exp(op.Mul(alpha, r)), op.Constant(value_float=0.0))
+    s = op.MatMul(sim, op.Transpose(sim, perm=[0, 2, 1]))
+    return op.Mul(op.Mul(op.Unsqueeze(w, op.Constant(value_ints=[2])), s), op.Unsqueeze(w, op.Constant(value_ints=[1])))
+
+
+# The four DPP graphs: {relevance+similarity on the projected tokens, similarity on the vision
+# features} x {greedy MAP (cdpruner, or tops with beta = 0), greedy with coverage (tops)}.
+@script()
+def dpp_map_graph(image_features: FLOAT["B", "N", "D"], keep: INT64, instruction_embeds: FLOAT["B", "M", "D"],
+                  instruction_mask: INT64["B", "M"], alpha: FLOAT, sign: FLOAT):
+    v, valid = _unit_rows(image_features)
+    kernel = _conditional_kernel(v, v, valid, instruction_embeds, instruction_mask, alpha, sign)
+    order = _greedy_map(kernel, valid, _budget(image_features, keep))
+    kept_indices, selected_features = _sorted_and_gathered(order, image_features)
+    return kept_indices, selected_features
+
+
+@script()
+def dpp_coverage_graph(image_features: FLOAT["B", "N", "D"], keep: INT64, instruction_embeds: FLOAT["B", "M", "D"],
+                       instruction_mask: INT64["B", "M"], alpha: FLOAT, beta: FLOAT, sign: FLOAT):
+    v, valid = _unit_rows(image_features)
+    kernel = _conditional_kernel(v, v, valid, instruction_embeds, instruction_mask, alpha, sign)
+    order = _greedy_coverage(kernel, valid, _budget(image_features, keep), beta)
+    kept_indices, selected_features = _sorted_and_gathered(order, image_features)
+    return kept_indices, selected_features
+
+
+@script()
+def dpp_map_vision_graph(image_features: FLOAT["B", "N", "D"], keep: INT64, instruction_embeds: FLOAT["B", "M", "D"],
+                         instruction_mask: INT64["B", "M"], vision_features: FLOAT["B", "N", "E"], alpha: FLOAT, sign: FLOAT):
+    v, valid_v = _unit_rows(image_features)
+    f, valid_f = _unit_rows(vision_features)
+    valid = op.And(valid_v, valid_f)
+    kernel = _conditional_kernel(v, f, valid, instruction_embeds, instruction_mask, alpha, sign)
+    order = _greedy_map(kernel, valid, _budget(image_features, keep))
+    kept_indices, selected_features = _sorted_and_gathered(order, image_features)
+    return kept_indices, selected_features
+
+
+@script()
+def dpp_coverage_vision_graph(image_features: FLOAT["B", "N", "D"], keep: INT64, instruction_embeds: FLOAT["B", "M", "D"],
+                              instruction_mask: INT64["B", "M"], vision_features: FLOAT["B", "N", "E"], alpha: FLOAT,
+                              beta: FLOAT, sign: FLOAT):
+    v, valid_v = _unit_rows(image_features)
+    f, valid_f = _unit_rows(vision_features)
+    valid = op.And(valid_v, valid_f)
+    kernel = _conditional_kernel(v, f, valid, instruction_embeds, instruction_mask, alpha, sign)
+    order = _greedy_coverage(kernel, valid, _budget(image_features, keep), beta)
+    kept_indices, selected_features = _sorted_and_gathered(order, image_features)
+    return kept_indices, selected_features
+
+
+@script()
+def _max_min_order(similarity_features: FLOAT["B", "N", "E"], budget: INT64):
+    """Greedy max-min on 1 - cos (see divprune.divprune_select): the first pick outside the loop."""
+    one = op.Constant(value_ints=[1])
+    two = op.Constant(value_ints=[2])
+    f, valid = _unit_rows(similarity_features)
+    dist = op.Sub(op.Constant(value_float=1.0), op.MatMul(f, op.Transpose(f, perm=[0, 2, 1])))
+    eye = op.Cast(op.EyeLike(op.Squeeze(op.Slice(dist, op.Constant(value_ints=[0]), one, op.Constant(value_ints=[0])), op.Constant(value_ints=[0]))), to=9)
+    blocked = op.Or(op.Unsqueeze(eye, op.Constant(value_ints=[0])), op.Unsqueeze(op.Not(valid), two))
+    nearest = op.ReduceMin(op.Where(blocked, op.Constant(value_float=float("inf")), dist), one, keepdims=0)
+    penalty = op.Where(valid, op.Constant(value_float=0.0), op.Constant(value_float=INVALID))
+    taken = op.Constant(value_floats=[float("-inf")])
+    bsz = op.Slice(op.Shape(dist), op.Constant(value_ints=[0]), one)
+    n = op.Slice(op.Shape(dist), one, two)
+    j = _argmax_first(op.Add(nearest, penalty))
+    order = j
+    penalty = op.ScatterElements(penalty, j, op.Expand(taken, op.Shape(j)), axis=1)
+    score = op.Squeeze(op.GatherElements(dist, op.Expand(op.Unsqueeze(j, two), op.Concat(bsz, one, n, axis=0)), axis=1), one)
+    rest = op.Sub(budget, op.Constant(value_int=1))
+    for _ in range(rest):
+        j = _argmax_first(op.Add(score, penalty))
+        order = op.Concat(order, j, axis=1)
+        penalty = op.ScatterElements(penalty, j, op.Expand(taken, op.Shape(j)), axis=1)
+        row = op.Squeeze(op.GatherElements(dist, op.Expand(op.Unsqueeze(j, two), op.Concat(bsz, one, n, axis=0)), axis=1), one)
+        score = op.Min(score, row)
+    return order
+
+
+@script()
+def divprune_graph(image_features: FLOAT["B", "N", "D"], keep: INT64):
+    order = _max_min_order(image_features, _budget(image_features, keep))
+    kept_indices, selected_features = _sorted_and_gathered(order, image_features)
+    return kept_indices, selected_features
+
+
+@script()
+def divprune_vision_graph(image_features: FLOAT["B", "N", "D"], keep: INT64, vision_features: FLOAT["B", "N", "E"]):
+    order = _max_min_order(vision_features, _budget(image_features, keep))
+    kept_indices, selected_features = _sorted_and_gathered(order, image_features)
+    return kept_indices, selected_features
+
+
+@script()
+def _top_k(scores: DOUBLE["B", "N"], k: INT64):
+    """The K highest scores' indices; ONNX TopK breaks ties by the lower index, like a stable sort."""
+    _, order = op.TopK(scores, op.Reshape(k, op.Constant(value_ints=[1])), axis=1, largest=1, sorted=1)
+    return order
+
+
+@script()
+def attention_graph(image_features: FLOAT["B", "N", "D"], keep: INT64, cls_attention: FLOAT["B", "N"]):
+    finite = op.Not(op.Or(op.IsNaN(cls_attention), op.IsInf(cls_attention)))
+    scores = op.Cast(op.Where(finite, cls_attention, op.Constant(value_float=INVALID)), to=11)
+    kept_indices, selected_features = _sorted_and_gathered(_top_k(scores, _budget(image_features, keep)), image_features)
+    return kept_indices, selected_features
+
+
+@script()
+def random_graph(image_features: FLOAT["B", "N", "D"], keep: INT64, seed: INT64, rounds: INT64):
+    """Lehmer-generator scores (see scored.random_scores), identical in int64 arithmetic to torch's."""
+    one = op.Constant(value_ints=[1])
+    modulus = op.Constant(value_int=LEHMER_MODULUS)
+    n = op.Squeeze(op.Slice(op.Shape(image_features), one, op.Constant(value_ints=[2])))
+    i = op.Range(op.Constant(value_int=0), n, op.Constant(value_int=1))
+    x = op.Add(op.Mod(op.Add(i, op.Mul(op.Mod(seed, modulus), n)), op.Sub(modulus, op.Constant(value_int=1))), op.Constant(value_int=1))
+    for _ in range(rounds):
+        x = op.Mod(op.Mul(x, op.Constant(value_int=LEHMER_MULTIPLIER)), modulus)
+    bsz = op.Slice(op.Shape(image_features), op.Constant(value_ints=[0]), one)
+    scores = op.Expand(op.Unsqueeze(op.Cast(x, to=11), op.Constant(value_ints=[0])), op.Concat(bsz, op.Shape(x), axis=0))
+    kept_indices, selected_features = _sorted_and_gathered(_top_k(scores, _budget(image_features, keep)), image_features)
+    return kept_indices, selected_features
+
+
+@script()
+def uniform_graph(image_features: FLOAT["B", "N", "D"], keep: INT64, grid_h: INT64, grid_w: INT64):
+    """Evenly spaced grid (see uniform.UniformGrid.indices): integer arithmetic plus one sqrt."""
+    k = _budget(image_features, keep)
+    rows = op.Cast(op.Ceil(op.Sqrt(op.Div(op.Mul(op.Cast(k, to=1), op.Cast(grid_h, to=1)), op.Cast(grid_w, to=1)))), to=7)
+    rows = op.Max(op.Min(rows, grid_h), op.Constant(value_int=1))
+    j = op.Range(op.Constant(value_int=0), k, op.Constant(value_int=1))
+    one = op.Constant(value_int=1)
+    two = op.Constant(value_int=2)
+    r = op.Div(op.Sub(op.Mul(op.Add(j, one), rows), one), k)
+    start = op.Div(op.Mul(r, k), rows)
+    count = op.Sub(op.Div(op.Mul(op.Add(r, one), k), rows), start)
+    col = op.Div(op.Mul(op.Add(op.Mul(two, op.Sub(j, start)), one), grid_w), op.Mul(two, count))
+    row = op.Div(op.Mul(op.Add(op.Mul(two, r), one), grid_h), op.Mul(two, rows))
+    idx = op.Add(op.Mul(row, grid_w), col)
+    one_d = op.Constant(value_ints=[1])
+    bsz = op.Slice(op.Shape(image_features), op.Constant(value_ints=[0]), one_d)
+    order = op.Expand(op.Unsqueeze(idx, op.Constant(value_ints=[0])), op.Concat(bsz, op.Shape(idx), axis=0))
+    kept_indices, selected_features = _sorted_and_gathered(order, image_features)
+    return kept_indices, selected_features
+
+
+_NP_DTYPES = {"float32": np.float32, "int64": np.int64, "bool": np.bool_}
+_ONNX_DTYPES = {"float32": onnx.TensorProto.FLOAT, "int64": onnx.TensorProto.INT64}
+
+
+def build_graph(fn, constants: dict, inputs: list, outputs: list) -> onnx.ModelProto:
+    """A self-contained selector graph from an onnxscript function: `constants` (name -> (dtype, value))
+    become initializers, inputs and outputs get the given TensorSpec types, local functions are inlined."""
+    model = fn.to_model_proto()
+    for name, (dtype, value) in constants.items():
+        keep_inputs = [i for i in model.graph.input if i.name != name]
+        if len(keep_inputs) == len(model.graph.input):
+            raise KeyError(f"{fn.name} has no input '{name}'")
+        del model.graph.input[:]
+        model.graph.input.extend(keep_inputs)
+        model.graph.initializer.append(onnx.numpy_helper.from_array(np.array(value, dtype=_NP_DTYPES[dtype]), name))
+    if [i.name for i in model.graph.input] != [spec.name for spec in inputs]:
+        raise ValueError(f"{fn.name} takes {[i.name for i in model.graph.input]}, the part declares {[x.name for x in inputs]}")
+    del model.graph.input[:]
+    model.graph.input.extend(
+        onnx.helper.make_tensor_value_info(s.name, _ONNX_DTYPES[s.dtype], list(s.shape)) for s in inputs
+    )
+    del model.graph.output[:]
+    model.graph.output.extend(
+        onnx.helper.make_tensor_value_info(s.name, _ONNX_DTYPES[s.dtype], list(s.shape)) for s in outputs
+    )
+    _align_loop_outputs(model)
+    model = onnx.inliner.inline_local_functions(model)
+    del model.functions[:]
+    model.ir_version = IR_VERSION
+    onnx.checker.check_model(model)
+    return model
+
+
+
+def _align_loop_outputs(model: onnx.ModelProto) -> None:
+    """Reorder each Loop's outputs to match its body's carried outputs, by variable name.
+
+    onnxscript 0.7 can emit a Loop whose output names are permuted against its body's carried
+    outputs (it collects them from a set, so the order changes with Python's string hashing); the
+    Loop's inputs and its body agree, so naming the outputs in the body's order is the repair.
+    """
+    import re
+
+    def base(name: str) -> str:
+        return re.sub(r"(_\d+)?(__\d+)?$", "", name)
+
+    for graph in [model.graph, *model.functions]:
+        for node in graph.node:
+            if node.op_type != "Loop":
+                continue
+            body = next(a.g for a in node.attribute if a.name == "body")
+            carried = [base(o.name) for o in body.output[1:]]
+            by_name = {base(o): o for o in node.output}
+            if sorted(by_name) != sorted(carried) or len(by_name) != len(carried):
+                raise ValueError(f"cannot align Loop outputs {list(node.output)} with its body's {carried}")
+            aligned = [by_name[name] for name in carried]
+            del node.output[:]
+            node.output.extend(aligned)

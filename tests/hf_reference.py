@@ -40,3 +40,25 @@ def hf_generate_from_embeds(model, inputs_embeds: torch.Tensor, max_new_tokens: 
     mask = torch.ones(inputs_embeds.shape[:2], dtype=torch.long)
     out = model.generate(inputs_embeds=inputs_embeds, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False)
     return out[0].tolist()
+
+
+@torch.no_grad()
+def hf_greedy_with_positions(model, inputs_embeds: torch.Tensor, positions: torch.Tensor, max_new_tokens: int,
+                             eos_token_id: int | None = None) -> list[int]:
+    """Greedy decoding with HF's forward and cache, fed explicit position ids (the `original`
+    convention); each new token takes the position after the previous one."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache()
+    logits = model(inputs_embeds=inputs_embeds, position_ids=positions[None], past_key_values=cache, use_cache=True).logits
+    next_pos = int(positions[-1]) + 1
+    out: list[int] = []
+    for _ in range(max_new_tokens):
+        tok = int(logits[0, -1].argmax())
+        out.append(tok)
+        if tok == eos_token_id:
+            break
+        emb = model.get_input_embeddings()(torch.tensor([[tok]]))
+        logits = model(inputs_embeds=emb, position_ids=torch.tensor([[next_pos]]), past_key_values=cache, use_cache=True).logits
+        next_pos += 1
+    return out

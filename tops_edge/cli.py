@@ -57,9 +57,15 @@ def export_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output directory (replaced atomically)")
     p.add_argument("--selector", default="none", choices=selector.available(), help="visual-token selector baked into the selector graph (default: none)")
     p.add_argument("--keep", type=int, default=None, help="default visual-token budget K (the runtime can change it); default: all tokens")
+    tops = p.add_argument_group("selector parameters (defaults per method; see README)")
+    tops.add_argument("--alpha", type=float, default=None, help="tops/cdpruner: weight of task relevance in the kernel (0 = off)")
+    tops.add_argument("--beta", type=float, default=None, help="tops: weight of information coverage (0 = CDPruner's greedy)")
+    tops.add_argument("--relevance-sign", type=float, default=None, choices=(1.0, -1.0), help="tops/cdpruner: sign of cos(token, instruction)")
+    tops.add_argument("--similarity", default=None, choices=("vision", "projected"), help="tops/cdpruner/divprune: features for token similarity")
+    tops.add_argument("--selector-seed", type=int, default=None, help="random: the seed of the subset")
     p.add_argument("--precision", default="fp32", choices=PRECISIONS, help="graph precision (default: fp32)")
     p.add_argument("--target", default="ort", choices=TARGETS, help="deployment target (default: ort)")
-    p.add_argument("--positions", default="compact", choices=POSITIONS, help="position ids after pruning (default: compact)")
+    p.add_argument("--positions", default="compact", choices=POSITIONS, help="position ids after pruning: compact renumbers the kept tokens, original keeps theirs (default: compact)")
     p.add_argument("--exporter", default=DEFAULT_EXPORTER, choices=EXPORTERS, help=f"torch.onnx exporter (default: {DEFAULT_EXPORTER}, chosen on measured ORT speed)")
     p.add_argument("--opset", type=int, default=None, help="ONNX opset (default: 18)")
     p.add_argument("--quiet", action="store_true", help="no progress bar (it only shows on a terminal anyway)")
@@ -70,9 +76,12 @@ def _export(argv) -> int:
     args = export_parser().parse_args(argv)
     from .export import export_model
 
+    params = {"alpha": args.alpha, "beta": args.beta, "relevance_sign": args.relevance_sign,
+              "similarity": args.similarity, "seed": args.selector_seed}
     out = export_model(
         args.model, args.out, selector=args.selector, keep=args.keep, precision=args.precision,
         target=args.target, exporter=args.exporter, opset=args.opset, positions=args.positions,
+        selector_params={k: v for k, v in params.items() if v is not None},
         progress=not args.quiet and sys.stderr.isatty(),
     )
     if not args.quiet:

@@ -37,28 +37,38 @@ def argmax_first(score: torch.Tensor) -> torch.Tensor:
     return (score >= best - TIE_TOL).to(torch.int8).argmax(1)
 
 
-def sanitize(features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """fp32 unit-norm rows and a validity mask; non-finite or zero rows become zeros and invalid."""
+def row_norms(features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(rows with degenerate ones zeroed, 1/|row| (0 for degenerate), validity) in fp32.
+
+    One sum of squares decides validity: a NaN or inf anywhere in a row (or an overflowing row) makes
+    it non-finite, a zero row makes it 0; both rows are degenerate.
+    """
     x = features.float()
-    finite = torch.isfinite(x).all(-1)
-    x = torch.where(finite.unsqueeze(-1), x, torch.zeros_like(x))
-    norm = x.norm(dim=-1, keepdim=True)
-    valid = finite & (norm.squeeze(-1) > 0)
-    return x / norm.clamp_min(1e-12), valid
+    sq = (x * x).sum(-1, keepdim=True)
+    valid = torch.isfinite(sq) & (sq > 0)
+    inv = torch.where(valid, 1.0 / sq.sqrt(), torch.zeros_like(sq))
+    return torch.where(valid, x, torch.zeros_like(x)), inv, valid.squeeze(-1)
+
+
+def sanitize(features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 unit-norm rows and a validity mask; degenerate rows become zeros."""
+    x, inv, valid = row_norms(features)
+    return x * inv, valid
 
 
 def relevance(tokens: torch.Tensor, valid: torch.Tensor, instruction: torch.Tensor, mask: torch.Tensor,
               sign: float) -> torch.Tensor:
     """[B,N] in [0,1]: sign * cos(v_i, q_bar), min-max normalised over the valid tokens.
 
-    `tokens` are unit rows (from `sanitize`); `instruction` [B,M,D] with `mask` [B,M] (1 = user text).
-    CDPruner averages cos(v_i, t_m) over m: that is v_i . q_bar up to a positive scale, which the
-    min-max normalisation removes, so both readings give the same r.
+    `tokens` are raw rows; `instruction` [B,M,D] with `mask` [B,M] (1 = user text). CDPruner averages
+    cos(v_i, t_m) over m: that is v_i . q_bar up to a positive scale, which the min-max
+    normalisation removes, so both readings give the same r.
     """
+    _, inv, _ = row_norms(tokens)
     q, q_valid = sanitize(instruction)
     m = (mask.to(torch.float32) * q_valid.to(torch.float32)).unsqueeze(-1)
     q_bar = (q * m).sum(1) / m.sum(1).clamp_min(1.0)  # [B, D]
-    raw = sign * torch.einsum("bnd,bd->bn", tokens, q_bar)
+    raw = sign * (torch.einsum("bnd,bd->bn", tokens.float(), q_bar) * inv.squeeze(-1))  # bad rows masked below
     lo = torch.where(valid, raw, torch.full_like(raw, float("inf"))).amin(1, keepdim=True)
     hi = torch.where(valid, raw, torch.full_like(raw, float("-inf"))).amax(1, keepdim=True)
     r = (raw - lo) / (hi - lo + MINMAX_EPS)
@@ -90,7 +100,7 @@ def greedy(kernel: torch.Tensor, valid: torch.Tensor, keep: int, beta: float = 0
         e = torch.where((dj > floor[rows, j]).unsqueeze(1), resid / dj.sqrt().unsqueeze(1), torch.zeros_like(d))
         if beta != 0:
             re = torch.einsum("bn,bnm->bm", e, kernel) - torch.einsum("bk,bkn->bn", torch.einsum("bn,bkn->bk", e, cols), cols)
-            c = c - 2.0 * e * re + (e * e).sum(1, keepdim=True) * e * e
+            c = c - e * (2.0 * re - (e * e).sum(1, keepdim=True) * e)  # |R_i - e e_i|^2, expanded
         d = d - e * e
         penalty[rows, j] = float("-inf")
         cols = torch.cat([cols, e.unsqueeze(1)], 1)
@@ -107,7 +117,7 @@ def dpp_select(image_features, instruction_embeds, instruction_mask, keep: int, 
         valid = valid & valid_f
     else:
         f = v
-    r = relevance(v, valid, instruction_embeds, instruction_mask, sign)
+    r = relevance(image_features, valid, instruction_embeds, instruction_mask, sign)
     w = torch.where(valid, torch.exp(alpha * r), torch.zeros_like(r))
     order = greedy(conditional_kernel(f, w), valid, min(keep, v.shape[1]), beta)
     return order.sort(1).values

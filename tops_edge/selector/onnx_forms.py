@@ -24,27 +24,35 @@ IR_VERSION = 10  # what ONNX Runtime >= 1.20 reads
 
 
 @script()
-def _unit_rows(x: FLOAT["B", "N", "D"]):
-    """Unit-norm fp32 rows and validity: non-finite or zero rows become zeros and invalid."""
-    last = op.Constant(value_ints=[-1])
-    bad = op.Or(op.IsNaN(x), op.IsInf(x))
-    finite = op.Not(op.Cast(op.ReduceMax(op.Cast(bad, to=1), last, keepdims=0), to=9))
-    clean = op.Where(op.Unsqueeze(finite, last), x, op.CastLike(op.Constant(value_float=0.0), x))
-    norm = op.Sqrt(op.ReduceSum(op.Mul(clean, clean), last, keepdims=1))
-    valid = op.And(finite, op.Greater(op.Squeeze(norm, last), op.Constant(value_float=0.0)))
-    unit = op.Div(clean, op.Max(norm, op.Constant(value_float=1e-12)))
-    return unit, valid
+def _row_inverse_norms(x: FLOAT["B", "N", "D"]):
+    """(1/|row| [B,N,1] with 0 for degenerate rows, validity [B,N,1]); one pass (see dpp.row_norms)."""
+    sq = op.ReduceSumSquare(x, op.Constant(value_ints=[-1]), keepdims=1)
+    valid3 = op.And(op.Not(op.Or(op.IsNaN(sq), op.IsInf(sq))), op.Greater(sq, op.Constant(value_float=0.0)))
+    inv = op.Where(valid3, op.Div(op.Constant(value_float=1.0), op.Sqrt(sq)), op.Constant(value_float=0.0))
+    return inv, valid3
 
 
 @script()
-def _relevance(v: FLOAT["B", "N", "D"], valid: BOOL["B", "N"], instruction: FLOAT["B", "M", "D"],
-               mask: INT64["B", "M"], sign: FLOAT):
+def _unit_rows(x: FLOAT["B", "N", "D"]):
+    """Unit-norm fp32 rows and validity [B,N]; degenerate rows become zeros (see dpp.sanitize)."""
+    inv, valid3 = _row_inverse_norms(x)
+    unit = op.Where(valid3, op.Mul(x, inv), op.Constant(value_float=0.0))
+    return unit, op.Squeeze(valid3, op.Constant(value_ints=[-1]))
+
+
+@script()
+def _relevance(tokens: FLOAT["B", "N", "D"], inv: FLOAT["B", "N", 1], valid: BOOL["B", "N"],
+               instruction: FLOAT["B", "M", "D"], mask: INT64["B", "M"], sign: FLOAT):
+    """sign * cos(v_i, q_bar), min-max normalised over valid tokens (see dpp.relevance).
+
+    On the raw rows times 1/|row|: one pass over the wide tokens; a degenerate row only spoils its
+    own entry, which the validity mask removes."""
     one = op.Constant(value_ints=[1])
     last = op.Constant(value_ints=[-1])
     q, q_valid = _unit_rows(instruction)
     m = op.Unsqueeze(op.Mul(op.Cast(mask, to=1), op.Cast(q_valid, to=1)), last)
     q_bar = op.Div(op.ReduceSum(op.Mul(q, m), one, keepdims=0), op.Max(op.ReduceSum(m, one, keepdims=0), op.Constant(value_float=1.0)))
-    raw = op.Mul(sign, op.Squeeze(op.MatMul(v, op.Unsqueeze(q_bar, last)), last))
+    raw = op.Mul(sign, op.Squeeze(op.Mul(op.MatMul(tokens, op.Unsqueeze(q_bar, last)), inv), last))
     inf = op.Constant(value_float=float("inf"))
     lo = op.ReduceMin(op.Where(valid, raw, inf), one, keepdims=1)
     hi = op.ReduceMax(op.Where(valid, raw, op.Neg(inf)), one, keepdims=1)
@@ -54,10 +62,18 @@ def _relevance(v: FLOAT["B", "N", "D"], valid: BOOL["B", "N"], instruction: FLOA
 
 @script()
 def _argmax_first(score: FLOAT["B", "N"]):
-    """[B,1] lowest index within TIE_TOL of the row's best (see dpp.argmax_first)."""
-    best = op.ReduceMax(score, op.Constant(value_ints=[1]), keepdims=1)
+    """Lowest index within TIE_TOL of the best along the last axis, keepdims (see dpp.argmax_first)."""
+    best = op.ReduceMax(score, op.Constant(value_ints=[-1]), keepdims=1)
     near = op.GreaterOrEqual(score, op.Sub(best, op.Constant(value_float=TIE_TOL)))
-    return op.ArgMax(op.Cast(near, to=1), axis=1, keepdims=1)
+    return op.ArgMax(op.Cast(near, to=1), axis=-1, keepdims=1)
+
+
+@script()
+def _gathered(kept: INT64["B", "K"], features: FLOAT["B", "N", "D"]):
+    """The tokens at `kept`."""
+    d = op.Slice(op.Shape(features), op.Constant(value_ints=[2]), op.Constant(value_ints=[3]))
+    index = op.Expand(op.Unsqueeze(kept, op.Constant(value_ints=[2])), op.Concat(op.Shape(kept), d, axis=0))
+    return op.GatherElements(features, index, axis=1)
 
 
 @script()
@@ -66,9 +82,19 @@ def _sorted_and_gathered(order: INT64["B", "K"], features: FLOAT["B", "N", "D"])
     k = op.Slice(op.Shape(order), op.Constant(value_ints=[1]), op.Constant(value_ints=[2]))
     values, _ = op.TopK(op.Cast(order, to=11), k, axis=1, largest=0, sorted=1)
     kept = op.Cast(values, to=7)
-    d = op.Slice(op.Shape(features), op.Constant(value_ints=[2]), op.Constant(value_ints=[3]))
-    index = op.Expand(op.Unsqueeze(kept, op.Constant(value_ints=[2])), op.Concat(op.Shape(kept), d, axis=0))
-    return kept, op.GatherElements(features, index, axis=1)
+    return kept, _gathered(kept, features)
+
+
+@script()
+def _taken(penalty: FLOAT["B", 1, "N"], k: INT64):
+    """[B,K] ascending indices of the tokens a greedy loop took (their penalty is -inf)."""
+    flat = op.Squeeze(penalty, op.Constant(value_ints=[1]))
+    n = op.Slice(op.Shape(flat), op.Constant(value_ints=[1]), op.Constant(value_ints=[2]))
+    index = op.Cast(op.Range(op.Constant(value_int=0), op.Squeeze(n), op.Constant(value_int=1)), to=1)
+    taken = op.IsInf(flat, detect_positive=0)
+    rank = op.Where(taken, op.Neg(index), op.Constant(value_float=-1e9))  # lowest index ranks first
+    _, kept = op.TopK(rank, op.Reshape(k, op.Constant(value_ints=[1])), axis=1, largest=1, sorted=1)
+    return kept
 
 
 @script()
@@ -78,90 +104,88 @@ def _budget(features: FLOAT["B", "N", "D"], keep: INT64) -> INT64:
     return op.Min(op.Reshape(keep, op.Constant(value_ints=[])), n)
 
 
+# The greedy loops keep every per-token vector as [B,1,N] and build all index shapes before the
+# loop: the loop's cost on a CPU is its op count, not its arithmetic.
 @script()
 def _greedy_init(kernel: FLOAT["B", "N", "N"], valid: BOOL["B", "N"]):
-    """Residual diagonal d, its exhaustion floor, the score penalty, no columns yet, an empty order."""
+    """Loop-invariant helpers and the initial state: d, floor, penalty [B,1,N] and an empty C."""
     zero = op.Constant(value_ints=[0])
     one = op.Constant(value_ints=[1])
     two = op.Constant(value_ints=[2])
     bsz = op.Slice(op.Shape(kernel), zero, one)
     n = op.Slice(op.Shape(kernel), one, two)
     eye = op.EyeLike(op.Squeeze(op.Slice(kernel, zero, one, zero), zero))
-    d = op.ReduceSum(op.Mul(kernel, eye), two, keepdims=0)
+    d = op.Unsqueeze(op.ReduceSum(op.Mul(kernel, eye), two, keepdims=0), one)
     floor = op.Mul(op.Constant(value_float=EXHAUSTED_REL), d)
-    penalty = op.Where(valid, op.Constant(value_float=0.0), op.Constant(value_float=INVALID))
-    cols = op.CastLike(op.ConstantOfShape(op.Concat(bsz, zero, n, axis=0)), kernel)
-    order = op.Cast(op.ConstantOfShape(op.Concat(bsz, zero, axis=0)), to=7)
-    return d, floor, penalty, cols, order
+    penalty = op.Unsqueeze(op.Where(valid, op.Constant(value_float=0.0), op.Constant(value_float=INVALID)), one)
+    cols = op.CastLike(op.ConstantOfShape(op.Concat(bsz, zero, n, axis=0)), kernel)  # C   [B,k,N]
+    cols_t = op.CastLike(op.ConstantOfShape(op.Concat(bsz, n, zero, axis=0)), kernel)  # C^T [B,N,k]
+    offsets = op.Mul(op.Unsqueeze(op.Range(op.Constant(value_int=0), op.Squeeze(bsz), op.Constant(value_int=1)), one),
+                     op.Squeeze(n))  # [B,1]: row b of a [B*N, .] flattening starts at b*N
+    flat_kernel = op.Reshape(kernel, op.Concat(op.Constant(value_ints=[-1]), n, axis=0))
+    column = op.Concat(bsz, n, one, axis=0)  # the shape of e as a column, [B,N,1]
+    taken = op.Expand(op.Constant(value_float=float("-inf")), op.Concat(bsz, one, one, axis=0))
+    return d, floor, penalty, cols, cols_t, offsets, flat_kernel, column, taken
 
 
 @script()
-def _greedy_pick(kernel: FLOAT["B", "N", "N"], d: FLOAT["B", "N"], floor: FLOAT["B", "N"], penalty: FLOAT["B", "N"],
-                 cols: FLOAT["B", "K", "N"], gain: FLOAT["B", "N"]):
-    """The best token j [B,1] and its new Cholesky column e [B,1,N] (zero for an exhausted pick)."""
-    one = op.Constant(value_ints=[1])
-    two = op.Constant(value_ints=[2])
-    bsz = op.Slice(op.Shape(kernel), op.Constant(value_ints=[0]), one)
-    n = op.Slice(op.Shape(kernel), one, two)
+def _greedy_pick(flat_kernel: FLOAT["BN", "N"], d: FLOAT["B", 1, "N"], floor: FLOAT["B", 1, "N"],
+                 penalty: FLOAT["B", 1, "N"], cols: FLOAT["B", "K", "N"], cols_t: FLOAT["B", "N", "K"],
+                 offsets: INT64["B", 1], gain: FLOAT["B", 1, "N"]):
+    """The best token j [B,1,1] and its new Cholesky column e [B,1,N] (zero for an exhausted pick)."""
     score = op.Add(op.Where(op.Greater(d, floor), gain, op.Constant(value_float=EXHAUSTED)), penalty)
     j = _argmax_first(score)
-    dj = op.GatherElements(d, j, axis=1)
-    jj = op.Unsqueeze(j, two)
-    row = op.GatherElements(kernel, op.Expand(jj, op.Concat(bsz, one, n, axis=0)), axis=1)
-    k = op.Slice(op.Shape(cols), one, two)
-    cj = op.GatherElements(cols, op.Expand(jj, op.Concat(bsz, k, one, axis=0)), axis=2)
-    # no Transpose feeding a MatMul here: ORT 1.31 fused that pattern into a FusedMatMul that gave
-    # wrong batched results in this loop (correct with graph optimisations off)
-    resid = op.Sub(row, op.MatMul(op.Reshape(cj, op.Concat(bsz, one, k, axis=0), allowzero=1), cols))
-    ok = op.Unsqueeze(op.Greater(dj, op.GatherElements(floor, j, axis=1)), two)
-    e = op.Where(ok, op.Div(resid, op.Unsqueeze(op.Sqrt(dj), two)), op.Constant(value_float=0.0))
+    rows = op.Add(op.Squeeze(j, op.Constant(value_ints=[2])), offsets)  # [B,1] into the flattenings
+    dj = op.GatherElements(d, j, axis=2)
+    row = op.Gather(flat_kernel, rows, axis=0)  # L[j, :]           [B,1,N]
+    cj = op.Gather(op.Flatten(cols_t, axis=2), rows, axis=0)  # C[:, j]^T  [B,1,k]
+    resid = op.Sub(row, op.MatMul(cj, cols))  # R[j, :] = L[j, :] - C[:, j]^T C
+    ok = op.Greater(dj, op.GatherElements(floor, j, axis=2))
+    e = op.Where(ok, op.Div(resid, op.Sqrt(dj)), op.Constant(value_float=0.0))
     return j, e
 
 
 @script()
 def _greedy_map(kernel: FLOAT["B", "N", "N"], valid: BOOL["B", "N"], keep: INT64):
-    """Conditional-DPP greedy MAP (beta = 0): order [B, K]."""
-    one = op.Constant(value_ints=[1])
-    taken = op.Constant(value_floats=[float("-inf")])
-    d, floor, penalty, cols, order = _greedy_init(kernel, valid)
+    """Conditional-DPP greedy MAP (beta = 0): the kept set [B, K], ascending."""
+    d, floor, penalty, cols, cols_t, offsets, flat_kernel, column, taken = _greedy_init(kernel, valid)
     for _ in range(keep):
-        j, e = _greedy_pick(kernel, d, floor, penalty, cols, op.Log(d))
-        e2 = op.Squeeze(e, one)
-        d = op.Sub(d, op.Mul(e2, e2))
-        penalty = op.ScatterElements(penalty, j, op.Expand(taken, op.Shape(j)), axis=1)
+        j, e = _greedy_pick(flat_kernel, d, floor, penalty, cols, cols_t, offsets, op.Log(d))
+        d = op.Sub(d, op.Mul(e, e))
+        penalty = op.ScatterElements(penalty, j, taken, axis=2)
         cols = op.Concat(cols, e, axis=1)
-        order = op.Concat(order, j, axis=1)
-    return order
+        cols_t = op.Concat(cols_t, op.Reshape(e, column), axis=2)
+    return _taken(penalty, keep)
 
 
 @script()
 def _greedy_coverage(kernel: FLOAT["B", "N", "N"], valid: BOOL["B", "N"], keep: INT64, beta: FLOAT):
-    """TOPS greedy (beta > 0): DPP gain plus coverage, with c = column energies of the residual."""
+    """TOPS greedy (beta > 0): DPP gain plus coverage, with c = column energies of the residual; the kept set."""
     one = op.Constant(value_ints=[1])
     two = op.Constant(value_ints=[2])
-    taken = op.Constant(value_floats=[float("-inf")])
-    d, floor, penalty, cols, order = _greedy_init(kernel, valid)
-    c = op.ReduceSum(op.Mul(kernel, kernel), one, keepdims=0)
+    d, floor, penalty, cols, cols_t, offsets, flat_kernel, column, taken = _greedy_init(kernel, valid)
+    c = op.ReduceSumSquare(kernel, one, keepdims=1)
+    keep_d = op.Sub(op.Constant(value_float=1.0), beta)
+    twice = op.Constant(value_float=2.0)
     for _ in range(keep):
-        gain = op.Add(op.Mul(op.Sub(op.Constant(value_float=1.0), beta), op.Log(d)), op.Mul(beta, op.Log(c)))
-        j, e = _greedy_pick(kernel, d, floor, penalty, cols, gain)
-        e2 = op.Squeeze(e, one)
-        ce = op.Unsqueeze(op.ReduceSum(op.Mul(cols, e), two, keepdims=0), one)  # (C e)^T, [B,1,k]
-        re = op.Squeeze(op.Sub(op.MatMul(e, kernel), op.MatMul(ce, cols)), one)  # R e = L e - C^T C e
-        sq = op.ReduceSum(op.Mul(e2, e2), one, keepdims=1)
-        c = op.Add(op.Sub(c, op.Mul(op.Mul(op.Constant(value_float=2.0), e2), re)), op.Mul(sq, op.Mul(e2, e2)))
-        d = op.Sub(d, op.Mul(e2, e2))
-        penalty = op.ScatterElements(penalty, j, op.Expand(taken, op.Shape(j)), axis=1)
+        gain = op.Add(op.Mul(keep_d, op.Log(d)), op.Mul(beta, op.Log(c)))
+        j, e = _greedy_pick(flat_kernel, d, floor, penalty, cols, cols_t, offsets, gain)
+        re = op.Sub(op.MatMul(e, kernel), op.MatMul(op.MatMul(e, cols_t), cols))  # R e = L e - C^T (C e)
+        sq = op.ReduceSumSquare(e, two, keepdims=1)
+        c = op.Sub(c, op.Mul(e, op.Sub(op.Mul(twice, re), op.Mul(sq, e))))  # |R_i - e e_i|^2, expanded
+        d = op.Sub(d, op.Mul(e, e))
+        penalty = op.ScatterElements(penalty, j, taken, axis=2)
         cols = op.Concat(cols, e, axis=1)
-        order = op.Concat(order, j, axis=1)
-    return order
+        cols_t = op.Concat(cols_t, op.Reshape(e, column), axis=2)
+    return _taken(penalty, keep)
 
 
 @script()
-def _conditional_kernel(tokens: FLOAT["B", "N", "D"], sim: FLOAT["B", "N", "E"], valid: BOOL["B", "N"],
-                        instruction: FLOAT["B", "M", "D"], mask: INT64["B", "M"], alpha: FLOAT, sign: FLOAT):
-    """L = diag(w) S diag(w), w = exp(alpha * relevance), S the cosine similarity of `sim`'s rows."""
-    r = _relevance(tokens, valid, instruction, mask, sign)
+def _conditional_kernel(tokens: FLOAT["B", "N", "D"], inv: FLOAT["B", "N", 1], sim: FLOAT["B", "N", "E"],
+                        valid: BOOL["B", "N"], instruction: FLOAT["B", "M", "D"], mask: INT64["B", "M"],
+                        alpha: FLOAT, sign: FLOAT):
+    """L = diag(w) S diag(w), w = exp(alpha * relevance of the raw `tokens`), S = sim sim^T (unit rows)."""
+    r = _relevance(tokens, inv, valid, instruction, mask, sign)
     w = op.Where(valid, op.Exp(op.Mul(alpha, r)), op.Constant(value_float=0.0))
     s = op.MatMul(sim, op.Transpose(sim, perm=[0, 2, 1]))
     return op.Mul(op.Mul(op.Unsqueeze(w, op.Constant(value_ints=[2])), s), op.Unsqueeze(w, op.Constant(value_ints=[1])))
@@ -172,32 +196,34 @@ def _conditional_kernel(tokens: FLOAT["B", "N", "D"], sim: FLOAT["B", "N", "E"],
 @script()
 def dpp_map_graph(image_features: FLOAT["B", "N", "D"], keep: INT64, instruction_embeds: FLOAT["B", "M", "D"],
                   instruction_mask: INT64["B", "M"], alpha: FLOAT, sign: FLOAT):
+    inv, _ = _row_inverse_norms(image_features)
     v, valid = _unit_rows(image_features)
-    kernel = _conditional_kernel(v, v, valid, instruction_embeds, instruction_mask, alpha, sign)
-    order = _greedy_map(kernel, valid, _budget(image_features, keep))
-    kept_indices, selected_features = _sorted_and_gathered(order, image_features)
+    kernel = _conditional_kernel(image_features, inv, v, valid, instruction_embeds, instruction_mask, alpha, sign)
+    kept_indices = _greedy_map(kernel, valid, _budget(image_features, keep))
+    selected_features = _gathered(kept_indices, image_features)
     return kept_indices, selected_features
 
 
 @script()
 def dpp_coverage_graph(image_features: FLOAT["B", "N", "D"], keep: INT64, instruction_embeds: FLOAT["B", "M", "D"],
                        instruction_mask: INT64["B", "M"], alpha: FLOAT, beta: FLOAT, sign: FLOAT):
+    inv, _ = _row_inverse_norms(image_features)
     v, valid = _unit_rows(image_features)
-    kernel = _conditional_kernel(v, v, valid, instruction_embeds, instruction_mask, alpha, sign)
-    order = _greedy_coverage(kernel, valid, _budget(image_features, keep), beta)
-    kept_indices, selected_features = _sorted_and_gathered(order, image_features)
+    kernel = _conditional_kernel(image_features, inv, v, valid, instruction_embeds, instruction_mask, alpha, sign)
+    kept_indices = _greedy_coverage(kernel, valid, _budget(image_features, keep), beta)
+    selected_features = _gathered(kept_indices, image_features)
     return kept_indices, selected_features
 
 
 @script()
 def dpp_map_vision_graph(image_features: FLOAT["B", "N", "D"], keep: INT64, instruction_embeds: FLOAT["B", "M", "D"],
                          instruction_mask: INT64["B", "M"], vision_features: FLOAT["B", "N", "E"], alpha: FLOAT, sign: FLOAT):
-    v, valid_v = _unit_rows(image_features)
+    inv, valid_v = _row_inverse_norms(image_features)
     f, valid_f = _unit_rows(vision_features)
-    valid = op.And(valid_v, valid_f)
-    kernel = _conditional_kernel(v, f, valid, instruction_embeds, instruction_mask, alpha, sign)
-    order = _greedy_map(kernel, valid, _budget(image_features, keep))
-    kept_indices, selected_features = _sorted_and_gathered(order, image_features)
+    valid = op.And(op.Squeeze(valid_v, op.Constant(value_ints=[-1])), valid_f)
+    kernel = _conditional_kernel(image_features, inv, f, valid, instruction_embeds, instruction_mask, alpha, sign)
+    kept_indices = _greedy_map(kernel, valid, _budget(image_features, keep))
+    selected_features = _gathered(kept_indices, image_features)
     return kept_indices, selected_features
 
 
@@ -205,18 +231,19 @@ def dpp_map_vision_graph(image_features: FLOAT["B", "N", "D"], keep: INT64, inst
 def dpp_coverage_vision_graph(image_features: FLOAT["B", "N", "D"], keep: INT64, instruction_embeds: FLOAT["B", "M", "D"],
                               instruction_mask: INT64["B", "M"], vision_features: FLOAT["B", "N", "E"], alpha: FLOAT,
                               beta: FLOAT, sign: FLOAT):
-    v, valid_v = _unit_rows(image_features)
+    inv, valid_v = _row_inverse_norms(image_features)
     f, valid_f = _unit_rows(vision_features)
-    valid = op.And(valid_v, valid_f)
-    kernel = _conditional_kernel(v, f, valid, instruction_embeds, instruction_mask, alpha, sign)
-    order = _greedy_coverage(kernel, valid, _budget(image_features, keep), beta)
-    kept_indices, selected_features = _sorted_and_gathered(order, image_features)
+    valid = op.And(op.Squeeze(valid_v, op.Constant(value_ints=[-1])), valid_f)
+    kernel = _conditional_kernel(image_features, inv, f, valid, instruction_embeds, instruction_mask, alpha, sign)
+    kept_indices = _greedy_coverage(kernel, valid, _budget(image_features, keep), beta)
+    selected_features = _gathered(kept_indices, image_features)
     return kept_indices, selected_features
 
 
 @script()
 def _max_min_order(similarity_features: FLOAT["B", "N", "E"], budget: INT64):
-    """Greedy max-min on 1 - cos (see divprune.divprune_select): the first pick outside the loop."""
+    """Greedy max-min on 1 - cos (see divprune.divprune_select), the first pick outside the loop;
+    the kept set [B, K], ascending."""
     one = op.Constant(value_ints=[1])
     two = op.Constant(value_ints=[2])
     f, valid = _unit_rows(similarity_features)
@@ -229,30 +256,28 @@ def _max_min_order(similarity_features: FLOAT["B", "N", "E"], budget: INT64):
     bsz = op.Slice(op.Shape(dist), op.Constant(value_ints=[0]), one)
     n = op.Slice(op.Shape(dist), one, two)
     j = _argmax_first(op.Add(nearest, penalty))
-    order = j
     penalty = op.ScatterElements(penalty, j, op.Expand(taken, op.Shape(j)), axis=1)
     score = op.Squeeze(op.GatherElements(dist, op.Expand(op.Unsqueeze(j, two), op.Concat(bsz, one, n, axis=0)), axis=1), one)
     rest = op.Sub(budget, op.Constant(value_int=1))
     for _ in range(rest):
         j = _argmax_first(op.Add(score, penalty))
-        order = op.Concat(order, j, axis=1)
         penalty = op.ScatterElements(penalty, j, op.Expand(taken, op.Shape(j)), axis=1)
         row = op.Squeeze(op.GatherElements(dist, op.Expand(op.Unsqueeze(j, two), op.Concat(bsz, one, n, axis=0)), axis=1), one)
         score = op.Min(score, row)
-    return order
+    return _taken(op.Unsqueeze(penalty, one), budget)
 
 
 @script()
 def divprune_graph(image_features: FLOAT["B", "N", "D"], keep: INT64):
-    order = _max_min_order(image_features, _budget(image_features, keep))
-    kept_indices, selected_features = _sorted_and_gathered(order, image_features)
+    kept_indices = _max_min_order(image_features, _budget(image_features, keep))
+    selected_features = _gathered(kept_indices, image_features)
     return kept_indices, selected_features
 
 
 @script()
 def divprune_vision_graph(image_features: FLOAT["B", "N", "D"], keep: INT64, vision_features: FLOAT["B", "N", "E"]):
-    order = _max_min_order(vision_features, _budget(image_features, keep))
-    kept_indices, selected_features = _sorted_and_gathered(order, image_features)
+    kept_indices = _max_min_order(vision_features, _budget(image_features, keep))
+    selected_features = _gathered(kept_indices, image_features)
     return kept_indices, selected_features
 
 

@@ -48,7 +48,7 @@ def selector_part(method: str, params: dict[str, Any], layout: dict[str, Any], h
     ]
     fn, constants = info.onnx_form(params, grid)
     return PartSpec(name="selector", inputs=inputs, outputs=outputs,
-                    onnx_model=lambda: build_graph(fn, constants, inputs, outputs), meta={"method": method})
+                    onnx_model=lambda: build_graph(fn, constants, inputs, outputs))
 
 
 def export_model(

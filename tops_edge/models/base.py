@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
@@ -40,7 +40,6 @@ class PartSpec:
     module: nn.Module | None = None
     example_inputs: Callable[[], tuple[torch.Tensor, ...]] | None = None
     onnx_model: Callable[[], Any] | None = None
-    meta: dict[str, Any] = field(default_factory=dict)
 
     def dynamic_axes(self) -> dict[str, dict[int, str]]:
         return {

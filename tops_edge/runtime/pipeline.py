@@ -100,7 +100,7 @@ class Pipeline:
         part_path = lambda name: directory / parts[name]["files"][0]["path"]  # noqa: E731
         self.vision = backend.session(part_path("vision"))
         self.selector = backend.session(part_path("selector")) if "selector" in parts else None
-        self.selector_inputs = set(self.selector.input_names) - {"image_features", "keep"} if self.selector else set()
+        self.needs_instruction = self.selector is not None and "instruction_embeds" in self.selector.input_names
         self.embed = backend.session(part_path("embed"))
         self.decoder = backend.decoder(part_path("decoder"), KVLayout(dec["num_layers"], dec["num_kv_heads"], dec["head_dim"]))
 
@@ -176,7 +176,7 @@ class Pipeline:
                 f"model's context of {self.max_context}; lower --max-new-tokens" + (" or --keep" if span == prompt_len else "")
             )
         pixels = self.pre.pixel_values(image)
-        instruction = self.pre.instruction_ids(prompt, raw=raw_prompt) if self.selector_inputs else None
+        instruction = self.pre.instruction_ids(prompt, raw=raw_prompt) if self.needs_instruction else None
         t = clock.add("preprocess", t)
 
         vision = self.vision.run({"pixel_values": pixels})

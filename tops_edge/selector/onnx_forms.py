@@ -334,7 +334,7 @@ def uniform_graph(image_features: FLOAT["B", "N", "D"], keep: INT64, grid_h: INT
     return kept_indices, selected_features
 
 
-_NP_DTYPES = {"float32": np.float32, "int64": np.int64, "bool": np.bool_}
+_NP_DTYPES = {"float32": np.float32, "int64": np.int64}
 _ONNX_DTYPES = {"float32": onnx.TensorProto.FLOAT, "int64": onnx.TensorProto.INT64}
 
 

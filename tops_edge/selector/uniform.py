@@ -11,7 +11,6 @@ from __future__ import annotations
 import torch
 
 
-
 class UniformGrid:
     def __init__(self, grid_h: int, grid_w: int):
         self.h, self.w = grid_h, grid_w

@@ -34,10 +34,10 @@ def _row_inverse_norms(x: FLOAT["B", "N", "D"]):
 
 @script()
 def _unit_rows(x: FLOAT["B", "N", "D"]):
-    """Unit-norm fp32 rows and validity [B,N]; degenerate rows become zeros (see dpp.sanitize)."""
+    """Unit-norm fp32 rows, 1/|row| [B,N,1] and validity [B,N]; degenerate rows become zeros (see dpp.sanitize)."""
     inv, valid3 = _row_inverse_norms(x)
     unit = op.Where(valid3, op.Mul(x, inv), op.Constant(value_float=0.0))
-    return unit, op.Squeeze(valid3, op.Constant(value_ints=[-1]))
+    return unit, inv, op.Squeeze(valid3, op.Constant(value_ints=[-1]))
 
 
 @script()
@@ -49,7 +49,7 @@ def _relevance(tokens: FLOAT["B", "N", "D"], inv: FLOAT["B", "N", 1], valid: BOO
     own entry, which the validity mask removes."""
     one = op.Constant(value_ints=[1])
     last = op.Constant(value_ints=[-1])
-    q, q_valid = _unit_rows(instruction)
+    q, _, q_valid = _unit_rows(instruction)
     m = op.Unsqueeze(op.Mul(op.Cast(mask, to=1), op.Cast(q_valid, to=1)), last)
     q_bar = op.Div(op.ReduceSum(op.Mul(q, m), one, keepdims=0), op.Max(op.ReduceSum(m, one, keepdims=0), op.Constant(value_float=1.0)))
     raw = op.Mul(sign, op.Squeeze(op.Mul(op.MatMul(tokens, op.Unsqueeze(q_bar, last)), inv), last))
@@ -146,15 +146,24 @@ def _greedy_pick(flat_kernel: FLOAT["BN", "N"], d: FLOAT["B", 1, "N"], floor: FL
 
 
 @script()
+def _greedy_update(d: FLOAT["B", 1, "N"], penalty: FLOAT["B", 1, "N"], cols: FLOAT["B", "K", "N"],
+                   cols_t: FLOAT["B", "N", "K"], j: INT64["B", 1, 1], e: FLOAT["B", 1, "N"],
+                   taken: FLOAT["B", 1, 1], column: INT64[3]):
+    """After keeping j: shrink the residual diagonal, mark j taken, append e to C (both layouts)."""
+    d = op.Sub(d, op.Mul(e, e))
+    penalty = op.ScatterElements(penalty, j, taken, axis=2)
+    cols = op.Concat(cols, e, axis=1)
+    cols_t = op.Concat(cols_t, op.Reshape(e, column), axis=2)
+    return d, penalty, cols, cols_t
+
+
+@script()
 def _greedy_map(kernel: FLOAT["B", "N", "N"], valid: BOOL["B", "N"], keep: INT64):
     """Conditional-DPP greedy MAP (beta = 0): the kept set [B, K], ascending."""
     d, floor, penalty, cols, cols_t, offsets, flat_kernel, column, taken = _greedy_init(kernel, valid)
     for _ in range(keep):
         j, e = _greedy_pick(flat_kernel, d, floor, penalty, cols, cols_t, offsets, op.Log(d))
-        d = op.Sub(d, op.Mul(e, e))
-        penalty = op.ScatterElements(penalty, j, taken, axis=2)
-        cols = op.Concat(cols, e, axis=1)
-        cols_t = op.Concat(cols_t, op.Reshape(e, column), axis=2)
+        d, penalty, cols, cols_t = _greedy_update(d, penalty, cols, cols_t, j, e, taken, column)
     return _taken(penalty, keep)
 
 
@@ -173,10 +182,7 @@ def _greedy_coverage(kernel: FLOAT["B", "N", "N"], valid: BOOL["B", "N"], keep: 
         re = op.Sub(op.MatMul(e, kernel), op.MatMul(op.MatMul(e, cols_t), cols))  # R e = L e - C^T (C e)
         sq = op.ReduceSumSquare(e, two, keepdims=1)
         c = op.Sub(c, op.Mul(e, op.Sub(op.Mul(twice, re), op.Mul(sq, e))))  # |R_i - e e_i|^2, expanded
-        d = op.Sub(d, op.Mul(e, e))
-        penalty = op.ScatterElements(penalty, j, taken, axis=2)
-        cols = op.Concat(cols, e, axis=1)
-        cols_t = op.Concat(cols_t, op.Reshape(e, column), axis=2)
+        d, penalty, cols, cols_t = _greedy_update(d, penalty, cols, cols_t, j, e, taken, column)
     return _taken(penalty, keep)
 
 
@@ -196,8 +202,7 @@ def _conditional_kernel(tokens: FLOAT["B", "N", "D"], inv: FLOAT["B", "N", 1], s
 @script()
 def dpp_map_graph(image_features: FLOAT["B", "N", "D"], keep: INT64, instruction_embeds: FLOAT["B", "M", "D"],
                   instruction_mask: INT64["B", "M"], alpha: FLOAT, sign: FLOAT):
-    inv, _ = _row_inverse_norms(image_features)
-    v, valid = _unit_rows(image_features)
+    v, inv, valid = _unit_rows(image_features)
     kernel = _conditional_kernel(image_features, inv, v, valid, instruction_embeds, instruction_mask, alpha, sign)
     kept_indices = _greedy_map(kernel, valid, _budget(image_features, keep))
     selected_features = _gathered(kept_indices, image_features)
@@ -207,8 +212,7 @@ def dpp_map_graph(image_features: FLOAT["B", "N", "D"], keep: INT64, instruction
 @script()
 def dpp_coverage_graph(image_features: FLOAT["B", "N", "D"], keep: INT64, instruction_embeds: FLOAT["B", "M", "D"],
                        instruction_mask: INT64["B", "M"], alpha: FLOAT, beta: FLOAT, sign: FLOAT):
-    inv, _ = _row_inverse_norms(image_features)
-    v, valid = _unit_rows(image_features)
+    v, inv, valid = _unit_rows(image_features)
     kernel = _conditional_kernel(image_features, inv, v, valid, instruction_embeds, instruction_mask, alpha, sign)
     kept_indices = _greedy_coverage(kernel, valid, _budget(image_features, keep), beta)
     selected_features = _gathered(kept_indices, image_features)
@@ -219,7 +223,7 @@ def dpp_coverage_graph(image_features: FLOAT["B", "N", "D"], keep: INT64, instru
 def dpp_map_vision_graph(image_features: FLOAT["B", "N", "D"], keep: INT64, instruction_embeds: FLOAT["B", "M", "D"],
                          instruction_mask: INT64["B", "M"], vision_features: FLOAT["B", "N", "E"], alpha: FLOAT, sign: FLOAT):
     inv, valid_v = _row_inverse_norms(image_features)
-    f, valid_f = _unit_rows(vision_features)
+    f, _, valid_f = _unit_rows(vision_features)
     valid = op.And(op.Squeeze(valid_v, op.Constant(value_ints=[-1])), valid_f)
     kernel = _conditional_kernel(image_features, inv, f, valid, instruction_embeds, instruction_mask, alpha, sign)
     kept_indices = _greedy_map(kernel, valid, _budget(image_features, keep))
@@ -232,7 +236,7 @@ def dpp_coverage_vision_graph(image_features: FLOAT["B", "N", "D"], keep: INT64,
                               instruction_mask: INT64["B", "M"], vision_features: FLOAT["B", "N", "E"], alpha: FLOAT,
                               beta: FLOAT, sign: FLOAT):
     inv, valid_v = _row_inverse_norms(image_features)
-    f, valid_f = _unit_rows(vision_features)
+    f, _, valid_f = _unit_rows(vision_features)
     valid = op.And(op.Squeeze(valid_v, op.Constant(value_ints=[-1])), valid_f)
     kernel = _conditional_kernel(image_features, inv, f, valid, instruction_embeds, instruction_mask, alpha, sign)
     kept_indices = _greedy_coverage(kernel, valid, _budget(image_features, keep), beta)
@@ -246,7 +250,7 @@ def _max_min_order(similarity_features: FLOAT["B", "N", "E"], budget: INT64):
     the kept set [B, K], ascending."""
     one = op.Constant(value_ints=[1])
     two = op.Constant(value_ints=[2])
-    f, valid = _unit_rows(similarity_features)
+    f, _, valid = _unit_rows(similarity_features)
     dist = op.Sub(op.Constant(value_float=1.0), op.MatMul(f, op.Transpose(f, perm=[0, 2, 1])))
     eye = op.Cast(op.EyeLike(op.Squeeze(op.Slice(dist, op.Constant(value_ints=[0]), one, op.Constant(value_ints=[0])), op.Constant(value_ints=[0]))), to=9)
     blocked = op.Or(op.Unsqueeze(eye, op.Constant(value_ints=[0])), op.Unsqueeze(op.Not(valid), two))

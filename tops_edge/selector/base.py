@@ -85,7 +85,3 @@ def token_grid(grid, num_tokens: int) -> tuple[int, int]:
     gh, gw = grid
     return (int(gh), int(gw)) if gh * gw == num_tokens else (1, num_tokens)
 
-
-def gather_tokens(features: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
-    """[B, N, D] x [B, K] -> [B, K, D]."""
-    return torch.gather(features, 1, indices.unsqueeze(-1).expand(-1, -1, features.shape[-1]))

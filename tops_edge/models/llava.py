@@ -34,20 +34,36 @@ class LlavaVision(nn.Module):
         self.strategy = strategy
         self.cls_attention = cls_attention
 
+    def hidden_states(self, pixel_values: torch.Tensor) -> list[torch.Tensor]:
+        """HF's `hidden_states` (embeddings, then each layer's output), computed only as deep as the
+        selected feature layers reach: LLaVA's default -2 never needs the tower's last layer."""
+        tower = self.vision_tower
+        layers = getattr(getattr(tower, "encoder", None), "layers", None)
+        if layers is None or not hasattr(tower, "pre_layrnorm"):  # not a CLIP-shaped tower
+            return list(tower(pixel_values, output_hidden_states=True, return_dict=True).hidden_states)
+        depth = max(i % (len(layers) + 1) for i in self.layers)
+        h = tower.pre_layrnorm(tower.embeddings(pixel_values))
+        states = [h]
+        for layer in layers[:depth]:
+            h = layer(h, None)
+            states.append(h)
+        return states + [None] * (len(layers) - depth)  # keep negative indices meaning what they mean in HF
+
     def forward(self, pixel_values: torch.Tensor):
-        out = self.vision_tower(pixel_values, output_hidden_states=True, return_dict=True)
-        feats = [out.hidden_states[i] for i in self.layers]
+        states = self.hidden_states(pixel_values)
+        feats = [states[i] for i in self.layers]
         if self.strategy == "default":  # drop the [CLS] token
             feats = [f[:, 1:] for f in feats]
         vision_features = torch.cat(feats, dim=-1)
         outputs = (self.projector(vision_features), vision_features)
         if self.cls_attention:
-            outputs += (self._cls_attention(out.hidden_states),)
+            outputs += (self._cls_attention(states),)
         return outputs
 
     def _cls_attention(self, hidden_states) -> torch.Tensor:
         layers = self.vision_tower.encoder.layers
-        index = self.layers[-1] % (len(layers) + 1) - 1  # hidden_states[i] is the output of layers[i - 1]
+        # hidden_states[i] is the output of layers[i - 1]; feature layer 0 (the embeddings) uses layer 0
+        index = max(self.layers[-1] % (len(layers) + 1) - 1, 0)
         layer = layers[index]
         attn = layer.self_attn
         x = layer.layer_norm1(hidden_states[index])

@@ -146,6 +146,60 @@ def run_main(argv=None) -> int:
     return _run_cli("tops-run", _run, argv)
 
 
+# --- tops-bench ----------------------------------------------------------------------------
+def bench_parser() -> argparse.ArgumentParser:
+    from .runtime import BACKENDS
+
+    p = _Parser(
+        prog="tops-bench",
+        description="Time an exported model per visual-token budget: stage latencies (median, p90), TTFT, TPOT, "
+                    "decode tokens/s, KV-cache bytes and peak RSS; optionally against HF transformers.",
+    )
+    p.add_argument("dir", help="a tops-export output directory")
+    p.add_argument("--keep", default=None, help="comma-separated budgets, e.g. 576,192,128,64 (default: N, then 192,128,64 below N)")
+    p.add_argument("--runs", type=int, default=5, help="timed runs per budget (default: 5)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed runs per budget first (default: 1)")
+    p.add_argument("--prompt-len", type=int, default=32, help="length of the question in text tokens, about (default: 32)")
+    p.add_argument("--new-tokens", type=int, default=32, help="tokens to generate per run; EOS may end a run early (default: 32)")
+    p.add_argument("--image", default=None, help="image file (default: a synthetic 336x336 scene)")
+    p.add_argument("--json", default=None, metavar="FILE", help="write the report as one JSON object (schema: README)")
+    p.add_argument("--csv", default=None, metavar="FILE", help="write one CSV row per budget")
+    p.add_argument("--plot", default=None, metavar="FILE", help="write a PNG of TTFT and KV-cache bytes against kept tokens (needs matplotlib)")
+    p.add_argument("--compare", default=None, choices=("hf",), help="also time HF transformers' generate on the source model (unpruned)")
+    p.add_argument("--backend", default="ort", choices=BACKENDS, help="inference backend (default: ort)")
+    p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    return p
+
+
+def _bench(argv) -> int:
+    args = bench_parser().parse_args(argv)
+    from .bench import format_table, parse_keeps, run_benchmark, write_csv, write_json, write_plot
+    from .bench.report import check_writable, require_matplotlib
+
+    keeps = parse_keeps(args.keep) if args.keep is not None else None
+    for path in (args.json, args.csv, args.plot):  # fail before minutes of benchmarking, not after
+        if path is not None:
+            check_writable(path)
+    if args.plot is not None:
+        require_matplotlib()
+    log = None if args.quiet else (lambda msg: print(f"tops-bench: {msg}", file=sys.stderr, flush=True))
+    report = run_benchmark(
+        args.dir, keeps=keeps, runs=args.runs, warmup=args.warmup, prompt_len=args.prompt_len,
+        new_tokens=args.new_tokens, image=args.image, compare=args.compare, backend=args.backend, log=log,
+    )
+    print(format_table(report))
+    for path, write in ((args.json, write_json), (args.csv, write_csv), (args.plot, write_plot)):
+        if path is not None:
+            write(report, path)
+            if log:
+                log(f"wrote {path}")
+    return 0
+
+
+def bench_main(argv=None) -> int:
+    return _run_cli("tops-bench", _bench, argv)
+
+
 if __name__ == "__main__":  # python -m tops_edge.cli export|run ...
     cmd, rest = (sys.argv[1], sys.argv[2:]) if len(sys.argv) > 1 else ("", [])
     sys.exit({"export": export_main, "run": run_main}.get(cmd, lambda _: print("usage: python -m tops_edge.cli export|run ...") or 2)(rest))

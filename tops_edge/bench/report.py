@@ -1,0 +1,245 @@
+"""The `tops-bench` report: its JSON schema, a validator, the terminal table, CSV and PNG writers.
+
+JSON schema ("tops-bench/1"). `Stat` is {"median": float, "p90": float} (linear-interpolated
+percentiles over the timed runs, milliseconds):
+
+    schema            str    "tops-bench/1"
+    created_utc       str    ISO-8601 time the run started
+    directory         str    the export directory (absolute)
+    settings          {keeps [int], runs int, warmup int, prompt_len int (asked for),
+                       prompt_text_tokens int (the question's tokens as built), new_tokens int,
+                       image str, compare str|null}
+    device            {cpu str, logical_cores int, platform str, ort_intra_op_threads int (0 = ORT
+                       default), ort_providers [str] (in use), ort_available_providers [str],
+                       gpu str|null, jetson_power_mode str|null (`nvpmodel -q`), versions {str: str|null},
+                       model_source str, selector str, positions str, num_visual_tokens int,
+                       rss_method str (how peak_rss_bytes was measured)}
+    budgets           one per budget, in the order asked:
+                      {keep int, prompt_tokens int (prefill length, kept visual tokens included),
+                       preprocess_ms Stat, vision_ms Stat, select_ms Stat, prefill_ms Stat,
+                       ttft_ms Stat (preprocess+vision+select+prefill of each run),
+                       tpot_ms Stat|null (decode ms per token), decode_tok_s float|null (all decode
+                       steps / all decode time), e2e_ms Stat (wall time of generate()),
+                       generated_tokens [int] (per timed run), finish_reasons [str] ("eos"|"length"),
+                       kv_cache_bytes int, peak_rss_bytes int|null, gpu_peak_bytes int|null,
+                       hf_e2e_ratio float|null (ours / HF median e2e; only with --compare hf)}
+    hf                null, or with --compare hf: {model_source str, config_matches_export bool|null,
+                       attn_implementation str, torch_threads int, e2e_ms Stat, generated_tokens [int],
+                       peak_rss_bytes int|null}
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import tempfile
+from pathlib import Path
+
+from ..errors import InputError, TopsError
+
+STAT = {"median": float, "p90": float}
+NUM = (int, float)
+OPT = type(None)
+
+SCHEMA = {
+    "schema": str,
+    "created_utc": str,
+    "directory": str,
+    "settings": {"keeps": [int], "runs": int, "warmup": int, "prompt_len": int, "prompt_text_tokens": int,
+                 "new_tokens": int, "image": str, "compare": (str, OPT)},
+    "device": {"cpu": str, "logical_cores": int, "platform": str, "ort_intra_op_threads": int,
+               "ort_providers": [str], "ort_available_providers": [str], "gpu": (str, OPT),
+               "jetson_power_mode": (str, OPT), "versions": dict, "model_source": str, "selector": str,
+               "positions": str, "num_visual_tokens": int, "rss_method": str},
+    "budgets": [{"keep": int, "prompt_tokens": int, "preprocess_ms": STAT, "vision_ms": STAT, "select_ms": STAT,
+                 "prefill_ms": STAT, "ttft_ms": STAT, "tpot_ms": (STAT, OPT), "decode_tok_s": (NUM, OPT),
+                 "e2e_ms": STAT, "generated_tokens": [int], "finish_reasons": [str], "kv_cache_bytes": int,
+                 "peak_rss_bytes": (int, OPT), "gpu_peak_bytes": (int, OPT), "hf_e2e_ratio": (NUM, OPT)}],
+    "hf": ({"model_source": str, "config_matches_export": (bool, OPT), "attn_implementation": str,
+            "torch_threads": int, "e2e_ms": STAT, "generated_tokens": [int], "peak_rss_bytes": (int, OPT)}, OPT),
+}
+
+CSV_COLUMNS = [
+    "keep", "prompt_tokens", "kv_cache_bytes",
+    *[f"{s}_ms_{q}" for s in ("preprocess", "vision", "select", "prefill", "ttft", "tpot", "e2e") for q in ("median", "p90")],
+    "decode_tok_s", "generated_tokens_mean", "peak_rss_bytes", "gpu_peak_bytes", "hf_e2e_ratio",
+]
+
+
+def validate(obj, schema=SCHEMA, where: str = "report") -> None:
+    """Raise ValueError naming the first key that is missing or of the wrong type (int counts as a
+    float where a float is expected; bool never counts as a number)."""
+    if isinstance(schema, tuple):  # alternatives
+        errors = []
+        for alt in schema:
+            try:
+                return validate(obj, alt, where)
+            except ValueError as exc:
+                errors.append(str(exc))
+        raise ValueError(" / ".join(errors))
+    if isinstance(schema, dict):
+        if not isinstance(obj, dict):
+            raise ValueError(f"{where}: expected an object, got {type(obj).__name__}")
+        for key, sub in schema.items():
+            if key not in obj:
+                raise ValueError(f"{where}: missing key '{key}'")
+            validate(obj[key], sub, f"{where}.{key}")
+        return
+    if isinstance(schema, list):
+        if not isinstance(obj, list):
+            raise ValueError(f"{where}: expected a list, got {type(obj).__name__}")
+        for i, item in enumerate(obj):
+            validate(item, schema[0], f"{where}[{i}]")
+        return
+    ok = isinstance(obj, schema) and not (isinstance(obj, bool) and schema in (int, float))
+    if schema is float:
+        ok = isinstance(obj, (int, float)) and not isinstance(obj, bool)
+    if not ok:
+        raise ValueError(f"{where}: expected {schema.__name__}, got {type(obj).__name__} ({obj!r})")
+
+
+def csv_rows(report) -> list[dict]:
+    rows = []
+    for b in report["budgets"]:
+        row = {"keep": b["keep"], "prompt_tokens": b["prompt_tokens"], "kv_cache_bytes": b["kv_cache_bytes"]}
+        for s in ("preprocess", "vision", "select", "prefill", "ttft", "tpot", "e2e"):
+            stat = b[f"{s}_ms"] or {}
+            for q in ("median", "p90"):
+                row[f"{s}_ms_{q}"] = stat.get(q, "")
+        row["decode_tok_s"] = "" if b["decode_tok_s"] is None else b["decode_tok_s"]
+        row["generated_tokens_mean"] = round(sum(b["generated_tokens"]) / len(b["generated_tokens"]), 2)
+        for key in ("peak_rss_bytes", "gpu_peak_bytes", "hf_e2e_ratio"):
+            row[key] = "" if b[key] is None else b[key]
+        rows.append(row)
+    return rows
+
+
+def csv_text(report) -> str:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=CSV_COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(csv_rows(report))
+    return buf.getvalue()
+
+
+def _mib(n) -> str:
+    return "-" if n is None else f"{n / 2**20:.2f}"
+
+
+def _ms(stat) -> str:
+    return "-" if not stat else f"{stat['median']:.1f}/{stat['p90']:.1f}"
+
+
+def format_table(report) -> str:
+    """The terminal table: medians/p90 in ms, sizes in MiB."""
+    d, s = report["device"], report["settings"]
+    head = ["keep", "prompt", "TTFT", "vision", "select", "prefill", "TPOT", "tok/s", "e2e", "KV MiB", "RSS MiB"]
+    hf = report.get("hf")
+    if hf:
+        head.append("e2e/HF")
+    rows = []
+    for b in report["budgets"]:
+        row = [str(b["keep"]), str(b["prompt_tokens"]), _ms(b["ttft_ms"]), _ms(b["vision_ms"]), _ms(b["select_ms"]),
+               _ms(b["prefill_ms"]), _ms(b["tpot_ms"]), "-" if b["decode_tok_s"] is None else f"{b['decode_tok_s']:.1f}",
+               _ms(b["e2e_ms"]), _mib(b["kv_cache_bytes"]), _mib(b["peak_rss_bytes"])]
+        if hf:
+            row.append("-" if b["hf_e2e_ratio"] is None else f"{b['hf_e2e_ratio']:.2f}")
+        rows.append(row)
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(head)]
+    line = lambda cells: "  ".join(c.rjust(w) for c, w in zip(cells, widths))  # noqa: E731
+    out = [
+        f"{report['directory']}: {d['model_source']}, selector {d['selector']}, N = {d['num_visual_tokens']}; "
+        f"{s['runs']} runs after {s['warmup']} warmup, prompt ~{s['prompt_text_tokens']} text tokens, "
+        f"{s['new_tokens']} new tokens",
+        f"{d['cpu']}, {d['logical_cores']} logical cores, ORT threads {d['ort_intra_op_threads'] or 'default'}, "
+        f"{', '.join(d['ort_providers'])}" + (f", GPU {d['gpu']}" if d["gpu"] else "")
+        + (f", {d['jetson_power_mode']}" if d["jetson_power_mode"] else ""),
+        "times: median/p90 ms; TTFT = preprocess+vision+select+prefill; e2e = whole generate() call",
+        line(head),
+        *(line(r) for r in rows),
+    ]
+    if hf:
+        out.append(f"HF generate ({hf['attn_implementation']}, unpruned, {hf['torch_threads']} torch threads): "
+                   f"e2e {_ms(hf['e2e_ms'])} ms, tokens {hf['generated_tokens']}")
+    short = [b["keep"] for b in report["budgets"] if min(b["generated_tokens"]) < s["new_tokens"]]
+    if short:
+        out.append(f"note: EOS ended some runs early at keep {short}; tok/s uses the real counts")
+    out.append(f"peak RSS: {d['rss_method']}")
+    return "\n".join(out)
+
+
+# --- output files ----------------------------------------------------------------------------
+def check_writable(path) -> Path:
+    """Fail before the benchmark runs if `path` cannot be written (missing or read-only folder)."""
+    path = Path(path)
+    parent = path.parent if str(path.parent) else Path(".")
+    if path.is_dir():
+        raise InputError(f"cannot write {path}: it is a directory")
+    if not parent.is_dir():
+        raise InputError(f"cannot write {path}: folder {parent} does not exist")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise InputError(f"cannot write {path}: folder {parent} is not writable")
+    return path
+
+
+def write_atomic(path, data: bytes | str) -> Path:
+    """Write to a temporary file beside `path`, then rename it over `path`."""
+    path = check_writable(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent if str(path.parent) else ".")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data.encode() if isinstance(data, str) else data)
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, path)
+    except OSError as exc:
+        Path(tmp).unlink(missing_ok=True)
+        raise InputError(f"cannot write {path}: {exc.strerror or exc}") from None
+    return path
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def write_json(report, path) -> Path:
+    return write_atomic(path, json.dumps(report, indent=2) + "\n")
+
+
+def write_csv(report, path) -> Path:
+    return write_atomic(path, csv_text(report))
+
+
+def require_matplotlib():
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise TopsError("--plot needs matplotlib, which is not installed (pip install matplotlib)") from None
+    return plt
+
+
+def write_plot(report, path) -> Path:
+    """PNG: TTFT (median, p90 band) and KV-cache bytes against kept visual tokens."""
+    plt = require_matplotlib()
+    budgets = sorted(report["budgets"], key=lambda b: b["keep"])
+    keeps = [b["keep"] for b in budgets]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    ax1.plot(keeps, [b["ttft_ms"]["median"] for b in budgets], "o-", label="median")
+    ax1.fill_between(keeps, [b["ttft_ms"]["median"] for b in budgets], [b["ttft_ms"]["p90"] for b in budgets],
+                     alpha=0.3, label="to p90")
+    ax1.set(xlabel="kept visual tokens", ylabel="TTFT (ms)", title="time to first token")
+    ax1.legend()
+    ax2.plot(keeps, [b["kv_cache_bytes"] / 2**20 for b in budgets], "s-")
+    ax2.set(xlabel="kept visual tokens", ylabel="KV cache (MiB)", title="KV cache at the end")
+    fig.suptitle(f"{report['device']['model_source']} ({report['device']['selector']}), {report['device']['cpu']}")
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    plt.close(fig)
+    return write_atomic(path, buf.getvalue())

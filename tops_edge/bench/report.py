@@ -174,27 +174,33 @@ def format_table(report) -> str:
 def check_writable(path) -> Path:
     """Fail before the benchmark runs if `path` cannot be written (missing or read-only folder)."""
     path = Path(path)
-    parent = path.parent if str(path.parent) else Path(".")
+    parent = path.parent
     if path.is_dir():
         raise InputError(f"cannot write {path}: it is a directory")
     if not parent.is_dir():
         raise InputError(f"cannot write {path}: folder {parent} does not exist")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise InputError(f"cannot write {path}: folder {parent} is not writable")
+    try:  # a real probe: os.access says yes to root even where a write fails (read-only mounts, /proc)
+        fd, probe = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".probe", dir=parent)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise InputError(f"cannot write {path}: folder {parent} is not writable ({exc.strerror or exc})") from None
     return path
 
 
 def write_atomic(path, data: bytes | str) -> Path:
     """Write to a temporary file beside `path`, then rename it over `path`."""
     path = check_writable(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent if str(path.parent) else ".")
+    tmp = None
     try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         with os.fdopen(fd, "wb") as f:
             f.write(data.encode() if isinstance(data, str) else data)
         os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except OSError as exc:
-        Path(tmp).unlink(missing_ok=True)
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
         raise InputError(f"cannot write {path}: {exc.strerror or exc}") from None
     return path
 

@@ -38,7 +38,8 @@ def parse_keeps(text: str) -> list[int]:
         try:
             k = int(p)
         except ValueError:
-            raise InputError(f"--keep must be a comma-separated list of whole numbers, got {p!r} in {text!r}") from None
+            where = f" in {text!r}" if len(parts) > 1 else ""
+            raise InputError(f"--keep must be a comma-separated list of whole numbers, got {p!r}{where}") from None
         if k < 1:
             raise InputError(f"--keep {k} is out of range: a budget keeps at least 1 visual token")
         if k not in keeps:

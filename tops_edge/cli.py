@@ -200,6 +200,7 @@ def bench_main(argv=None) -> int:
     return _run_cli("tops-bench", _bench, argv)
 
 
-if __name__ == "__main__":  # python -m tops_edge.cli export|run ...
+if __name__ == "__main__":  # python -m tops_edge.cli export|run|bench ...
     cmd, rest = (sys.argv[1], sys.argv[2:]) if len(sys.argv) > 1 else ("", [])
-    sys.exit({"export": export_main, "run": run_main}.get(cmd, lambda _: print("usage: python -m tops_edge.cli export|run ...") or 2)(rest))
+    commands = {"export": export_main, "run": run_main, "bench": bench_main}
+    sys.exit(commands.get(cmd, lambda _: print("usage: python -m tops_edge.cli export|run|bench ...") or 2)(rest))

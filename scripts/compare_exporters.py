@@ -29,15 +29,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tops_edge.export.onnx_export import export_part  # noqa: E402
 from tops_edge.models import load  # noqa: E402
-from tops_edge.models.llava import LlavaAdapter  # noqa: E402
-from tops_edge.models.tiny import build_tiny_llava  # noqa: E402
 
 EXPORTERS = ("legacy", "dynamo")
-MEDIUM = dict(
-    vision=dict(num_hidden_layers=4, hidden_size=256, num_attention_heads=4, intermediate_size=1024),
-    text=dict(num_hidden_layers=4, hidden_size=512, num_attention_heads=8, num_key_value_heads=4,
-              intermediate_size=1376),
-)
 
 
 def first_line(exc: BaseException) -> str:
@@ -53,8 +46,7 @@ def root_cause(exc: BaseException) -> str:
 
 def models():
     yield "tiny-llava", load("tiny-llava")
-    model, processor = build_tiny_llava(seed=0, **MEDIUM)
-    yield "medium", LlavaAdapter(model, processor, source="medium")
+    yield "medium", load("tiny-llava-medium")
 
 
 def cases(adapter, seq: int):

@@ -203,3 +203,22 @@ def test_plot_without_matplotlib_is_one_line(tiny_uniform_dir, tmp_path, capsys,
     line = one_line_error(capsys, bench_main([str(tiny_uniform_dir), "--plot", str(tmp_path / "p.png"), "--quiet"]))
     assert "matplotlib" in line
     assert not os.path.exists(tmp_path / "p.png")
+
+
+def test_orchestration_overhead_is_wall_time_outside_preprocessing_and_sessions():
+    runs = []
+    for wall, pre, busy in [(110.0, 10.0, 95.0), (60.0, 5.0, 50.0), (220.0, 20.0, 190.0)]:
+        r = fake_result(pre, 1, 1, 1, 1.0, 3)
+        r.timings_ms["sessions"] = busy
+        runs.append((r, wall))
+    agg = aggregate(runs)
+    # (110-10-95)/95, (60-5-50)/50, (220-20-190)/190 -> 5.263%, 10%, 5.263%
+    assert agg["overhead_pct"]["median"] == pytest.approx(100 * 5 / 95, abs=1e-3)
+    assert agg["sessions_ms"]["median"] == 95.0
+
+
+def test_pipeline_reports_time_inside_its_sessions(pipe_uniform, images):
+    r = pipe_uniform.generate(images["wide"], "Hi", max_new_tokens=4, keep=64)
+    stages = sum(r.timings_ms[k] for k in ("vision", "select", "prefill"))
+    assert 0 < r.timings_ms["sessions"] <= r.timings_ms["total"]
+    assert r.timings_ms["sessions"] <= stages + 3 * r.timings_ms["decode_per_token"] + 1e-6

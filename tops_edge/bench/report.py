@@ -20,6 +20,8 @@ percentiles over the timed runs, milliseconds):
                        ttft_ms Stat (preprocess+vision+select+prefill of each run),
                        tpot_ms Stat|null (decode ms per token), decode_tok_s float|null (all decode
                        steps / all decode time), e2e_ms Stat (wall time of generate()),
+                       sessions_ms Stat (time inside the backend's run calls), overhead_pct Stat
+                       (orchestration: e2e - preprocess - sessions, in % of sessions),
                        generated_tokens [int] (per timed run), finish_reasons [str] ("eos"|"length"),
                        kv_cache_bytes int, peak_rss_bytes int|null, gpu_peak_bytes int|null,
                        hf_e2e_ratio float|null (ours / HF median e2e; only with --compare hf)}
@@ -55,7 +57,7 @@ SCHEMA = {
                "positions": str, "num_visual_tokens": int, "rss_method": str},
     "budgets": [{"keep": int, "prompt_tokens": int, "preprocess_ms": STAT, "vision_ms": STAT, "select_ms": STAT,
                  "prefill_ms": STAT, "ttft_ms": STAT, "tpot_ms": (STAT, OPT), "decode_tok_s": (NUM, OPT),
-                 "e2e_ms": STAT, "generated_tokens": [int], "finish_reasons": [str], "kv_cache_bytes": int,
+                 "e2e_ms": STAT, "sessions_ms": STAT, "overhead_pct": STAT, "generated_tokens": [int], "finish_reasons": [str], "kv_cache_bytes": int,
                  "peak_rss_bytes": (int, OPT), "gpu_peak_bytes": (int, OPT), "hf_e2e_ratio": (NUM, OPT)}],
     "hf": ({"model_source": str, "config_matches_export": (bool, OPT), "attn_implementation": str,
             "torch_threads": int, "e2e_ms": STAT, "generated_tokens": [int], "peak_rss_bytes": (int, OPT)}, OPT),
@@ -64,7 +66,7 @@ SCHEMA = {
 CSV_COLUMNS = [
     "keep", "prompt_tokens", "kv_cache_bytes",
     *[f"{s}_ms_{q}" for s in ("preprocess", "vision", "select", "prefill", "ttft", "tpot", "e2e") for q in ("median", "p90")],
-    "decode_tok_s", "generated_tokens_mean", "peak_rss_bytes", "gpu_peak_bytes", "hf_e2e_ratio",
+    "sessions_ms_median", "overhead_pct_median", "decode_tok_s", "generated_tokens_mean", "peak_rss_bytes", "gpu_peak_bytes", "hf_e2e_ratio",
 ]
 
 
@@ -108,6 +110,8 @@ def csv_rows(report) -> list[dict]:
             stat = b[f"{s}_ms"] or {}
             for q in ("median", "p90"):
                 row[f"{s}_ms_{q}"] = stat.get(q, "")
+        row["sessions_ms_median"] = b["sessions_ms"]["median"]
+        row["overhead_pct_median"] = b["overhead_pct"]["median"]
         row["decode_tok_s"] = "" if b["decode_tok_s"] is None else b["decode_tok_s"]
         row["generated_tokens_mean"] = round(sum(b["generated_tokens"]) / len(b["generated_tokens"]), 2)
         for key in ("peak_rss_bytes", "gpu_peak_bytes", "hf_e2e_ratio"):
@@ -135,7 +139,7 @@ def _ms(stat) -> str:
 def format_table(report) -> str:
     """The terminal table: medians/p90 in ms, sizes in MiB."""
     d, s = report["device"], report["settings"]
-    head = ["keep", "prompt", "TTFT", "vision", "select", "prefill", "TPOT", "tok/s", "e2e", "KV MiB", "RSS MiB"]
+    head = ["keep", "prompt", "TTFT", "vision", "select", "prefill", "TPOT", "tok/s", "e2e", "ovh %", "KV MiB", "RSS MiB"]
     hf = report.get("hf")
     if hf:
         head.append("e2e/HF")
@@ -143,7 +147,7 @@ def format_table(report) -> str:
     for b in report["budgets"]:
         row = [str(b["keep"]), str(b["prompt_tokens"]), _ms(b["ttft_ms"]), _ms(b["vision_ms"]), _ms(b["select_ms"]),
                _ms(b["prefill_ms"]), _ms(b["tpot_ms"]), "-" if b["decode_tok_s"] is None else f"{b['decode_tok_s']:.1f}",
-               _ms(b["e2e_ms"]), _mib(b["kv_cache_bytes"]), _mib(b["peak_rss_bytes"])]
+               _ms(b["e2e_ms"]), f"{b['overhead_pct']['median']:.1f}", _mib(b["kv_cache_bytes"]), _mib(b["peak_rss_bytes"])]
         if hf:
             row.append("-" if b["hf_e2e_ratio"] is None else f"{b['hf_e2e_ratio']:.2f}")
         rows.append(row)
@@ -156,7 +160,8 @@ def format_table(report) -> str:
         f"{d['cpu']}, {d['logical_cores']} logical cores, ORT threads {d['ort_intra_op_threads'] or 'default'}, "
         f"{', '.join(d['ort_providers'])}" + (f", GPU {d['gpu']}" if d["gpu"] else "")
         + (f", {d['jetson_power_mode']}" if d["jetson_power_mode"] else ""),
-        "times: median/p90 ms; TTFT = preprocess+vision+select+prefill; e2e = whole generate() call",
+        "times: median/p90 ms; TTFT = preprocess+vision+select+prefill; e2e = whole generate() call; "
+        "ovh % = e2e outside preprocessing and the backend's run calls, in % of the latter",
         line(head),
         *(line(r) for r in rows),
     ]

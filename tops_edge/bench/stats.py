@@ -67,6 +67,13 @@ def aggregate(samples: list[tuple[object, float]]) -> dict:
     decode_ms = sum(r.timings_ms["decode_per_token"] * n for r, n in with_decode)
     out["decode_tok_s"] = round(sum(steps) / (decode_ms / 1e3), 3) if decode_ms > 0 else None
     out["e2e_ms"] = summary(ms for _, ms in samples)
+    # orchestration: the generate() wall time outside the backend's run calls and image preprocessing
+    sessions = [r.timings_ms.get("sessions", 0.0) for r, _ in samples]
+    out["sessions_ms"] = summary(sessions)
+    out["overhead_pct"] = summary(
+        100.0 * (ms - r.timings_ms.get("preprocess", 0.0) - busy) / busy if busy > 0 else 0.0
+        for (r, ms), busy in zip(samples, sessions)
+    )
     out["generated_tokens"] = [len(r.token_ids) for r, _ in samples]
     out["finish_reasons"] = [str(r.finish_reason) for r, _ in samples]
     out["kv_cache_bytes"] = int(max(r.kv_cache_bytes for r, _ in samples))

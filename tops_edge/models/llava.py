@@ -84,7 +84,7 @@ class LlavaAdapter(ModelAdapter):
         "llava-1.5-7b": "llava-hf/llava-1.5-7b-hf",
         "llava-1.5-13b": "llava-hf/llava-1.5-13b-hf",
     }
-    tiny_names = ("tiny-llava",)
+    tiny_names = ("tiny-llava", "tiny-llava-medium")
 
     @classmethod
     def hf_model_class(cls):
@@ -94,9 +94,9 @@ class LlavaAdapter(ModelAdapter):
 
     @classmethod
     def build_tiny(cls, name: str, seed: int = 0) -> "LlavaAdapter":
-        from .tiny import build_tiny_llava
+        from .tiny import TINY_SIZES, build_tiny_llava
 
-        model, processor = build_tiny_llava(seed=seed)
+        model, processor = build_tiny_llava(seed=seed, **TINY_SIZES[name])
         return cls(model, processor, source=name)
 
     # --- layout ----------------------------------------------------------------------------

@@ -105,6 +105,18 @@ def build_processor(tokenizer, image_size: int, patch_size: int, strategy: str):
     )
 
 
+#: size overrides of the built-in tiny models by name; "medium" is the benchmark model (big enough
+#: that graph work, not Python, dominates: vision 4 x 256, Llama 4 x 512 with grouped KV heads)
+TINY_SIZES = {
+    "tiny-llava": {},
+    "tiny-llava-medium": dict(
+        vision=dict(num_hidden_layers=4, hidden_size=256, num_attention_heads=4, intermediate_size=1024),
+        text=dict(num_hidden_layers=4, hidden_size=512, num_attention_heads=8, num_key_value_heads=4,
+                  intermediate_size=1376),
+    ),
+}
+
+
 def build_tiny_llava(seed: int = 0, **overrides):
     """(model, processor) of a random LLaVA-1.5 in miniature. Same seed -> same weights."""
     from transformers import GenerationConfig, LlavaForConditionalGeneration

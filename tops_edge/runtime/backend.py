@@ -10,6 +10,7 @@ loop allocates.
 from __future__ import annotations
 
 import os
+import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +36,9 @@ class KVLayout:
 class Session(ABC):
     input_names: list[str]
     output_names: list[str]
+    #: wall time spent inside the backend's run calls since the last reset (orchestration overhead
+    #: is a pipeline's time outside them)
+    busy_ms: float = 0.0
 
     @abstractmethod
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]: ...
@@ -46,6 +50,7 @@ class DecoderRunner(ABC):
     def __init__(self, layout: KVLayout):
         self.layout = layout
         self.length = 0  # tokens now in the cache
+        self.busy_ms = 0.0  # as Session.busy_ms
 
     @abstractmethod
     def reserve(self, capacity: int) -> None:
@@ -81,7 +86,10 @@ class OrtSession(Session):
         self.output_names = [o.name for o in sess.get_outputs()]
 
     def run(self, feeds):
-        return dict(zip(self.output_names, self.sess.run(self.output_names, feeds)))
+        t = time.perf_counter()
+        outputs = self.sess.run(self.output_names, feeds)
+        self.busy_ms += (time.perf_counter() - t) * 1e3
+        return dict(zip(self.output_names, outputs))
 
 
 class OrtDecoderRunner(DecoderRunner):
@@ -127,7 +135,9 @@ class OrtDecoderRunner(DecoderRunner):
             b.bind_input(name, self.device, 0, np.float32, [1, h, past, d], src.data_ptr())
             b.bind_output(out_name, self.device, 0, np.float32, [1, h, total, d], dst.data_ptr())
         b.bind_output("logits", "cpu", 0, np.float32, list(self.logits.shape), self.logits.ctypes.data)
+        t = time.perf_counter()
         self.sess.run_with_iobinding(b)
+        self.busy_ms += (time.perf_counter() - t) * 1e3
         self._src, self._dst = self._dst, self._src
         self.length = total
         return self.logits[0, -1]

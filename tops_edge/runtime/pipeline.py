@@ -103,6 +103,7 @@ class Pipeline:
         self.needs_instruction = self.selector is not None and "instruction_embeds" in self.selector.input_names
         self.embed = backend.session(part_path("embed"))
         self.decoder = backend.decoder(part_path("decoder"), KVLayout(dec["num_layers"], dec["num_kv_heads"], dec["head_dim"]))
+        self._parts = [p for p in (self.vision, self.selector, self.embed, self.decoder) if p is not None]
 
     @classmethod
     def load(cls, directory, backend: str = "ort", verify: str = "fast", **backend_options) -> "Pipeline":
@@ -164,6 +165,8 @@ class Pipeline:
             raise InputError(f"max_new_tokens must be a whole number >= 1, got {max_new_tokens!r}")
         check_sampling(temperature, top_p)
         keep = self.resolve_keep(keep)
+        for part in self._parts:
+            part.busy_ms = 0.0
         clock = _Timer()
         t = time.perf_counter()
         before, after = self.pre.split_ids(self.pre.prompt_text(prompt, raw=raw_prompt))
@@ -215,6 +218,7 @@ class Pipeline:
         timings = dict(clock.ms)
         timings["decode_per_token"] = timings.pop("decode", 0.0) / decode_steps if decode_steps else 0.0
         timings["total"] = sum(v for k, v in clock.ms.items())
+        timings["sessions"] = sum(part.busy_ms for part in self._parts)  # inside the backend's run calls
         return GenerationResult(
             text=self.pre.decode(token_ids),
             token_ids=token_ids,

@@ -88,16 +88,23 @@ def test_check_keep_refuses_out_of_range_or_non_integer(keep):
 
 
 def decided_without_ties(method: str, x: dict, keep: int) -> bool:
-    """True when an exact argmax (no tie tolerance) picks the same tokens as the reference."""
+    """True when no step is decided by the tie rule: the tolerant and an exact argmax pick the same
+    tokens, on the input and on the same tokens in reverse order (which flips any exact tie)."""
     from tops_edge.selector import dpp
 
-    saved = dpp.TIE_TOL
-    dpp.TIE_TOL = 0.0
-    try:
-        exact = reference(method, x, keep)
-    finally:
-        dpp.TIE_TOL = saved
-    return np.array_equal(exact, reference(method, x, keep))
+    n = x["image_features"].shape[1]
+    rev = dict(x)
+    for key in ("image_features", "vision_features", "cls_attention"):
+        rev[key] = x[key][:, ::-1].copy()
+    picks = []
+    for tol in (dpp.TIE_TOL, 0.0):
+        saved, dpp.TIE_TOL = dpp.TIE_TOL, tol
+        try:
+            picks.append(set(reference(method, x, keep)[0].tolist()))
+            picks.append({n - 1 - i for i in reference(method, rev, keep)[0].tolist()})
+        finally:
+            dpp.TIE_TOL = saved
+    return all(p == picks[0] for p in picks)
 
 
 # --- invariants as properties, on the torch reference and the ONNX form -------------------------

@@ -107,6 +107,7 @@ def run_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default: 1.0)")
     p.add_argument("--seed", type=int, default=None, help="sampling seed")
+    p.add_argument("--ignore-eos", action="store_true", help="generate exactly --max-new-tokens tokens (benchmarking)")
     p.add_argument("--backend", default="ort", choices=BACKENDS, help="inference backend (default: ort)")
     p.add_argument("--json", action="store_true", help="print one JSON object: text, token_ids, kept_indices, timings_ms, kv_cache_bytes")
     return p
@@ -119,7 +120,7 @@ def _run(argv) -> int:
     pipe = Pipeline.load(args.dir, backend=args.backend)
     options = dict(
         max_new_tokens=args.max_new_tokens, keep=args.keep, temperature=args.temperature,
-        top_p=args.top_p, seed=args.seed, raw_prompt=args.raw_prompt,
+        top_p=args.top_p, seed=args.seed, raw_prompt=args.raw_prompt, ignore_eos=args.ignore_eos,
     )
     if args.json:
         result = pipe.generate(args.image, args.prompt, **options)

@@ -85,7 +85,7 @@ def run_benchmark(directory, keeps=None, runs: int = 5, warmup: int = 1, prompt_
                   log=None) -> BenchReport:
     """Benchmark an export directory at each visual-token budget in `keeps` (default: N, then
     192/128/64 below N). Each budget runs `warmup` untimed and `runs` timed greedy generations of
-    `new_tokens` tokens (fewer if the model emits EOS; the real counts are reported) on the same
+    `new_tokens` tokens (EOS ignored, as HF's side uses min_new_tokens; the counts are reported) on the same
     image and prompt. `compare="hf"` also times the HF model the export came from (unpruned).
     `log(str)` receives progress lines. Returns a BenchReport (see report.SCHEMA)."""
     from ..runtime import Pipeline
@@ -123,7 +123,7 @@ def run_benchmark(directory, keeps=None, runs: int = 5, warmup: int = 1, prompt_
     )
     for keep in keeps:
         log(f"keep {keep}/{n}: {warmup} warmup + {runs} timed runs")
-        call = lambda: pipe.generate(picture, prompt, max_new_tokens=new_tokens, keep=keep)  # noqa: E731
+        call = lambda: pipe.generate(picture, prompt, max_new_tokens=new_tokens, keep=keep, ignore_eos=True)  # noqa: E731
         with PeakMemory() as mem:
             samples = timed_calls(call, warmup, runs)
         entry = {"keep": keep, **aggregate(samples), "peak_rss_bytes": mem.rss_bytes, "gpu_peak_bytes": mem.gpu_bytes,

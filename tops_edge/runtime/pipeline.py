@@ -115,8 +115,9 @@ class Pipeline:
     # --- public API ------------------------------------------------------------------------
     def generate(self, image, prompt: str, max_new_tokens: int = 64, keep: int | None = None,
                  temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
-                 raw_prompt: bool = False) -> GenerationResult:
-        steps = self._steps(image, prompt, max_new_tokens, keep, temperature, top_p, seed, raw_prompt)
+                 raw_prompt: bool = False, ignore_eos: bool = False) -> GenerationResult:
+        """`ignore_eos` generates exactly max_new_tokens tokens (for benchmarks at equal length)."""
+        steps = self._steps(image, prompt, max_new_tokens, keep, temperature, top_p, seed, raw_prompt, ignore_eos)
         while True:
             try:
                 next(steps)
@@ -125,8 +126,9 @@ class Pipeline:
 
     def stream(self, image, prompt: str, max_new_tokens: int = 64, keep: int | None = None,
                temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
-               raw_prompt: bool = False) -> GenerationStream:
-        return GenerationStream(self._steps(image, prompt, max_new_tokens, keep, temperature, top_p, seed, raw_prompt), self.pre)
+               raw_prompt: bool = False, ignore_eos: bool = False) -> GenerationStream:
+        steps = self._steps(image, prompt, max_new_tokens, keep, temperature, top_p, seed, raw_prompt, ignore_eos)
+        return GenerationStream(steps, self.pre)
 
     def prompt_positions(self, num_before: int, kept: np.ndarray, num_after: int) -> np.ndarray:
         """Position ids of the prefill sequence. `compact`: 0..L-1, the kept tokens renumbered
@@ -159,7 +161,7 @@ class Pipeline:
         return keep
 
     # --- the loop ----------------------------------------------------------------------------
-    def _steps(self, image, prompt, max_new_tokens, keep, temperature, top_p, seed, raw_prompt):
+    def _steps(self, image, prompt, max_new_tokens, keep, temperature, top_p, seed, raw_prompt, ignore_eos=False):
         """Yields each new token id; returns the GenerationResult."""
         if isinstance(max_new_tokens, bool) or int(max_new_tokens) != max_new_tokens or max_new_tokens < 1:
             raise InputError(f"max_new_tokens must be a whole number >= 1, got {max_new_tokens!r}")
@@ -203,7 +205,7 @@ class Pipeline:
             tok = next_token(logits, temperature, top_p, rng)
             token_ids.append(tok)
             yield tok
-            if tok in self.eos_ids:
+            if tok in self.eos_ids and not ignore_eos:
                 finish = "eos"
                 break
             if i + 1 == max_new_tokens:

@@ -19,15 +19,7 @@ from tops_edge.bench.report import write_atomic
 from tops_edge.bench.runner import build_prompt
 from tops_edge.cli import bench_main
 from tops_edge.errors import InputError
-
-
-def one_line_error(capsys, code: int) -> str:
-    err = capsys.readouterr().err
-    assert code != 0
-    assert "Traceback" not in err
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert len(lines) == 1, err
-    return lines[0]
+from cli_helpers import one_line_error
 
 
 # --- statistics ---------------------------------------------------------------------------------

@@ -13,17 +13,8 @@ import pytest
 
 from tops_edge.cli import export_main, run_main
 from tops_edge.runtime.pipeline import JSON_KEYS
+from cli_helpers import EXAMPLE, one_line_error
 
-EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "shapes.png"
-
-
-def one_line_error(capsys, code: int) -> str:
-    err = capsys.readouterr().err
-    assert code != 0
-    assert "Traceback" not in err
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert len(lines) == 1, err
-    return lines[0]
 
 
 def test_run_json_prints_exactly_the_documented_keys(tiny_uniform_dir, capsys):

@@ -4,7 +4,6 @@ HF transformers fed the same kept tokens; instruction-aware selection; the visio
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
@@ -15,8 +14,8 @@ from hf_reference import chat_text, hf_generate_from_embeds, hf_greedy_with_posi
 from tops_edge.cli import run_main
 from tops_edge.export import export_model
 from tops_edge.runtime import Pipeline
+from cli_helpers import EXAMPLE
 
-EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "shapes.png"
 NEW_TOKENS = 16
 
 

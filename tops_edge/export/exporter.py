@@ -24,7 +24,7 @@ DEFAULT_EXPORTER = "legacy"  # measured: see README "Exporter choice"
 
 def selector_part(method: str, params: dict[str, Any], layout: dict[str, Any], hidden: int, vision_width: int) -> PartSpec | None:
     """The selector graph for `method` from its registered ONNX form; None for `none`."""
-    from ..selector.onnx_forms import build_graph
+    from ..selector.onnx_graph import build_graph
 
     info = selectors.get(method)
     if not info.prunes:

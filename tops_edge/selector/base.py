@@ -31,7 +31,7 @@ class SelectorInfo:
     extra_inputs: Callable[[dict], tuple[str, ...]] = lambda params: ()
     #: torch reference: (inputs by graph name, keep, params, grid) -> [B, K] ascending indices
     reference: Callable[[dict[str, torch.Tensor], int, dict, tuple[int, int]], torch.Tensor] | None = None
-    #: ONNX form: (params, grid) -> (onnxscript function, constants for onnx_forms.build_graph)
+    #: ONNX form: (params, grid) -> (onnxscript function, constants for onnx_graph.build_graph)
     onnx_form: Callable[[dict, tuple[int, int]], tuple[Any, dict]] | None = None
 
     @property

@@ -3,7 +3,7 @@ runtime) runs them; greedy methods are one ONNX `Loop` whose trip count is the r
 
 Each form mirrors its torch reference op for op (tests check they pick the same indices). Export-time
 parameters (alpha, beta, sign, seed, grid) are graph inputs here and are frozen into initializers by
-`build_graph`, so the exported graph's inputs are only the tensors the runtime feeds.
+`onnx_graph.build_graph`, so the exported graph's inputs are only the tensors the runtime feeds.
 
 Common IO: image_features [B,N,D] float, keep [] int64 -> kept_indices [B,K] int64 ascending,
 selected_features [B,K,D].
@@ -11,17 +11,11 @@ selected_features [B,K,D].
 
 from __future__ import annotations
 
-import numpy as np
-import onnx
-import onnx.inliner
 from onnxscript import BOOL, DOUBLE, FLOAT, INT64, script
 from onnxscript import opset18 as op
 
 from .dpp import EXHAUSTED, EXHAUSTED_REL, INVALID, MINMAX_EPS, TIE_TOL
 from .scored import LEHMER_MODULUS, LEHMER_MULTIPLIER
-
-IR_VERSION = 10  # what ONNX Runtime >= 1.20 reads
-
 
 @script()
 def _row_inverse_norms(x: FLOAT["B", "N", "D"]):
@@ -197,13 +191,32 @@ def _conditional_kernel(tokens: FLOAT["B", "N", "D"], inv: FLOAT["B", "N", 1], s
     return op.Mul(op.Mul(op.Unsqueeze(w, op.Constant(value_ints=[2])), s), op.Unsqueeze(w, op.Constant(value_ints=[1])))
 
 
-# The four DPP graphs: {relevance+similarity on the projected tokens, similarity on the vision
-# features} x {greedy MAP (cdpruner, or tops with beta = 0), greedy with coverage (tops)}.
+@script()
+def _projected_kernel(image_features: FLOAT["B", "N", "D"], instruction_embeds: FLOAT["B", "M", "D"],
+                      instruction_mask: INT64["B", "M"], alpha: FLOAT, sign: FLOAT):
+    """The kernel with similarity on the projected tokens themselves, and token validity."""
+    v, inv, valid = _unit_rows(image_features)
+    kernel = _conditional_kernel(image_features, inv, v, valid, instruction_embeds, instruction_mask, alpha, sign)
+    return kernel, valid
+
+
+@script()
+def _vision_kernel(image_features: FLOAT["B", "N", "D"], instruction_embeds: FLOAT["B", "M", "D"],
+                   instruction_mask: INT64["B", "M"], vision_features: FLOAT["B", "N", "E"], alpha: FLOAT, sign: FLOAT):
+    """The kernel with similarity on the vision features (before the projector), and token validity."""
+    inv, valid_v = _row_inverse_norms(image_features)
+    f, _, valid_f = _unit_rows(vision_features)
+    valid = op.And(op.Squeeze(valid_v, op.Constant(value_ints=[-1])), valid_f)
+    kernel = _conditional_kernel(image_features, inv, f, valid, instruction_embeds, instruction_mask, alpha, sign)
+    return kernel, valid
+
+
+# The four DPP graphs: {similarity on the projected tokens, on the vision features} x {greedy MAP
+# (cdpruner, or tops with beta = 0), greedy with coverage (tops)}.
 @script()
 def dpp_map_graph(image_features: FLOAT["B", "N", "D"], keep: INT64, instruction_embeds: FLOAT["B", "M", "D"],
                   instruction_mask: INT64["B", "M"], alpha: FLOAT, sign: FLOAT):
-    v, inv, valid = _unit_rows(image_features)
-    kernel = _conditional_kernel(image_features, inv, v, valid, instruction_embeds, instruction_mask, alpha, sign)
+    kernel, valid = _projected_kernel(image_features, instruction_embeds, instruction_mask, alpha, sign)
     kept_indices = _greedy_map(kernel, valid, _budget(image_features, keep))
     selected_features = _gathered(kept_indices, image_features)
     return kept_indices, selected_features
@@ -212,8 +225,7 @@ def dpp_map_graph(image_features: FLOAT["B", "N", "D"], keep: INT64, instruction
 @script()
 def dpp_coverage_graph(image_features: FLOAT["B", "N", "D"], keep: INT64, instruction_embeds: FLOAT["B", "M", "D"],
                        instruction_mask: INT64["B", "M"], alpha: FLOAT, beta: FLOAT, sign: FLOAT):
-    v, inv, valid = _unit_rows(image_features)
-    kernel = _conditional_kernel(image_features, inv, v, valid, instruction_embeds, instruction_mask, alpha, sign)
+    kernel, valid = _projected_kernel(image_features, instruction_embeds, instruction_mask, alpha, sign)
     kept_indices = _greedy_coverage(kernel, valid, _budget(image_features, keep), beta)
     selected_features = _gathered(kept_indices, image_features)
     return kept_indices, selected_features
@@ -222,10 +234,7 @@ def dpp_coverage_graph(image_features: FLOAT["B", "N", "D"], keep: INT64, instru
 @script()
 def dpp_map_vision_graph(image_features: FLOAT["B", "N", "D"], keep: INT64, instruction_embeds: FLOAT["B", "M", "D"],
                          instruction_mask: INT64["B", "M"], vision_features: FLOAT["B", "N", "E"], alpha: FLOAT, sign: FLOAT):
-    inv, valid_v = _row_inverse_norms(image_features)
-    f, _, valid_f = _unit_rows(vision_features)
-    valid = op.And(op.Squeeze(valid_v, op.Constant(value_ints=[-1])), valid_f)
-    kernel = _conditional_kernel(image_features, inv, f, valid, instruction_embeds, instruction_mask, alpha, sign)
+    kernel, valid = _vision_kernel(image_features, instruction_embeds, instruction_mask, vision_features, alpha, sign)
     kept_indices = _greedy_map(kernel, valid, _budget(image_features, keep))
     selected_features = _gathered(kept_indices, image_features)
     return kept_indices, selected_features
@@ -235,10 +244,7 @@ def dpp_map_vision_graph(image_features: FLOAT["B", "N", "D"], keep: INT64, inst
 def dpp_coverage_vision_graph(image_features: FLOAT["B", "N", "D"], keep: INT64, instruction_embeds: FLOAT["B", "M", "D"],
                               instruction_mask: INT64["B", "M"], vision_features: FLOAT["B", "N", "E"], alpha: FLOAT,
                               beta: FLOAT, sign: FLOAT):
-    inv, valid_v = _row_inverse_norms(image_features)
-    f, _, valid_f = _unit_rows(vision_features)
-    valid = op.And(op.Squeeze(valid_v, op.Constant(value_ints=[-1])), valid_f)
-    kernel = _conditional_kernel(image_features, inv, f, valid, instruction_embeds, instruction_mask, alpha, sign)
+    kernel, valid = _vision_kernel(image_features, instruction_embeds, instruction_mask, vision_features, alpha, sign)
     kept_indices = _greedy_coverage(kernel, valid, _budget(image_features, keep), beta)
     selected_features = _gathered(kept_indices, image_features)
     return kept_indices, selected_features
@@ -336,63 +342,3 @@ def uniform_graph(image_features: FLOAT["B", "N", "D"], keep: INT64, grid_h: INT
     order = op.Expand(op.Unsqueeze(idx, op.Constant(value_ints=[0])), op.Concat(bsz, op.Shape(idx), axis=0))
     kept_indices, selected_features = _sorted_and_gathered(order, image_features)
     return kept_indices, selected_features
-
-
-_NP_DTYPES = {"float32": np.float32, "int64": np.int64}
-_ONNX_DTYPES = {"float32": onnx.TensorProto.FLOAT, "int64": onnx.TensorProto.INT64}
-
-
-def build_graph(fn, constants: dict, inputs: list, outputs: list) -> onnx.ModelProto:
-    """A self-contained selector graph from an onnxscript function: `constants` (name -> (dtype, value))
-    become initializers, inputs and outputs get the given TensorSpec types, local functions are inlined."""
-    model = fn.to_model_proto()
-    for name, (dtype, value) in constants.items():
-        keep_inputs = [i for i in model.graph.input if i.name != name]
-        if len(keep_inputs) == len(model.graph.input):
-            raise KeyError(f"{fn.name} has no input '{name}'")
-        del model.graph.input[:]
-        model.graph.input.extend(keep_inputs)
-        model.graph.initializer.append(onnx.numpy_helper.from_array(np.array(value, dtype=_NP_DTYPES[dtype]), name))
-    if [i.name for i in model.graph.input] != [spec.name for spec in inputs]:
-        raise ValueError(f"{fn.name} takes {[i.name for i in model.graph.input]}, the part declares {[x.name for x in inputs]}")
-    del model.graph.input[:]
-    model.graph.input.extend(
-        onnx.helper.make_tensor_value_info(s.name, _ONNX_DTYPES[s.dtype], list(s.shape)) for s in inputs
-    )
-    del model.graph.output[:]
-    model.graph.output.extend(
-        onnx.helper.make_tensor_value_info(s.name, _ONNX_DTYPES[s.dtype], list(s.shape)) for s in outputs
-    )
-    _align_loop_outputs(model)
-    model = onnx.inliner.inline_local_functions(model)
-    del model.functions[:]
-    model.ir_version = IR_VERSION
-    onnx.checker.check_model(model)
-    return model
-
-
-
-def _align_loop_outputs(model: onnx.ModelProto) -> None:
-    """Reorder each Loop's outputs to match its body's carried outputs, by variable name.
-
-    onnxscript 0.7 can emit a Loop whose output names are permuted against its body's carried
-    outputs (it collects them from a set, so the order changes with Python's string hashing); the
-    Loop's inputs and its body agree, so naming the outputs in the body's order is the repair.
-    """
-    import re
-
-    def base(name: str) -> str:
-        return re.sub(r"(_\d+)?(__\d+)?$", "", name)
-
-    for graph in [model.graph, *model.functions]:
-        for node in graph.node:
-            if node.op_type != "Loop":
-                continue
-            body = next(a.g for a in node.attribute if a.name == "body")
-            carried = [base(o.name) for o in body.output[1:]]
-            by_name = {base(o): o for o in node.output}
-            if sorted(by_name) != sorted(carried) or len(by_name) != len(carried):
-                raise ValueError(f"cannot align Loop outputs {list(node.output)} with its body's {carried}")
-            aligned = [by_name[name] for name in carried]
-            del node.output[:]
-            node.output.extend(aligned)

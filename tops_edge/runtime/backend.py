@@ -206,10 +206,6 @@ class OrtBackend(Backend):
         device = "cuda" if "CUDAExecutionProvider" in sess.get_providers() else "cpu"
         return OrtDecoderRunner(sess, layout, device)
 
-    @property
-    def device(self) -> str:
-        return "cuda" if "CUDAExecutionProvider" in self.providers else "cpu"
-
 
 def get_backend(name: str, **options) -> Backend:
     if name == "ort":

@@ -60,7 +60,7 @@ def main(argv=None) -> int:
     rows = []
     for n, k in CASES:
         side = int(round(n**0.5))
-        layout = {"tokens_per_image": n, "grid": [side, side] if side * side == n else [1, n]}
+        layout = {"layout": "single", "tokens_per_crop": n, "grid": [side, side] if side * side == n else [1, n]}
         feeds = {
             "image_features": rng.standard_normal((1, n, D), dtype=np.float32),
             "vision_features": rng.standard_normal((1, n, E), dtype=np.float32),

@@ -120,7 +120,7 @@ def test_run_not_an_export_directory_fails_with_one_line(tmp_path, capsys):
         (["--model", "no-such-model"], "unknown model"),
         (["--model", "llava-v1.5-7b"], "llava-hf/llava-1.5-7b-hf"),  # alias -> hub id, not cached here
         (["--model", "tiny-llava", "--selector", "uniform", "--keep", "9999"], "out of range"),
-        (["--model", "tiny-llava", "--keep", "64"], "--selector none keeps all"),
+        (["--model", "tiny-llava", "--keep", "64"], "--selector none keeps every"),
         (["--model", "tiny-llava", "--selector", "uniform", "--keep", "0"], "out of range"),
         (["--model", "tiny-llava", "--selector", "magic"], "invalid choice"),
         (["--model", "tiny-llava", "--precision", "int3"], "invalid choice"),

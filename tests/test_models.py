@@ -12,7 +12,7 @@ from tops_edge.models.tiny import build_tiny_llava
 def test_tiny_llava_is_deterministic_and_has_llava15_shapes():
     a, b = load("tiny-llava"), load("tiny-llava")
     layout = a.visual_layout()
-    assert layout["tokens_per_image"] == 576 and layout["grid"] == [24, 24]
+    assert layout["tokens_per_crop"] == 576 and layout["layout"] == "single" and layout["grid"] == [24, 24]
     assert a.num_kv_heads < a.text_config.num_attention_heads  # grouped KV heads
     for (name, pa), (_, pb) in zip(a.model.state_dict().items(), b.model.state_dict().items()):
         assert pa.equal(pb), name

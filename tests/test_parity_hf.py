@@ -51,7 +51,7 @@ def test_local_checkpoint_with_other_config_matches_hf(tmp_path, images):
     processor.save_pretrained(ckpt)
 
     adapter = load(str(ckpt))
-    assert adapter.visual_layout()["tokens_per_image"] == 197
+    assert adapter.visual_layout()["tokens_per_crop"] == 197
     out = export_model(str(ckpt), tmp_path / "export", progress=False)
     pipe = Pipeline.load(out)
     reloaded = type(model).from_pretrained(ckpt).eval()

@@ -59,7 +59,7 @@ def reference(method: str, x: dict, keep: int, params: dict | None = None) -> np
 @functools.lru_cache(maxsize=None)
 def _session(method: str, n: int, hidden: int, vision: int, params: tuple) -> ort.InferenceSession:
     info = selector.get(method)
-    layout = {"tokens_per_image": n, "grid": list(grid_for(n))}
+    layout = {"layout": "single", "tokens_per_crop": n, "grid": list(grid_for(n))}
     part = selector_part(method, info.resolve_params(dict(params)), layout, hidden, vision)
     return ort.InferenceSession(part.onnx_model().SerializeToString(), providers=["CPUExecutionProvider"])
 
@@ -67,7 +67,8 @@ def _session(method: str, n: int, hidden: int, vision: int, params: tuple) -> or
 def onnx_select(method: str, x: dict, keep: int, params: dict | None = None) -> tuple[np.ndarray, np.ndarray]:
     _, n, hidden = x["image_features"].shape
     sess = _session(method, n, hidden, x["vision_features"].shape[-1], tuple(sorted((params or {}).items())))
-    feeds = dict(x, keep=np.array(keep, dtype=np.int64))
+    gh, gw = grid_for(n)
+    feeds = dict(x, keep=np.array(keep, dtype=np.int64), grid_h=np.array(gh), grid_w=np.array(gw))
     idx, sel = sess.run(None, {i.name: feeds[i.name] for i in sess.get_inputs()})
     return idx, sel
 

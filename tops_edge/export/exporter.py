@@ -6,12 +6,14 @@ import platform
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from .. import __version__, selector as selectors
 from ..errors import ExportError, InputError
 from ..models import ModelAdapter, PartSpec, TensorSpec, load
 from ..models.base import config_sha256
+from ..runtime.layout import BUDGETS
 from .atomic import staged_directory
 from .manifest import SCHEMA_VERSION, file_record, write_manifest
 from .onnx_export import EXPORTERS, export_part, opset_default
@@ -23,19 +25,25 @@ DEFAULT_EXPORTER = "legacy"  # measured: see README "Exporter choice"
 
 
 def selector_part(method: str, params: dict[str, Any], layout: dict[str, Any], hidden: int, vision_width: int) -> PartSpec | None:
-    """The selector graph for `method` from its registered ONNX form; None for `none`."""
+    """The selector graph for `method` from its registered ONNX form; None for `none`.
+
+    The graph selects within one segment: a whole image (`single` layout, N fixed) or one crop or the
+    whole of an anyres image (N dynamic). Spatial methods get the segment's grid as inputs.
+    """
     from ..selector.onnx_graph import build_graph
 
     info = selectors.get(method)
     if not info.prunes:
         return None
-    n = layout["tokens_per_image"]
-    grid = selectors.token_grid(layout["grid"], n)
+    n = layout["tokens_per_crop"] if layout.get("layout", "single") == "single" else "tokens"
+    grid = selectors.token_grid(layout["grid"], n) if isinstance(n, int) else (1, n)
     available = {
         "instruction_embeds": TensorSpec("instruction_embeds", "float32", ("num_images", "instruction", hidden)),
         "instruction_mask": TensorSpec("instruction_mask", "int64", ("num_images", "instruction")),
         "vision_features": TensorSpec("vision_features", "float32", ("num_images", n, vision_width)),
         "cls_attention": TensorSpec("cls_attention", "float32", ("num_images", n)),
+        "grid_h": TensorSpec("grid_h", "int64", ()),
+        "grid_w": TensorSpec("grid_w", "int64", ()),
     }
     inputs = [
         TensorSpec("image_features", "float32", ("num_images", n, hidden)),
@@ -56,6 +64,8 @@ def export_model(
     out: str | Path,
     selector: str = "none",
     keep: int | None = None,
+    keep_ratio: float | None = None,
+    budget: str = "proportional",
     precision: str = "fp32",
     target: str = "ort",
     exporter: str = DEFAULT_EXPORTER,
@@ -66,14 +76,21 @@ def export_model(
 ) -> Path:
     """Export MODEL into OUT. Returns OUT. A failure leaves an existing OUT untouched.
 
-    `keep` is the default budget recorded in the manifest (the runtime may change it per call);
-    None means every visual token. `selector_params` override the method's defaults (e.g. alpha,
+    `keep` (tokens) or `keep_ratio` (a fraction of each image's tokens) is the default budget
+    recorded in the manifest (the runtime may change it per call); neither means every visual token.
+    `budget` splits it over an anyres image's crops: `proportional` (per crop, in proportion to its
+    tokens) or `global` (one selection over the whole image). `selector_params` override the method's defaults (e.g. alpha,
     beta, relevance_sign, similarity for tops; seed for random).
     """
     _check_choice("precision", precision, PRECISIONS, later="--precision fp16/int8 come with INT8/FP16 builds (calib)")
     _check_choice("target", target, TARGETS, later="--target trt needs the TensorRT build step")
     _check_choice("positions", positions, POSITIONS)
     _check_choice("exporter", exporter, EXPORTERS)
+    _check_choice("budget", budget, BUDGETS)
+    if keep is not None and keep_ratio is not None:
+        raise InputError("pass --keep or --keep-ratio, not both")
+    if keep_ratio is not None:
+        selectors.check_keep_ratio(keep_ratio)
     info = selectors.get(selector)
     params = info.resolve_params(selector_params)
     info.extra_inputs(params)  # validates choices such as `similarity` before any work
@@ -87,12 +104,13 @@ def export_model(
         adapter = model if isinstance(model, ModelAdapter) else load(model)
         steps.update()
         layout = adapter.visual_layout()
-        n = layout["tokens_per_image"]
+        n = layout["max_selectable"]
         if not info.prunes:
-            if keep not in (None, n):
-                raise InputError(f"--selector none keeps all {n} visual tokens; pass a --selector to export a budget")
-            keep = n
-        keep = selectors.check_keep(n if keep is None else keep, n)
+            if keep not in (None, n) or keep_ratio not in (None, 1.0):
+                raise InputError("--selector none keeps every visual token; pass a --selector to export a budget")
+            keep, keep_ratio = None, None
+        elif keep is not None:
+            keep = selectors.check_keep(keep, n)
         parts = adapter.parts(cls_attention="cls_attention" in info.extra_inputs(params))
         vision_width = next(o for o in parts[0].outputs if o.name == "vision_features").shape[-1]
         sel = selector_part(selector, params, layout, adapter.hidden_size, vision_width)
@@ -114,7 +132,13 @@ def export_model(
                 steps.update()
             steps.set_postfix_str("writing preprocessing + manifest")
             adapter.save_preprocessing(stage)
-            manifest = _manifest(adapter, layout, records, selector, params, keep, precision, opset, exporter, positions)
+            arrays = {}
+            for name, array in adapter.layout_arrays().items():
+                np.save(stage / f"{name}.npy", np.ascontiguousarray(array, dtype=np.float32))
+                arrays[name] = file_record(stage, f"{name}.npy")
+            budget_spec = {"default_keep": keep, "default_keep_ratio": keep_ratio, "budget": budget}
+            manifest = _manifest(adapter, layout, records, arrays, selector, params, budget_spec, precision, opset,
+                                 exporter, positions)
             write_manifest(stage, manifest)
             steps.update()
     finally:
@@ -128,7 +152,8 @@ def _check_choice(flag: str, value: str, allowed, later: str = "") -> None:
         raise InputError(f"--{flag} {value} is not available in this version; choose {', '.join(allowed)}{hint}")
 
 
-def _manifest(adapter, layout, records, selector, params, keep, precision, opset, exporter, positions) -> dict[str, Any]:
+def _manifest(adapter, layout, records, arrays, selector, params, budget_spec, precision, opset, exporter,
+              positions) -> dict[str, Any]:
     import onnx
     import transformers
 
@@ -149,7 +174,7 @@ def _manifest(adapter, layout, records, selector, params, keep, precision, opset
             "config_sha256": config_sha256(adapter.config),
         },
         "visual": layout,
-        "selector": {"method": selector, "params": params, "default_keep": keep, "positions": positions},
+        "selector": {"method": selector, "params": params, **budget_spec, "positions": positions},
         "decoder": {
             "num_layers": adapter.num_layers,
             "num_kv_heads": adapter.num_kv_heads,
@@ -162,6 +187,7 @@ def _manifest(adapter, layout, records, selector, params, keep, precision, opset
             "logits": "last_position",
         },
         "parts": records,
+        "arrays": arrays,
         "precision": precision,
         "opset": opset,
         "exporter": exporter,

@@ -14,7 +14,7 @@ from typing import Any
 
 from ..errors import ManifestError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: visual layouts (single | anyres), arrays, keep ratio and budget split
 MANIFEST_NAME = "manifest.json"
 
 # key -> type the loader insists on; nested parts are checked separately
@@ -26,13 +26,15 @@ _REQUIRED = {
     "selector": dict,
     "decoder": dict,
     "parts": dict,
+    "arrays": dict,
     "precision": str,
     "opset": int,
     "exporter": str,
     "tools": dict,
 }
 _REQUIRED_PARTS = ("vision", "embed", "decoder")
-_REQUIRED_VISUAL = ("tokens_per_image", "grid", "image_token_id")
+_REQUIRED_VISUAL = ("layout", "tokens_per_crop", "max_tokens", "max_selectable", "grid", "image_token_id")
+_REQUIRED_SELECTOR = ("method", "params", "default_keep", "default_keep_ratio", "budget", "positions")
 _REQUIRED_DECODER = ("num_layers", "num_kv_heads", "head_dim", "hidden_size", "vocab_size", "max_context", "eos_token_ids")
 
 
@@ -86,6 +88,7 @@ def load_manifest(directory: str | os.PathLike, verify: str = "fast") -> dict[st
             raise ManifestError(f"{path}: field '{key}' is missing or not a {typ.__name__}")
     _require(path, "visual", manifest["visual"], _REQUIRED_VISUAL)
     _require(path, "decoder", manifest["decoder"], _REQUIRED_DECODER)
+    _require(path, "selector", manifest["selector"], _REQUIRED_SELECTOR)
     parts = manifest["parts"]
     for name in _REQUIRED_PARTS:
         if name not in parts:
@@ -93,6 +96,8 @@ def load_manifest(directory: str | os.PathLike, verify: str = "fast") -> dict[st
     if verify != "none":
         for name, part in parts.items():
             _verify_part(directory, name, part, full=(verify == "full"))
+        for name, record in manifest["arrays"].items():  # small: always hashed
+            _verify_part(directory, name, {"files": [record]}, full=True)
     return manifest
 
 

@@ -12,8 +12,9 @@ from pathlib import Path
 from ..errors import ModelNotFoundError, UnsupportedModelError
 from .base import ModelAdapter, PartSpec, TensorSpec
 from .llava import LlavaAdapter
+from .llava_next import LlavaNextAdapter
 
-ADAPTERS: tuple[type[ModelAdapter], ...] = (LlavaAdapter,)
+ADAPTERS: tuple[type[ModelAdapter], ...] = (LlavaAdapter, LlavaNextAdapter)
 
 
 def builtin_models() -> list[str]:

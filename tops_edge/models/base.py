@@ -213,6 +213,11 @@ class ModelAdapter(ABC):
             example_inputs=lambda: (torch.tensor([[1, 2, 3]], dtype=torch.int64),),
         )
 
+    def layout_arrays(self) -> dict[str, Any]:
+        """Arrays the runtime's visual layout needs beside the graphs (name -> numpy array), e.g.
+        LLaVA-NeXT's learned image_newline vector. Saved as NAME.npy and hashed in the manifest."""
+        return {}
+
     def save_preprocessing(self, out_dir) -> None:
         """Tokenizer, image processor and chat template, in HF format, beside the graphs."""
         self.processor.save_pretrained(str(out_dir))

@@ -85,6 +85,8 @@ class LlavaAdapter(ModelAdapter):
         "llava-1.5-13b": "llava-hf/llava-1.5-13b-hf",
     }
     tiny_names = ("tiny-llava", "tiny-llava-medium")
+    #: the vision graph's batch dimension: images here, crops of one image for anyres
+    crops_dim = "num_images"
 
     @classmethod
     def hf_model_class(cls):
@@ -105,13 +107,17 @@ class LlavaAdapter(ModelAdapter):
         return self.config.vision_config
 
     def visual_layout(self) -> dict[str, Any]:
+        """The manifest's `visual` section: the `single` layout (runtime/layout.py)."""
         vc = self.vision_config
         side = vc.image_size // vc.patch_size
         n = side * side
         if self.config.vision_feature_select_strategy == "full":
             n += 1  # the [CLS] token stays in the sequence
         return {
-            "tokens_per_image": n,
+            "layout": "single",
+            "tokens_per_crop": n,
+            "max_tokens": n,
+            "max_selectable": n,
             "grid": [side, side],
             "image_size": [vc.image_size, vc.image_size],
             "image_token_id": int(self.config.image_token_id),
@@ -123,18 +129,18 @@ class LlavaAdapter(ModelAdapter):
         """vision, embed, decoder. `cls_attention` adds that output to the vision part (attention selector)."""
         cfg = self.config
         vc = self.vision_config
-        n = self.visual_layout()["tokens_per_image"]
+        n = self.visual_layout()["tokens_per_crop"]
         vision_width = vc.hidden_size * (1 if isinstance(cfg.vision_feature_layer, int) else len(cfg.vision_feature_layer))
         outputs = [
-            TensorSpec("image_features", "float32", ("num_images", n, self.hidden_size)),
-            TensorSpec("vision_features", "float32", ("num_images", n, vision_width)),
+            TensorSpec("image_features", "float32", (self.crops_dim, n, self.hidden_size)),
+            TensorSpec("vision_features", "float32", (self.crops_dim, n, vision_width)),
         ]
         if cls_attention:
-            outputs.append(TensorSpec("cls_attention", "float32", ("num_images", n)))
+            outputs.append(TensorSpec("cls_attention", "float32", (self.crops_dim, n)))
         vision = PartSpec(
             name="vision",
             module=LlavaVision(self.model.model, cfg.vision_feature_layer, cfg.vision_feature_select_strategy, cls_attention),
-            inputs=[TensorSpec("pixel_values", "float32", ("num_images", vc.num_channels, vc.image_size, vc.image_size))],
+            inputs=[TensorSpec("pixel_values", "float32", (self.crops_dim, vc.num_channels, vc.image_size, vc.image_size))],
             outputs=outputs,
             example_inputs=lambda: (torch.randn(1, vc.num_channels, vc.image_size, vc.image_size),),
         )

@@ -25,7 +25,7 @@ LLAVA_CHAT_TEMPLATE = (
 )
 
 
-def build_byte_tokenizer():
+def build_byte_tokenizer(model_max_length: int = 2048):
     """A byte-level BPE tokenizer with no merges: every UTF-8 byte is a token, plus the specials.
 
     Deterministic, covers any text, needs no training data; BOS is added like Llama's tokenizer.
@@ -50,15 +50,17 @@ def build_byte_tokenizer():
         eos_token="</s>",
         pad_token="<pad>",
         extra_special_tokens={"image_token": IMAGE_TOKEN},
-        model_max_length=2048,
+        model_max_length=model_max_length,
     )
     fast.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
     fast.chat_template = LLAVA_CHAT_TEMPLATE
     return fast
 
 
-def tiny_llava_config(tokenizer, **overrides):
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
+def tiny_llava_config(tokenizer, next_config: bool = False, **overrides):
+    """A LlavaConfig (or LlavaNextConfig with `next_config`) with tiny sizes, updated by `overrides`
+    (`vision=`/`text=` dicts update the sub-configs)."""
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaNextConfig
 
     vision = dict(
         image_size=336, patch_size=14, hidden_size=32, intermediate_size=64,
@@ -83,17 +85,31 @@ def tiny_llava_config(tokenizer, **overrides):
         projector_hidden_act="gelu",
         pad_token_id=tokenizer.pad_token_id,
     )
+    if next_config:
+        cfg["image_grid_pinpoints"] = [list(p) for p in NEXT_PINPOINTS]
+        cfg["image_seq_length"] = (vision["image_size"] // vision["patch_size"]) ** 2
     cfg.update(overrides)
-    return LlavaConfig(**cfg)
+    return (LlavaNextConfig if next_config else LlavaConfig)(**cfg)
 
 
-def build_processor(tokenizer, image_size: int, patch_size: int, strategy: str):
-    from transformers import LlavaProcessor
+def build_processor(tokenizer, image_size: int, patch_size: int, strategy: str, pinpoints=None):
+    """LLaVA-1.5's processor, or LLaVA-NeXT's anyres one when `pinpoints` (the grid resolutions) are given."""
+    from transformers import LlavaNextProcessor, LlavaProcessor
     from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+    from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
 
-    image_processor = CLIPImageProcessorPil(
-        size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
-    )
+    sizes = dict(size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size})
+    if pinpoints is not None:
+        return LlavaNextProcessor(
+            image_processor=LlavaNextImageProcessorPil(image_grid_pinpoints=[list(p) for p in pinpoints], **sizes),
+            tokenizer=tokenizer,
+            patch_size=patch_size,
+            vision_feature_select_strategy=strategy,
+            num_additional_image_tokens=1,
+            image_token=IMAGE_TOKEN,
+            chat_template=LLAVA_CHAT_TEMPLATE,
+        )
+    image_processor = CLIPImageProcessorPil(**sizes)
     return LlavaProcessor(
         image_processor=image_processor,
         tokenizer=tokenizer,
@@ -117,19 +133,29 @@ TINY_SIZES = {
 }
 
 
-def build_tiny_llava(seed: int = 0, **overrides):
-    """(model, processor) of a random LLaVA-1.5 in miniature. Same seed -> same weights."""
-    from transformers import GenerationConfig, LlavaForConditionalGeneration
+#: LLaVA-NeXT's default anyres resolutions (llava-v1.6), (height, width) in pixels
+NEXT_PINPOINTS = ((336, 672), (672, 336), (672, 672), (1008, 336), (336, 1008))
 
-    tokenizer = build_byte_tokenizer()
-    config = tiny_llava_config(tokenizer, **overrides)
+#: the built-in LLaVA-NeXT: a context long enough for 5 crops unpruned (up to 2928 visual tokens)
+TINY_NEXT_SIZES = {"tiny-llava-next": dict(text=dict(max_position_embeddings=4096))}
+
+
+def build_tiny_llava(seed: int = 0, next_config: bool = False, **overrides):
+    """(model, processor) of a random LLaVA-1.5 (or LLaVA-NeXT) in miniature. Same seed -> same weights."""
+    from transformers import GenerationConfig, LlavaForConditionalGeneration, LlavaNextForConditionalGeneration
+
+    context = overrides.get("text", {}).get("max_position_embeddings", 2048)
+    tokenizer = build_byte_tokenizer(model_max_length=context)
+    config = tiny_llava_config(tokenizer, next_config=next_config, **overrides)
+    model_class = LlavaNextForConditionalGeneration if next_config else LlavaForConditionalGeneration
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = LlavaForConditionalGeneration(config).eval()
+        model = model_class(config).eval()
     model.generation_config = GenerationConfig(
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
     vc = config.vision_config
-    processor = build_processor(tokenizer, vc.image_size, vc.patch_size, config.vision_feature_select_strategy)
+    pinpoints = getattr(config, "image_grid_pinpoints", None) if next_config else None
+    processor = build_processor(tokenizer, vc.image_size, vc.patch_size, config.vision_feature_select_strategy, pinpoints)
     return model, processor

@@ -17,23 +17,26 @@ import numpy as np
 
 from ..errors import ContextLengthError, InputError
 from ..export.manifest import load_manifest
-from ..selector.base import check_keep
+from ..selector.base import check_keep, keep_from_ratio
 from .backend import KVLayout, get_backend
+from .layout import BUDGETS, TokenMap, layout_for, split_budget
 from .preprocess import Preprocessor
 from .sampling import check_sampling, next_token
 
-JSON_KEYS = ("text", "token_ids", "kept_indices", "timings_ms", "kv_cache_bytes")
+JSON_KEYS = ("text", "token_ids", "kept_indices", "timings_ms", "kv_cache_bytes", "num_visual_tokens", "keep")
 
 
 @dataclass
 class GenerationResult:
     text: str
     token_ids: list[int]  # new tokens only
-    kept_indices: list[int]  # indices into the image's visual tokens, ascending
+    kept_indices: list[int]  # positions in the image's visual-token sequence, ascending (newlines included)
     timings_ms: dict[str, float]
     kv_cache_bytes: int  # KV entries held at the end: prompt (with kept visual tokens) + fed new tokens
     prompt_tokens: int = 0  # prefill length, visual tokens included
     finish_reason: str = "length"  # "eos" or "length"
+    num_visual_tokens: int = 0  # the image's visual tokens before pruning (LLaVA-NeXT: varies per image)
+    keep: int = 0  # the budget K used (selectable tokens kept; NeXT's newlines come on top)
 
     def to_json(self) -> dict:
         return {k: v for k, v in asdict(self).items() if k in JSON_KEYS}
@@ -89,14 +92,20 @@ class Pipeline:
         self.manifest = manifest
         self.backend = backend
         parts = manifest["parts"]
-        visual, dec = manifest["visual"], manifest["decoder"]
-        self.num_visual_tokens = int(visual["tokens_per_image"])
-        self.selector_method = manifest["selector"]["method"]
-        self.default_keep = int(manifest["selector"]["default_keep"])
-        self.positions = manifest["selector"]["positions"]
+        visual, dec, sel = manifest["visual"], manifest["decoder"], manifest["selector"]
+        self.layout = layout_for(visual)
+        #: visual tokens a selector chooses among in the longest image sequence (every image for `single`)
+        self.max_selectable = int(visual["max_selectable"])
+        self.selector_method = sel["method"]
+        self.default_keep = sel["default_keep"]
+        self.default_keep_ratio = sel["default_keep_ratio"]
+        self.budget = sel["budget"]
+        self.positions = sel["positions"]
         self.max_context = int(dec["max_context"])
         self.eos_ids = set(dec["eos_token_ids"])
         self.pre = Preprocessor(directory, int(visual["image_token_id"]))
+        arrays = manifest.get("arrays", {})
+        self.image_newline = np.load(directory / arrays["image_newline"]["path"]) if "image_newline" in arrays else None
         part_path = lambda name: directory / parts[name]["files"][0]["path"]  # noqa: E731
         self.vision = backend.session(part_path("vision"))
         self.selector = backend.session(part_path("selector")) if "selector" in parts else None
@@ -112,12 +121,32 @@ class Pipeline:
         manifest = load_manifest(directory, verify=verify)
         return cls(directory, manifest, get_backend(backend, **backend_options))
 
+    @property
+    def num_visual_tokens(self) -> int:
+        """Visual tokens per image for a `single` layout; the most any image can have for `anyres`
+        (use `visual_tokens(image)` for one image's count)."""
+        return int(self.manifest["visual"]["max_tokens"])
+
+    def visual_tokens(self, image) -> tuple[int, int]:
+        """(selectable, total) visual tokens of IMAGE: a budget K is taken from the selectable ones;
+        the total adds tokens that are always kept (LLaVA-NeXT's row newlines)."""
+        if self.layout.name == "single":
+            n = self.layout.tokens_per_crop
+            return n, n
+        token_map = self.layout.token_map(self.pre.image_inputs(image)[1])
+        return token_map.selectable, len(token_map)
+
     # --- public API ------------------------------------------------------------------------
     def generate(self, image, prompt: str, max_new_tokens: int = 64, keep: int | None = None,
                  temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
-                 raw_prompt: bool = False, ignore_eos: bool = False) -> GenerationResult:
-        """`ignore_eos` generates exactly max_new_tokens tokens (for benchmarks at equal length)."""
-        steps = self._steps(image, prompt, max_new_tokens, keep, temperature, top_p, seed, raw_prompt, ignore_eos)
+                 raw_prompt: bool = False, ignore_eos: bool = False, keep_ratio: float | None = None,
+                 budget: str | None = None) -> GenerationResult:
+        """Answer PROMPT about IMAGE. The visual-token budget is `keep` tokens or `keep_ratio` of the
+        image's tokens (default: the export's); `budget` splits it over an anyres image's crops
+        (`proportional` or `global`; default: the export's). `ignore_eos` generates exactly
+        max_new_tokens tokens (for benchmarks at equal length)."""
+        steps = self._steps(image, prompt, max_new_tokens, keep, temperature, top_p, seed, raw_prompt, ignore_eos,
+                            keep_ratio, budget)
         while True:
             try:
                 next(steps)
@@ -126,72 +155,127 @@ class Pipeline:
 
     def stream(self, image, prompt: str, max_new_tokens: int = 64, keep: int | None = None,
                temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
-               raw_prompt: bool = False, ignore_eos: bool = False) -> GenerationStream:
-        steps = self._steps(image, prompt, max_new_tokens, keep, temperature, top_p, seed, raw_prompt, ignore_eos)
+               raw_prompt: bool = False, ignore_eos: bool = False, keep_ratio: float | None = None,
+               budget: str | None = None) -> GenerationStream:
+        steps = self._steps(image, prompt, max_new_tokens, keep, temperature, top_p, seed, raw_prompt, ignore_eos,
+                            keep_ratio, budget)
         return GenerationStream(steps, self.pre)
 
-    def prompt_positions(self, num_before: int, kept: np.ndarray, num_after: int) -> np.ndarray:
+    def prompt_positions(self, num_before: int, kept: np.ndarray, num_after: int, num_visual: int) -> np.ndarray:
         """Position ids of the prefill sequence. `compact`: 0..L-1, the kept tokens renumbered
-        contiguously. `original`: every token keeps the position it had in the unpruned sequence, so
-        the text after the image (and decoding) resumes at the unpruned length."""
+        contiguously. `original`: every token keeps the position it had in the unpruned sequence (of
+        `num_visual` visual tokens), so the text after the image (and decoding) resumes at the
+        unpruned length."""
         if self.positions == "compact":
             return np.arange(num_before + len(kept) + num_after, dtype=np.int64)
-        after_start = num_before + self.num_visual_tokens
+        after_start = num_before + num_visual
         return np.concatenate([
             np.arange(num_before), num_before + np.asarray(kept), np.arange(after_start, after_start + num_after),
         ]).astype(np.int64)
 
-    def _select(self, vision: dict, instruction: np.ndarray | None, keep: int):
-        """(kept indices [K], selected features [1,K,D]); K = N skips the selector (the identity)."""
-        features = vision["image_features"]
-        if self.selector is None or keep >= self.num_visual_tokens:
-            return np.arange(self.num_visual_tokens), features
-        available = dict(vision, keep=np.array(keep, dtype=np.int64))
-        if instruction is not None:
-            available["instruction_embeds"] = self.embed.run({"input_ids": instruction[None]})["inputs_embeds"]
-            available["instruction_mask"] = np.ones((1, len(instruction)), dtype=np.int64)
-        out = self.selector.run({name: available[name] for name in self.selector.input_names})
-        return out["kept_indices"][0], out["selected_features"]
+    def resolve_keep(self, keep: int | None, num_tokens: int | None = None, keep_ratio: float | None = None) -> int:
+        """The budget K for an image of `num_tokens` selectable visual tokens (default: the most)."""
+        n = self.max_selectable if num_tokens is None else num_tokens
+        if keep is not None and keep_ratio is not None:
+            raise InputError("pass keep or keep_ratio, not both")
+        if self.selector is None:
+            if (keep is not None and keep != n) or (keep_ratio is not None and keep_ratio != 1.0):
+                raise InputError(
+                    f"this export has no selector (--selector none): it keeps all {n} visual tokens; re-export with --selector"
+                )
+            return n
+        if keep is not None:
+            owner = "this model has {n} visual tokens per image" if self.layout.name == "single" else \
+                "this image has {n} visual tokens to choose from (LLaVA-NeXT: the count depends on the image size)"
+            return check_keep(keep, n, owner)
+        if keep_ratio is not None:
+            return keep_from_ratio(keep_ratio, n)
+        if self.default_keep_ratio is not None:
+            return keep_from_ratio(self.default_keep_ratio, n)
+        return n if self.default_keep is None else min(int(self.default_keep), n)
 
-    def resolve_keep(self, keep: int | None) -> int:
-        n = self.num_visual_tokens
-        keep = self.default_keep if keep is None else check_keep(keep, n)
-        if self.selector is None and keep != n:
-            raise InputError(f"this export has no selector (--selector none): it keeps all {n} visual tokens; re-export with --selector")
-        return keep
+    def resolve_budget(self, budget: str | None) -> str:
+        budget = self.budget if budget is None else budget
+        if budget not in BUDGETS:
+            raise InputError(f"budget '{budget}' is not one of: {', '.join(BUDGETS)}")
+        return budget
+
+    # --- stages --------------------------------------------------------------------------------
+    def _select(self, vision: dict, token_map: TokenMap, instruction: np.ndarray | None, keep: int, budget: str):
+        """Kept positions in the image's visual sequence (ascending; tokens that no selector sees,
+        such as NeXT's newlines, always kept) and the sequence's features [T, D]."""
+        features = token_map.gather(vision["image_features"], self.image_newline)
+        if self.selector is None or keep >= token_map.selectable:
+            return np.arange(len(token_map)), features
+        gathered = {"image_features": features}
+        for name in ("vision_features", "cls_attention"):
+            if name in self.selector.input_names:
+                gathered[name] = token_map.gather(vision[name])
+        common = {}
+        if instruction is not None:
+            common["instruction_embeds"] = self.embed.run({"input_ids": instruction[None]})["inputs_embeds"]
+            common["instruction_mask"] = np.ones((1, len(instruction)), dtype=np.int64)
+        if budget == "global" or len(token_map.grids) == 1:
+            members = [np.flatnonzero(token_map.segment >= 0)]
+            grids = [token_map.grids[0] if len(token_map.grids) == 1 else (1, len(members[0]))]
+        else:
+            members = [np.flatnonzero(token_map.segment == s) for s in range(len(token_map.grids))]
+            grids = list(token_map.grids)
+        shares = split_budget(keep, [len(m) for m in members])
+        kept = [token_map.newlines]
+        for idx, share, grid in zip(members, shares, grids):
+            if share >= len(idx):
+                kept.append(idx)
+            elif share > 0:
+                feeds = dict(common, keep=np.array(share, dtype=np.int64),
+                             grid_h=np.array(grid[0], dtype=np.int64), grid_w=np.array(grid[1], dtype=np.int64))
+                for name, value in gathered.items():
+                    feeds[name] = value[idx][None]
+                out = self.selector.run({name: feeds[name] for name in self.selector.input_names})
+                kept.append(idx[out["kept_indices"][0]])
+        return np.sort(np.concatenate(kept)).astype(np.int64), features
 
     # --- the loop ----------------------------------------------------------------------------
-    def _steps(self, image, prompt, max_new_tokens, keep, temperature, top_p, seed, raw_prompt, ignore_eos=False):
+    def _steps(self, image, prompt, max_new_tokens, keep, temperature, top_p, seed, raw_prompt, ignore_eos=False,
+               keep_ratio=None, budget=None):
         """Yields each new token id; returns the GenerationResult."""
         if isinstance(max_new_tokens, bool) or int(max_new_tokens) != max_new_tokens or max_new_tokens < 1:
             raise InputError(f"max_new_tokens must be a whole number >= 1, got {max_new_tokens!r}")
         check_sampling(temperature, top_p)
-        keep = self.resolve_keep(keep)
+        budget = self.resolve_budget(budget)
+        if keep is not None:  # fail before any work on a budget no image can take
+            check_keep(keep, self.max_selectable, "this model has at most {n} visual tokens per image")
         for part in self._parts:
             part.busy_ms = 0.0
         clock = _Timer()
         t = time.perf_counter()
         before, after = self.pre.split_ids(self.pre.prompt_text(prompt, raw=raw_prompt))
-        prompt_len = len(before) + keep + len(after)
+        pixels, image_size = self.pre.image_inputs(image)
+        token_map = self.layout.token_map(image_size)
+        keep = self.resolve_keep(keep, token_map.selectable, keep_ratio)
+        num_visual = len(token_map)
+        kept_len = keep + len(token_map.newlines) if keep < token_map.selectable else num_visual
+        prompt_len = len(before) + kept_len + len(after)
         # with `original` positions the ids run to the unpruned length, whatever K is
-        span = prompt_len if self.positions == "compact" else prompt_len - keep + self.num_visual_tokens
+        span = prompt_len if self.positions == "compact" else len(before) + num_visual + len(after)
         if span + max_new_tokens > self.max_context:
             raise ContextLengthError(
-                f"prompt ({span} positions, {keep} visual tokens kept) + {max_new_tokens} new tokens exceeds the "
-                f"model's context of {self.max_context}; lower --max-new-tokens" + (" or --keep" if span == prompt_len else "")
+                f"prompt ({span} positions, {kept_len} of {num_visual} visual tokens kept) + {max_new_tokens} new tokens "
+                f"exceeds the model's context of {self.max_context}; lower --max-new-tokens"
+                + (" or --keep" if span == prompt_len and self.selector is not None else "")
             )
-        pixels = self.pre.pixel_values(image)
         instruction = self.pre.instruction_ids(prompt, raw=raw_prompt) if self.needs_instruction else None
         t = clock.add("preprocess", t)
 
-        vision = self.vision.run({"pixel_values": pixels})
+        vision = self.vision.run({"pixel_values": pixels[: token_map.num_crops]})
         t = clock.add("vision", t)
-        kept, visual = self._select(vision, instruction, keep)
+        kept, features = self._select(vision, token_map, instruction, keep, budget)
+        visual = features[kept][None]
         t = clock.add("select", t)
 
         text = self.embed.run({"input_ids": np.concatenate([before, after])[None]})["inputs_embeds"]
         embeds = np.concatenate([text[:, : len(before)], visual, text[:, len(before) :]], axis=1)
-        positions = self.prompt_positions(len(before), kept, len(after))
+        positions = self.prompt_positions(len(before), kept, len(after), num_visual)
         next_position = int(positions[-1]) + 1
         self.decoder.reserve(prompt_len + max_new_tokens - 1)  # the last token is never fed back
         self.decoder.reset()
@@ -229,4 +313,6 @@ class Pipeline:
             kv_cache_bytes=self.decoder.bytes_used,
             prompt_tokens=prompt_len,
             finish_reason=finish,
+            num_visual_tokens=num_visual,
+            keep=keep,
         )

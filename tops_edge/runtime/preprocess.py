@@ -26,7 +26,18 @@ class Preprocessor:
         self.image_token = self.tokenizer.convert_ids_to_tokens(image_token_id)
 
     def pixel_values(self, image) -> np.ndarray:
-        return np.asarray(self.image_processor(images=load_image(image), return_tensors="np")["pixel_values"], np.float32)
+        return self.image_inputs(image)[0]
+
+    def image_inputs(self, image) -> tuple[np.ndarray, tuple[int, int]]:
+        """(pixel values [crops, C, H, W], the image's (height, width)). One crop for LLaVA-1.5; the
+        base view plus the anyres crops for LLaVA-NeXT, whose processor says the image size."""
+        img = load_image(image)
+        out = self.image_processor(images=img, return_tensors="np")
+        pixels = np.asarray(out["pixel_values"], np.float32)
+        if pixels.ndim == 5:  # [images, crops, C, H, W]
+            pixels = pixels[0]
+        size = tuple(int(v) for v in out["image_sizes"][0]) if "image_sizes" in out else (img.height, img.width)
+        return np.ascontiguousarray(pixels), size
 
     def prompt_text(self, prompt: str, raw: bool = False) -> str:
         """The user's question in the model's chat template with one image slot; `raw` = already templated."""

@@ -70,14 +70,36 @@ def get(name: str) -> SelectorInfo:
         raise InputError(f"unknown selector '{name}'; choose one of: {', '.join(_REGISTRY)}") from None
 
 
-def check_keep(keep: int, num_tokens: int) -> int:
-    """The budget K must be a whole number in [1, N]; one place says so for API, CLI and export."""
+def check_keep(keep: int, num_tokens: int, owner: str = "this model has {n} visual tokens per image") -> int:
+    """The budget K must be a whole number in [1, N]; one place says so for API, CLI and export.
+    `owner` words whose N it is (an anyres image's count depends on the image)."""
     if isinstance(keep, bool) or int(keep) != keep:
         raise InputError(f"--keep must be a whole number, got {keep!r}")
     keep = int(keep)
     if not 1 <= keep <= num_tokens:
-        raise InputError(f"--keep {keep} is out of range: this model has {num_tokens} visual tokens per image (1..{num_tokens})")
+        raise InputError(f"--keep {keep} is out of range: {owner.format(n=num_tokens)} (1..{num_tokens})")
     return keep
+
+
+def check_keep_ratio(ratio: float) -> float:
+    """A budget as a fraction of the image's visual tokens: a number in (0, 1]."""
+    if isinstance(ratio, bool):
+        raise InputError(f"--keep-ratio must be a number in (0, 1], got {ratio!r}")
+    try:
+        value = float(ratio)
+    except (TypeError, ValueError):
+        raise InputError(f"--keep-ratio must be a number in (0, 1], got {ratio!r}") from None
+    if not 0.0 < value <= 1.0:
+        raise InputError(f"--keep-ratio {ratio} is out of range: it is the fraction of visual tokens kept, in (0, 1]")
+    return value
+
+
+def keep_from_ratio(ratio: float, num_tokens: int) -> int:
+    """K = ceil(ratio * N), at least 1: the paper's 0.222 of LLaVA-NeXT's 2880 tokens is 640, and of
+    LLaVA-1.5's 576 it is 128 (the tolerance keeps an exact product such as 0.3 * 10 at 3)."""
+    import math
+
+    return min(num_tokens, max(1, math.ceil(check_keep_ratio(ratio) * num_tokens - 1e-6)))
 
 
 def token_grid(grid, num_tokens: int) -> tuple[int, int]:

@@ -84,7 +84,9 @@ register(SelectorInfo(
     name="uniform",
     summary="an evenly spaced spatial grid (instruction-agnostic baseline)",
     reference=lambda x, keep, p, grid: UniformGrid(*grid).select(x["image_features"], keep),
-    onnx_form=lambda p, grid: (F.uniform_graph, {"grid_h": ("int64", grid[0]), "grid_w": ("int64", grid[1])}),
+    # the grid is a graph input: an anyres image's crops each have their own (unpadded) rectangle
+    extra_inputs=lambda p: ("grid_h", "grid_w"),
+    onnx_form=lambda p, grid: (F.uniform_graph, {}),
 ))
 
 register(SelectorInfo(

@@ -19,16 +19,24 @@ def hf_generate(model, processor, image, prompt: str, max_new_tokens: int) -> li
 
 
 @torch.no_grad()
+def hf_image_sequence(model, processor, image) -> torch.Tensor:
+    """[T, D]: the image's visual tokens as HF's `get_image_features` lays them out (LLaVA-NeXT:
+    base view, stitched and unpadded crops, row newlines)."""
+    cfg = model.config
+    inputs = processor.image_processor(images=image, return_tensors="pt")  # + image_sizes for NeXT
+    return model.model.get_image_features(
+        **inputs,
+        vision_feature_layer=cfg.vision_feature_layer,
+        vision_feature_select_strategy=cfg.vision_feature_select_strategy,
+    ).pooler_output[0]
+
+
+@torch.no_grad()
 def hf_pruned_inputs_embeds(model, processor, image, prompt: str, kept: list[int]) -> torch.Tensor:
     """The prompt's embeddings with HF's image features at `kept` spliced into the image slot."""
     cfg = model.config
     ids = processor.tokenizer(chat_text(processor, prompt), return_tensors="pt").input_ids
-    pixels = processor.image_processor(images=image, return_tensors="pt").pixel_values
-    feats = model.model.get_image_features(
-        pixel_values=pixels,
-        vision_feature_layer=cfg.vision_feature_layer,
-        vision_feature_select_strategy=cfg.vision_feature_select_strategy,
-    ).pooler_output[0]
+    feats = hf_image_sequence(model, processor, image)
     slot = int((ids[0] == cfg.image_token_id).nonzero()[0, 0])
     text = model.get_input_embeddings()(ids)
     return torch.cat([text[:, :slot], feats[kept].unsqueeze(0), text[:, slot + 1 :]], dim=1)

@@ -47,6 +47,7 @@ def export_parser() -> argparse.ArgumentParser:
     from .export.exporter import DEFAULT_EXPORTER, POSITIONS, PRECISIONS, TARGETS
     from .export.onnx_export import EXPORTERS
     from .models import aliases, builtin_models
+    from .runtime.layout import BUDGETS
 
     p = _Parser(
         prog="tops-export",
@@ -56,7 +57,13 @@ def export_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="hub id (llava-hf/llava-1.5-7b-hf), alias, local HF directory, or built-in tiny model")
     p.add_argument("--out", required=True, help="output directory (replaced atomically)")
     p.add_argument("--selector", default="none", choices=selector.available(), help="visual-token selector baked into the selector graph (default: none)")
-    p.add_argument("--keep", type=int, default=None, help="default visual-token budget K (the runtime can change it); default: all tokens")
+    budget = p.add_mutually_exclusive_group()
+    budget.add_argument("--keep", type=int, default=None, help="default visual-token budget K (the runtime can change it); default: all tokens")
+    budget.add_argument("--keep-ratio", type=float, default=None, metavar="R",
+                        help="default budget as a fraction of each image's visual tokens, K = ceil(R*N) (0.222: LLaVA-NeXT 2880 -> 640)")
+    p.add_argument("--budget", default="proportional", choices=BUDGETS,
+                   help="LLaVA-NeXT: split K over the base view and crops in proportion to their tokens, or select "
+                        "globally over the whole image (default: proportional); row newlines are always kept")
     tops = p.add_argument_group("selector parameters (defaults per method; see README)")
     tops.add_argument("--alpha", type=float, default=None, help="tops/cdpruner: weight of task relevance in the kernel (0 = off)")
     tops.add_argument("--beta", type=float, default=None, help="tops: weight of information coverage (0 = CDPruner's greedy)")
@@ -79,7 +86,8 @@ def _export(argv) -> int:
     params = {"alpha": args.alpha, "beta": args.beta, "relevance_sign": args.relevance_sign,
               "similarity": args.similarity, "seed": args.selector_seed}
     out = export_model(
-        args.model, args.out, selector=args.selector, keep=args.keep, precision=args.precision,
+        args.model, args.out, selector=args.selector, keep=args.keep, keep_ratio=args.keep_ratio,
+        budget=args.budget, precision=args.precision,
         target=args.target, exporter=args.exporter, opset=args.opset, positions=args.positions,
         selector_params={k: v for k, v in params.items() if v is not None},
         progress=not args.quiet and sys.stderr.isatty(),
@@ -96,20 +104,25 @@ def export_main(argv=None) -> int:
 # --- tops-run ------------------------------------------------------------------------------
 def run_parser() -> argparse.ArgumentParser:
     from .runtime import BACKENDS
+    from .runtime.layout import BUDGETS
 
     p = _Parser(prog="tops-run", description="Answer a prompt about an image with an exported model directory.")
     p.add_argument("dir", help="a tops-export output directory")
     p.add_argument("--image", required=True, help="image file (PNG, JPEG, ...)")
     p.add_argument("--prompt", required=True, help="the question; the model's chat template and image slot are added")
     p.add_argument("--raw-prompt", action="store_true", help="the prompt is already templated and holds the image slot itself")
-    p.add_argument("--keep", type=int, default=None, help="visual tokens to keep (default: the export's budget)")
+    budget = p.add_mutually_exclusive_group()
+    budget.add_argument("--keep", type=int, default=None, help="visual tokens to keep (default: the export's budget)")
+    budget.add_argument("--keep-ratio", type=float, default=None, metavar="R", help="keep ceil(R*N) of the image's N visual tokens")
+    p.add_argument("--budget", default=None, choices=BUDGETS, help="LLaVA-NeXT: how K is split over the crops (default: the export's)")
     p.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate at most (default: 64)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default: 1.0)")
     p.add_argument("--seed", type=int, default=None, help="sampling seed")
     p.add_argument("--ignore-eos", action="store_true", help="generate exactly --max-new-tokens tokens (benchmarking)")
     p.add_argument("--backend", default="ort", choices=BACKENDS, help="inference backend (default: ort)")
-    p.add_argument("--json", action="store_true", help="print one JSON object: text, token_ids, kept_indices, timings_ms, kv_cache_bytes")
+    p.add_argument("--json", action="store_true", help="print one JSON object: text, token_ids, kept_indices, timings_ms, "
+                                                      "kv_cache_bytes, num_visual_tokens, keep")
     return p
 
 
@@ -119,7 +132,8 @@ def _run(argv) -> int:
 
     pipe = Pipeline.load(args.dir, backend=args.backend)
     options = dict(
-        max_new_tokens=args.max_new_tokens, keep=args.keep, temperature=args.temperature,
+        max_new_tokens=args.max_new_tokens, keep=args.keep, keep_ratio=args.keep_ratio, budget=args.budget,
+        temperature=args.temperature,
         top_p=args.top_p, seed=args.seed, raw_prompt=args.raw_prompt, ignore_eos=args.ignore_eos,
     )
     if args.json:
@@ -135,7 +149,7 @@ def _run(argv) -> int:
     t = r.timings_ms
     tps = 1e3 / t["decode_per_token"] if t["decode_per_token"] else 0.0
     print(
-        f"[{len(r.kept_indices)}/{pipe.num_visual_tokens} visual tokens, prompt {r.prompt_tokens} tokens, "
+        f"[{len(r.kept_indices)}/{r.num_visual_tokens} visual tokens, prompt {r.prompt_tokens} tokens, "
         f"vision {t['vision']:.1f} ms, prefill {t['prefill']:.1f} ms, decode {tps:.1f} tok/s, "
         f"KV cache {r.kv_cache_bytes / 2**20:.2f} MiB]",
         file=sys.stderr,

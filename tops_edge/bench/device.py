@@ -87,7 +87,6 @@ def device_info(pipe) -> dict:
         "model_source": str(model.get("source")),
         "selector": str(pipe.selector_method),
         "positions": str(pipe.positions),
-        "num_visual_tokens": int(pipe.num_visual_tokens),
         "rss_method": PeakMemory.method(),
     }
 

@@ -12,8 +12,9 @@ percentiles over the timed runs, milliseconds):
     device            {cpu str, logical_cores int, platform str, ort_intra_op_threads int (0 = ORT
                        default), ort_providers [str] (in use), ort_available_providers [str],
                        gpu str|null, jetson_power_mode str|null (`nvpmodel -q`), versions {str: str|null},
-                       model_source str, selector str, positions str, num_visual_tokens int,
-                       rss_method str (how peak_rss_bytes was measured)}
+                       model_source str, selector str, positions str, num_visual_tokens int (the
+                       bench image's tokens a budget chooses among), num_visual_tokens_total int (with
+                       tokens always kept: LLaVA-NeXT's row newlines), rss_method str (how peak_rss_bytes was measured)}
     budgets           one per budget, in the order asked:
                       {keep int, prompt_tokens int (prefill length, kept visual tokens included),
                        preprocess_ms Stat, vision_ms Stat, select_ms Stat, prefill_ms Stat,
@@ -54,7 +55,7 @@ SCHEMA = {
     "device": {"cpu": str, "logical_cores": int, "platform": str, "ort_intra_op_threads": int,
                "ort_providers": [str], "ort_available_providers": [str], "gpu": (str, OPT),
                "jetson_power_mode": (str, OPT), "versions": dict, "model_source": str, "selector": str,
-               "positions": str, "num_visual_tokens": int, "rss_method": str},
+               "positions": str, "num_visual_tokens": int, "num_visual_tokens_total": int, "rss_method": str},
     "budgets": [{"keep": int, "prompt_tokens": int, "preprocess_ms": STAT, "vision_ms": STAT, "select_ms": STAT,
                  "prefill_ms": STAT, "ttft_ms": STAT, "tpot_ms": (STAT, OPT), "decode_tok_s": (NUM, OPT),
                  "e2e_ms": STAT, "sessions_ms": STAT, "overhead_pct": STAT, "generated_tokens": [int], "finish_reasons": [str], "kv_cache_bytes": int,

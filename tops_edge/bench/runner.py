@@ -9,7 +9,6 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import InputError, TopsError
-from ..selector import check_keep
 from .device import PeakMemory, device_info
 from .stats import aggregate, summary, timed_calls
 
@@ -100,12 +99,12 @@ def run_benchmark(directory, keeps=None, runs: int = 5, warmup: int = 1, prompt_
     if not Path(directory).is_dir():
         raise InputError(f"{directory} is not a directory; pass the --out DIR of tops-export")
     pipe = Pipeline.load(directory, backend=backend)
-    n = pipe.num_visual_tokens
+    picture = load_image(synthetic_image() if image is None else image)
+    n, total = pipe.visual_tokens(picture)  # LLaVA-NeXT: the count depends on the image's size
     keeps = default_keeps(n, pipe.selector is not None) if keeps is None else list(keeps)
     if not keeps:
         raise InputError("--keep needs at least one budget")
-    keeps = [pipe.resolve_keep(check_keep(k, n)) for k in keeps]  # all checked before anything runs
-    picture = load_image(synthetic_image() if image is None else image)
+    keeps = [pipe.resolve_keep(k, n) for k in keeps]  # all checked before anything runs
     prompt, prompt_text_tokens = build_prompt(pipe.pre.tokenizer, _check_count("--prompt-len", prompt_len, 1))
 
     report = BenchReport(
@@ -117,7 +116,7 @@ def run_benchmark(directory, keeps=None, runs: int = 5, warmup: int = 1, prompt_
             "prompt_text_tokens": prompt_text_tokens, "new_tokens": new_tokens,
             "image": "synthetic 336x336" if image is None else str(image), "compare": compare,
         },
-        device=device_info(pipe),
+        device=dict(device_info(pipe), num_visual_tokens=n, num_visual_tokens_total=total),
         budgets=[],
         hf=None,
     )

@@ -227,3 +227,16 @@ def test_a_modified_newline_array_is_refused(next_dirs, tmp_path):
     path.write_bytes(bytes(data))
     with pytest.raises(ManifestError, match="sha256"):
         load_manifest(copy)
+
+
+def test_bench_counts_the_bench_images_tokens_and_compares_with_hf(next_dirs):
+    from tops_edge.bench import run_benchmark
+
+    report = run_benchmark(next_dirs["tops"], runs=1, warmup=0, new_tokens=2, prompt_len=8, compare="hf")
+    d = report["device"]
+    # the synthetic 336x336 scene takes a 1x2 crop grid: 576 + 2 x 288 tokens, plus 24 row newlines
+    assert (d["num_visual_tokens"], d["num_visual_tokens_total"]) == (1152, 1176)
+    assert [b["keep"] for b in report["budgets"]] == [1152, 576, 192, 128, 64]
+    kv = [b["kv_cache_bytes"] for b in report["budgets"]]
+    assert kv == sorted(kv, reverse=True)
+    assert all(b["hf_e2e_ratio"] is not None for b in report["budgets"])

@@ -164,6 +164,7 @@ def run_main(argv=None) -> int:
 # --- tops-bench ----------------------------------------------------------------------------
 def bench_parser() -> argparse.ArgumentParser:
     from .runtime import BACKENDS
+    from .runtime.layout import BUDGETS
 
     p = _Parser(
         prog="tops-bench",
@@ -181,6 +182,7 @@ def bench_parser() -> argparse.ArgumentParser:
     p.add_argument("--csv", default=None, metavar="FILE", help="write one CSV row per budget")
     p.add_argument("--plot", default=None, metavar="FILE", help="write a PNG of TTFT and KV-cache bytes against kept tokens (needs matplotlib)")
     p.add_argument("--compare", default=None, choices=("hf",), help="also time HF transformers' generate on the source model (unpruned)")
+    p.add_argument("--budget", default=None, choices=BUDGETS, help="LLaVA-NeXT: how each K is split over the crops (default: the export's)")
     p.add_argument("--backend", default="ort", choices=BACKENDS, help="inference backend (default: ort)")
     p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     return p
@@ -201,6 +203,7 @@ def _bench(argv) -> int:
     report = run_benchmark(
         args.dir, keeps=keeps, runs=args.runs, warmup=args.warmup, prompt_len=args.prompt_len,
         new_tokens=args.new_tokens, image=args.image, compare=args.compare, backend=args.backend, log=log,
+        budget=args.budget,
     )
     print(format_table(report))
     for path, write in ((args.json, write_json), (args.csv, write_csv), (args.plot, write_plot)):

@@ -8,7 +8,7 @@ percentiles over the timed runs, milliseconds):
     directory         str    the export directory (absolute)
     settings          {keeps [int], runs int, warmup int, prompt_len int (asked for),
                        prompt_text_tokens int (the question's tokens as built), new_tokens int,
-                       image str, compare str|null}
+                       image str, compare str|null, budget str (how K splits over NeXT crops)}
     device            {cpu str, logical_cores int, platform str, ort_intra_op_threads int (0 = ORT
                        default), ort_providers [str] (in use), ort_available_providers [str],
                        gpu str|null, jetson_power_mode str|null (`nvpmodel -q`), versions {str: str|null},
@@ -51,7 +51,7 @@ SCHEMA = {
     "created_utc": str,
     "directory": str,
     "settings": {"keeps": [int], "runs": int, "warmup": int, "prompt_len": int, "prompt_text_tokens": int,
-                 "new_tokens": int, "image": str, "compare": (str, OPT)},
+                 "new_tokens": int, "image": str, "compare": (str, OPT), "budget": str},
     "device": {"cpu": str, "logical_cores": int, "platform": str, "ort_intra_op_threads": int,
                "ort_providers": [str], "ort_available_providers": [str], "gpu": (str, OPT),
                "jetson_power_mode": (str, OPT), "versions": dict, "model_source": str, "selector": str,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as _dt
+import functools
 import time
 from pathlib import Path
 
@@ -81,11 +82,12 @@ def _check_count(name: str, value, low: int) -> int:
 
 def run_benchmark(directory, keeps=None, runs: int = 5, warmup: int = 1, prompt_len: int = 32,
                   new_tokens: int = 32, image=None, compare: str | None = None, backend: str = "ort",
-                  log=None) -> BenchReport:
+                  log=None, budget: str | None = None) -> BenchReport:
     """Benchmark an export directory at each visual-token budget in `keeps` (default: N, then
     192/128/64 below N). Each budget runs `warmup` untimed and `runs` timed greedy generations of
     `new_tokens` tokens (EOS ignored, as HF's side uses min_new_tokens; the counts are reported) on the same
     image and prompt. `compare="hf"` also times the HF model the export came from (unpruned).
+    `budget` splits each budget over a LLaVA-NeXT image's crops (default: the export's).
     `log(str)` receives progress lines. Returns a BenchReport (see report.SCHEMA)."""
     from ..runtime import Pipeline
     from ..runtime.preprocess import load_image
@@ -99,6 +101,7 @@ def run_benchmark(directory, keeps=None, runs: int = 5, warmup: int = 1, prompt_
     if not Path(directory).is_dir():
         raise InputError(f"{directory} is not a directory; pass the --out DIR of tops-export")
     pipe = Pipeline.load(directory, backend=backend)
+    budget = pipe.resolve_budget(budget)
     picture = load_image(synthetic_image() if image is None else image)
     n, total = pipe.visual_tokens(picture)  # LLaVA-NeXT: the count depends on the image's size
     keeps = default_keeps(n, pipe.selector is not None) if keeps is None else list(keeps)
@@ -114,7 +117,7 @@ def run_benchmark(directory, keeps=None, runs: int = 5, warmup: int = 1, prompt_
         settings={
             "keeps": keeps, "runs": runs, "warmup": warmup, "prompt_len": int(prompt_len),
             "prompt_text_tokens": prompt_text_tokens, "new_tokens": new_tokens,
-            "image": "synthetic 336x336" if image is None else str(image), "compare": compare,
+            "image": "synthetic 336x336" if image is None else str(image), "compare": compare, "budget": budget,
         },
         device=dict(device_info(pipe), num_visual_tokens=n, num_visual_tokens_total=total),
         budgets=[],
@@ -122,7 +125,8 @@ def run_benchmark(directory, keeps=None, runs: int = 5, warmup: int = 1, prompt_
     )
     for keep in keeps:
         log(f"keep {keep}/{n}: {warmup} warmup + {runs} timed runs")
-        call = lambda: pipe.generate(picture, prompt, max_new_tokens=new_tokens, keep=keep, ignore_eos=True)  # noqa: E731
+        call = functools.partial(pipe.generate, picture, prompt, max_new_tokens=new_tokens, keep=keep,
+                                 ignore_eos=True, budget=budget)
         with PeakMemory() as mem:
             samples = timed_calls(call, warmup, runs)
         entry = {"keep": keep, **aggregate(samples), "peak_rss_bytes": mem.rss_bytes, "gpu_peak_bytes": mem.gpu_bytes,

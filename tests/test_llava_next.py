@@ -240,3 +240,41 @@ def test_bench_counts_the_bench_images_tokens_and_compares_with_hf(next_dirs):
     kv = [b["kv_cache_bytes"] for b in report["budgets"]]
     assert kv == sorted(kv, reverse=True)
     assert all(b["hf_e2e_ratio"] is not None for b in report["budgets"])
+
+
+@pytest.mark.parametrize("method", ["cdpruner", "divprune", "attention", "random"])
+def test_every_selector_prunes_next_images_in_both_budget_modes(tmp_path, next_tiny, next_images, method):
+    """The inputs each method reads (vision features, [CLS] attention, the instruction) are gathered
+    per segment; the result keeps K patch tokens plus every newline, and equals HF fed those tokens."""
+    pipe = Pipeline.load(export_model(next_tiny, tmp_path / method, selector=method, keep=200, progress=False))
+    image, prompt = next_images["tall"], "What colour is it?"
+    token_map = pipe.layout.token_map(pipe.pre.image_inputs(image)[1])
+    for budget in ("proportional", "global"):
+        r = pipe.generate(image, prompt, max_new_tokens=4, budget=budget)
+        kept = np.asarray(r.kept_indices)
+        assert r.keep == 200 and len(kept) == 200 + len(token_map.newlines)
+        assert set(token_map.newlines.tolist()) <= set(kept.tolist()) and np.all(np.diff(kept) > 0)
+    embeds = hf_pruned_inputs_embeds(next_tiny.model, next_tiny.processor, image, prompt, r.kept_indices)
+    assert r.token_ids == hf_generate_from_embeds(next_tiny.model, embeds, 4)
+
+
+def test_next_with_a_mistral_language_model_matches_hf(tmp_path, next_images):
+    """llava-v1.6-mistral-7b's shape: the same anyres vision side, a Mistral LLM."""
+    from transformers import LlavaNextForConditionalGeneration, MistralConfig
+
+    from tops_edge.models.llava_next import LlavaNextAdapter
+    from tops_edge.models.tiny import build_byte_tokenizer, build_processor, tiny_llava_config
+
+    tokenizer = build_byte_tokenizer(4096)
+    config = tiny_llava_config(tokenizer, next_config=True, text=dict(max_position_embeddings=4096))
+    known = MistralConfig().to_dict()
+    text = {k: v for k, v in config.text_config.to_dict().items() if k in known and k not in ("model_type", "architectures")}
+    config.text_config = MistralConfig(**text, sliding_window=None)
+    torch.manual_seed(3)
+    model = LlavaNextForConditionalGeneration(config).eval()
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    processor = build_processor(tokenizer, 336, 14, "default", config.image_grid_pinpoints)
+    assert type(model.model.language_model).__name__ == "MistralModel"
+    pipe = Pipeline.load(export_model(LlavaNextAdapter(model, processor, "tiny-mistral"), tmp_path / "m", progress=False))
+    image = next_images["wide"]
+    assert pipe.generate(image, "What?", max_new_tokens=NEW_TOKENS).token_ids == hf_generate(model, processor, image, "What?", NEW_TOKENS)

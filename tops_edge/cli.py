@@ -218,7 +218,69 @@ def bench_main(argv=None) -> int:
     return _run_cli("tops-bench", _bench, argv)
 
 
-if __name__ == "__main__":  # python -m tops_edge.cli export|run|bench ...
+# --- tops-eval -----------------------------------------------------------------------------
+def eval_parser() -> argparse.ArgumentParser:
+    from . import selector
+    from .eval.shapes import QUESTION_TYPES
+    from .runtime import BACKENDS
+    from .runtime.layout import BUDGETS
+
+    pruning = [m for m in selector.available() if selector.get(m).prunes]
+    p = _Parser(
+        prog="tops-eval",
+        description="Accuracy of an exported model per selector and visual-token budget, through the ONNX pipeline: "
+                    "a table (absolute and relative to unpruned, per question type, 95%% intervals in the JSON), "
+                    "JSON and a PNG of relative accuracy against kept tokens.",
+    )
+    p.add_argument("dir", help="a tops-export output directory")
+    p.add_argument("--task", default="shapesvqa", help="shapesvqa (built in, test split) or a JSONL file (see README)")
+    p.add_argument("--keep", default="192,128,64", help="comma-separated budgets (default: 192,128,64); unpruned always runs")
+    p.add_argument("--selector", default=None,
+                   help=f"comma-separated selectors, switched at run time without re-export (default: the export's); "
+                        f"any of {', '.join(pruning)}")
+    p.add_argument("--limit", type=int, default=None, help="items to evaluate (ShapesVQA default: 1000; JSONL: all)")
+    p.add_argument("--types", default=None, help=f"ShapesVQA question types to ask (default: all: {', '.join(QUESTION_TYPES)})")
+    p.add_argument("--max-new-tokens", type=int, default=8, help="answer length limit (default: 8)")
+    p.add_argument("--budget", default=None, choices=BUDGETS, help="LLaVA-NeXT: how K is split over the crops (default: the export's)")
+    p.add_argument("--json", default=None, metavar="FILE", help="write the report (schema: tops_edge/eval/report.py)")
+    p.add_argument("--plot", default=None, metavar="FILE", help="write a PNG of relative accuracy against kept tokens")
+    p.add_argument("--backend", default="ort", choices=BACKENDS, help="inference backend (default: ort)")
+    p.add_argument("--quiet", action="store_true", help="no progress on stderr")
+    return p
+
+
+def _eval(argv) -> int:
+    args = eval_parser().parse_args(argv)
+    from .bench import parse_keeps
+    from .bench.report import check_writable, require_matplotlib
+    from .eval import format_table, run_eval, write_json, write_plot
+
+    for path in (args.json, args.plot):
+        if path is not None:
+            check_writable(path)
+    if args.plot is not None:
+        require_matplotlib()
+    split = lambda text: [x.strip() for x in text.split(",") if x.strip()] if text else None  # noqa: E731
+    log = None if args.quiet else (lambda msg: print(f"tops-eval: {msg}", file=sys.stderr, flush=True))
+    report = run_eval(
+        args.dir, task=args.task, keeps=parse_keeps(args.keep), selectors=split(args.selector), limit=args.limit,
+        max_new_tokens=args.max_new_tokens, budget=args.budget, types=split(args.types), backend=args.backend,
+        log=log, progress=not args.quiet and sys.stderr.isatty(),
+    )
+    print(format_table(report))
+    for path, write in ((args.json, write_json), (args.plot, write_plot)):
+        if path is not None:
+            write(report, path)
+            if log:
+                log(f"wrote {path}")
+    return 0
+
+
+def eval_main(argv=None) -> int:
+    return _run_cli("tops-eval", _eval, argv)
+
+
+if __name__ == "__main__":  # python -m tops_edge.cli export|run|bench|eval ...
     cmd, rest = (sys.argv[1], sys.argv[2:]) if len(sys.argv) > 1 else ("", [])
-    commands = {"export": export_main, "run": run_main, "bench": bench_main}
-    sys.exit(commands.get(cmd, lambda _: print("usage: python -m tops_edge.cli export|run|bench ...") or 2)(rest))
+    commands = {"export": export_main, "run": run_main, "bench": bench_main, "eval": eval_main}
+    sys.exit(commands.get(cmd, lambda _: print("usage: python -m tops_edge.cli export|run|bench|eval ...") or 2)(rest))

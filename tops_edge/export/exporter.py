@@ -111,7 +111,9 @@ def export_model(
             keep, keep_ratio = None, None
         elif keep is not None:
             keep = selectors.check_keep(keep, n)
-        parts = adapter.parts(cls_attention="cls_attention" in info.extra_inputs(params))
+        # the [CLS] attention costs one row of one layer's attention: always exported, so the runtime
+        # can switch to the `attention` selector (Pipeline.use_selector) without re-exporting
+        parts = adapter.parts(cls_attention=True)
         vision_width = next(o for o in parts[0].outputs if o.name == "vision_features").shape[-1]
         sel = selector_part(selector, params, layout, adapter.hidden_size, vision_width)
         if sel is not None:

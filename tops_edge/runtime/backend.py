@@ -72,7 +72,8 @@ class Backend(ABC):
     name: str
 
     @abstractmethod
-    def session(self, path: Path) -> Session: ...
+    def session(self, path: Path | bytes) -> Session:
+        """A session on a graph file or a serialized ONNX model."""
 
     @abstractmethod
     def decoder(self, path: Path, layout: KVLayout) -> DecoderRunner: ...
@@ -195,8 +196,10 @@ class OrtBackend(Backend):
         if threads:
             self.options.intra_op_num_threads = threads
 
-    def _open(self, path: Path):
-        return self._ort.InferenceSession(str(path), sess_options=self.options, providers=self.providers)
+    def _open(self, path):
+        """A session on a graph file, or on a serialized model (bytes)."""
+        model = path if isinstance(path, bytes) else str(path)
+        return self._ort.InferenceSession(model, sess_options=self.options, providers=self.providers)
 
     def session(self, path):
         return OrtSession(self._open(path))

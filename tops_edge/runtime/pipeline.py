@@ -86,6 +86,10 @@ class _Timer:
         return now
 
 
+def _params_key(params: dict) -> tuple:
+    return tuple(sorted((k, str(v)) for k, v in params.items()))
+
+
 class Pipeline:
     def __init__(self, directory: Path, manifest: dict, backend):
         self.directory = directory
@@ -109,10 +113,45 @@ class Pipeline:
         part_path = lambda name: directory / parts[name]["files"][0]["path"]  # noqa: E731
         self.vision = backend.session(part_path("vision"))
         self.selector = backend.session(part_path("selector")) if "selector" in parts else None
-        self.needs_instruction = self.selector is not None and "instruction_embeds" in self.selector.input_names
+        self._selectors = {(self.selector_method, _params_key(sel["params"])): self.selector}
         self.embed = backend.session(part_path("embed"))
         self.decoder = backend.decoder(part_path("decoder"), KVLayout(dec["num_layers"], dec["num_kv_heads"], dec["head_dim"]))
-        self._parts = [p for p in (self.vision, self.selector, self.embed, self.decoder) if p is not None]
+
+    @property
+    def needs_instruction(self) -> bool:
+        return self.selector is not None and "instruction_embeds" in self.selector.input_names
+
+    @property
+    def _parts(self):
+        return [p for p in (self.vision, self.selector, self.embed, self.decoder) if p is not None]
+
+    def use_selector(self, method: str, **params) -> "Pipeline":
+        """Switch to another registered selector (and/or parameters) without re-exporting: its graph
+        is built from the registry's ONNX form with this export's shapes and kept for later switches.
+        The vision graph must provide what the method reads (`cls_attention` for `attention`)."""
+        from .. import selector as selectors
+        from ..export.exporter import selector_part
+
+        info = selectors.get(method)
+        resolved = info.resolve_params(params)
+        key = (method, _params_key(resolved if info.prunes else {}))
+        if key not in self._selectors:
+            if not info.prunes:
+                self._selectors[key] = None
+            else:
+                vision_outputs = {o["name"]: o for o in self.manifest["parts"]["vision"]["outputs"]}
+                missing = [name for name in info.extra_inputs(resolved)
+                           if name in ("vision_features", "cls_attention") and name not in vision_outputs]
+                if missing:
+                    raise InputError(f"selector '{method}' needs the vision graph's {', '.join(missing)}, which this "
+                                     f"export lacks; re-export with tops-export --selector {method}")
+                width = vision_outputs["vision_features"]["shape"][-1]
+                part = selector_part(method, resolved, self.manifest["visual"],
+                                     int(self.manifest["decoder"]["hidden_size"]), int(width))
+                self._selectors[key] = self.backend.session(part.onnx_model().SerializeToString())
+        self.selector = self._selectors[key]
+        self.selector_method = method
+        return self
 
     @classmethod
     def load(cls, directory, backend: str = "ort", verify: str = "fast", **backend_options) -> "Pipeline":

@@ -1,0 +1,205 @@
+"""tops-eval: the ShapesVQA generator, LLaVA-style scoring, JSONL tasks, the report, run-time selector switching."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cli_helpers import one_line_error
+from tops_edge.cli import eval_main
+from tops_edge.errors import InputError
+from tops_edge.eval import shapes
+from tops_edge.eval.runner import relative_interval, run_eval, summarize, wilson
+from tops_edge.eval.tasks import Item, choice_letter, load_jsonl, load_task, normalize_short, score, yes_no
+
+EXAMPLE_TASK = Path(__file__).resolve().parents[1] / "examples" / "task_example.jsonl"
+
+
+# --- ShapesVQA --------------------------------------------------------------------------------
+def test_scenes_are_deterministic_and_splits_differ():
+    assert shapes.scene("test", 5) == shapes.scene("test", 5)
+    assert np.array_equal(np.asarray(shapes.scene("val", 3).image()), np.asarray(shapes.scene("val", 3).image()))
+    train = {shapes.scene("train", i).objects for i in range(200)}
+    test = {shapes.scene("test", i).objects for i in range(200)}
+    assert not train & test
+
+
+def test_every_answer_follows_from_the_scene():
+    for index in range(300):
+        s = shapes.scene("train", index)
+        objs = s.objects
+        assert shapes.MIN_OBJECTS <= len(objs) <= shapes.MAX_OBJECTS
+        assert len({(o.colour, o.shape) for o in objs}) == len(objs)
+        for q in s.questions():
+            words = q.question.rstrip("?").split()
+            if q.qtype == "count":
+                assert q.answer == shapes.NUMBERS[len(objs)]
+            elif q.qtype == "colour_exist":
+                assert (q.answer == "yes") == any(o.colour == words[3] for o in objs)
+            elif q.qtype == "pope":
+                assert (q.answer == "yes") == any((o.colour, o.shape) == (words[3], words[4]) for o in objs)
+            elif q.qtype == "shape_of_colour":
+                (match,) = [o for o in objs if o.colour == words[4]]
+                assert q.answer == match.shape
+            elif q.qtype == "colour_of_shape":
+                (match,) = [o for o in objs if o.shape == words[4]]
+                assert q.answer == match.colour
+            elif q.qtype == "left_right":
+                a = next(o for o in objs if (o.colour, o.shape) == (words[2], words[3]))
+                b = next(o for o in objs if (o.colour, o.shape) == (words[7], words[8]))
+                assert (q.answer == "yes") == (a.x < b.x)
+
+
+def test_question_types_are_balanced_enough_to_measure():
+    pairs = shapes.questions("test", 1200)
+    by_type: dict[str, list[str]] = {}
+    for _, q in pairs:
+        by_type.setdefault(q.qtype, []).append(q.answer)
+    assert set(by_type) == set(shapes.QUESTION_TYPES)
+    for qtype, answers in by_type.items():
+        assert len(answers) >= 150, qtype
+        top = max(answers.count(a) for a in set(answers))
+        assert top / len(answers) < 0.6, qtype  # no answer a majority: chance stays well below 90%
+
+
+def test_the_rendered_objects_are_where_the_scene_says():
+    s = shapes.scene("test", 7)
+    pixels = np.asarray(s.image())
+    for o in s.objects:
+        assert tuple(pixels[o.y, o.x]) == shapes.COLOURS[o.colour]
+
+
+# --- scoring ----------------------------------------------------------------------------------
+def test_yes_no_follows_pope():
+    assert yes_no("Yes, there is.") == "yes" and yes_no("No.") == "no"
+    assert yes_no("There is not a dog.") == "no" and yes_no("no") == "no"
+    assert yes_no("Yes. No dog though.") == "yes"  # only the first sentence counts
+
+
+def test_choice_letter_and_short_normalisation():
+    assert [choice_letter(t) for t in ("B", "B.", "(C) dog", "A: cat", "Dog", "")] == ["B", "B", "C", "A", None, None]
+    assert normalize_short("The Two!") == "2" and normalize_short("a red  square.") == "red square"
+    item = Item("x.png", "q", ("red", "dark red"), "short", "c")
+    assert score(item, "Dark red.") and not score(item, "blue")
+
+
+# --- JSONL tasks ------------------------------------------------------------------------------
+def test_example_task_file_loads():
+    items = load_jsonl(EXAMPLE_TASK)
+    assert {i.kind for i in items} == {"yesno", "choice", "short"}
+    assert all(Path(i.image).is_file() for i in items)
+
+
+@pytest.mark.parametrize("line, needle", [
+    ("{not json", "not valid JSON"),
+    ('{"image": "shapes.png", "question": "q", "type": "yesno"}', "missing answer"),
+    ('{"image": "shapes.png", "question": "q", "answer": "yes", "type": "open"}', "type 'open'"),
+    ('{"image": "nope.png", "question": "q", "answer": "yes", "type": "yesno"}', "does not exist"),
+])
+def test_bad_jsonl_lines_name_the_line(tmp_path, line, needle):
+    import shutil
+
+    shutil.copy(EXAMPLE_TASK.parent / "shapes.png", tmp_path / "shapes.png")
+    path = tmp_path / "t.jsonl"
+    path.write_text('{"image": "shapes.png", "question": "q", "answer": "yes", "type": "yesno"}\n' + line + "\n")
+    with pytest.raises(InputError, match=needle) as err:
+        load_jsonl(path)
+    assert "t.jsonl:2" in str(err.value)
+
+
+def test_unknown_task_and_type_are_input_errors():
+    with pytest.raises(InputError, match="unknown task"):
+        load_task("mmlu")
+    with pytest.raises(InputError, match="unknown ShapesVQA question type"):
+        load_task("shapesvqa", limit=5, types=["colour"])
+
+
+# --- statistics -------------------------------------------------------------------------------
+def test_wilson_and_bootstrap_intervals():
+    lo, hi = wilson(90, 100)
+    assert lo < 0.9 < hi and abs(lo - 0.8256) < 1e-3 and abs(hi - 0.9448) < 1e-3
+    full = np.array([1] * 80 + [0] * 20)
+    assert relative_interval(full, full) == (1.0, 1.0)
+    pruned = full.copy()
+    pruned[:8] = 0
+    lo, hi = relative_interval(pruned, full)
+    assert lo < 0.9 < hi <= 1.0
+    assert relative_interval(pruned, np.zeros(100, dtype=np.int64)) is None
+
+
+def test_summarize_per_category_and_relative():
+    cats = ["a", "a", "b", "b"]
+    full = np.array([1, 1, 1, 0])
+    out = summarize(cats, full, {("tops", 64): np.array([1, 0, 1, 0])})
+    assert out["categories"] == ["a", "b"]
+    row = out["table"]["tops"]["64"]
+    assert row["all"]["accuracy"] == 0.5 and row["all"]["relative"] == pytest.approx(2 / 3)
+    assert row["a"]["relative"] == 0.5 and row["b"]["relative"] == 1.0
+
+
+# --- through the pipeline ---------------------------------------------------------------------
+def test_use_selector_equals_an_export_with_that_selector(tiny_uniform_dir, tiny, tmp_path, images):
+    from tops_edge.export import export_model
+    from tops_edge.runtime import Pipeline
+
+    baked = Pipeline.load(export_model(tiny, tmp_path / "tops", selector="tops", keep=64, progress=False))
+    switched = Pipeline.load(tiny_uniform_dir).use_selector("tops")
+    for name in ("wide", "tall"):
+        a = baked.generate(images[name], "What is red?", max_new_tokens=3, keep=64)
+        b = switched.generate(images[name], "What is red?", max_new_tokens=3, keep=64)
+        assert a.kept_indices == b.kept_indices and a.token_ids == b.token_ids
+    switched.use_selector("uniform")
+    assert switched.generate(images["wide"], "Hi", max_new_tokens=1, keep=64).kept_indices == \
+        Pipeline.load(tiny_uniform_dir).generate(images["wide"], "Hi", max_new_tokens=1, keep=64).kept_indices
+
+
+def test_run_eval_reports_every_selector_budget_and_type(tiny_uniform_dir):
+    report = run_eval(tiny_uniform_dir, keeps=[576, 64], selectors=["uniform", "tops"], limit=18, max_new_tokens=3)
+    assert report["schema"] == "tops-eval/1" and report["settings"]["items"] == 18
+    assert report["categories"] == list(shapes.QUESTION_TYPES)
+    for method in ("uniform", "tops"):
+        for keep in ("576", "64"):
+            row = report["table"][method][keep]
+            assert set(row) == {"all", *shapes.QUESTION_TYPES}
+            assert row["all"]["n"] == 18
+    # K = N is the unpruned run itself
+    assert report["table"]["tops"]["576"]["all"]["correct"] == report["table"]["unpruned"]["all"]["correct"]
+    assert {"question", "answer", "unpruned@576", "tops@64"} <= set(report["examples"][0])
+
+
+def test_cli_eval_on_a_jsonl_task_writes_json_and_png(tiny_uniform_dir, tmp_path, capsys):
+    js, png = tmp_path / "e.json", tmp_path / "e.png"
+    code = eval_main([str(tiny_uniform_dir), "--task", str(EXAMPLE_TASK), "--keep", "64,32", "--selector", "uniform,divprune",
+                      "--json", str(js), "--plot", str(png), "--quiet"])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "existence" in out and "divprune" in out
+    report = json.loads(js.read_text())
+    assert report["settings"]["keeps"] == [64, 32] and report["categories"] == ["existence", "recognition", "attribute"]
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--keep", "0"], "--keep 0"),
+    (["--keep", "700"], "out of range"),
+    (["--selector", "none"], "does not prune"),
+    (["--selector", "magic"], "unknown selector"),
+    (["--task", "nope.jsonl"], "does not exist"),
+    (["--limit", "0"], "--limit"),
+])
+def test_cli_eval_bad_input_is_one_line(tiny_uniform_dir, capsys, args, needle):
+    code = eval_main([str(tiny_uniform_dir), "--quiet", *args])
+    assert needle in one_line_error(capsys, code)
+
+
+def test_eval_on_next_counts_each_images_tokens(tmp_path):
+    """LLaVA-NeXT: every image has its own token count; a budget at or above it keeps everything."""
+    from tops_edge.export import export_model
+
+    out = export_model("tiny-llava-next", tmp_path / "next", selector="uniform", keep=256, progress=False)
+    report = run_eval(out, task=str(EXAMPLE_TASK), keeps=[2880, 256], limit=2, max_new_tokens=2)
+    assert report["settings"]["num_visual_tokens"] == 2880
+    assert report["table"]["uniform"]["2880"]["all"]["correct"] == report["table"]["unpruned"]["all"]["correct"]

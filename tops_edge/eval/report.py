@@ -1,0 +1,92 @@
+"""The `tops-eval` report: JSON schema, terminal table and PNG plot.
+
+JSON schema ("tops-eval/1"). A Cell is {n int, correct int, accuracy float, accuracy_ci95 [lo, hi]
+(Wilson)} and, for pruned runs, relative float|null (correct / unpruned correct on the same items)
+and relative_ci95 [lo, hi]|null (paired bootstrap, 1000 resamples):
+
+    schema        "tops-eval/1"
+    created_utc   str
+    directory     str            the export evaluated
+    model_source  str
+    task          str            "shapesvqa" or the JSONL path
+    settings      {keeps [int], selectors [str], items int, max_new_tokens int, budget str,
+                   num_visual_tokens int}
+    elapsed_s     float
+    categories    [str]          question types (ShapesVQA) or the JSONL's categories
+    table         {"unpruned": {"all": Cell, <category>: Cell, ...},
+                   <selector>: {"<keep>": {"all": Cell, <category>: Cell, ...}, ...}, ...}
+    examples      [{question, answer [str], category, "<selector>@<keep>": prediction, ...}] (first 20)
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from ..bench.report import check_writable, require_matplotlib, write_atomic
+
+
+def format_table(report: dict) -> str:
+    cats = ["all", *report["categories"]]
+    width = max(8, *(len(c) for c in cats))
+    header = f"{'selector':<10} {'K':>5}  " + "  ".join(f"{c:>{width}}" for c in cats)
+    lines = [
+        f"{report['task']} on {report['model_source']}: {report['settings']['items']} items; "
+        f"accuracy % (relative to unpruned %), 95% CI in the JSON",
+        header,
+    ]
+    full = report["table"]["unpruned"]
+    lines.append(f"{'unpruned':<10} {report['settings']['num_visual_tokens']:>5}  "
+                 + "  ".join(f"{100 * full[c]['accuracy']:>{width}.1f}" for c in cats))
+    for method in report["settings"]["selectors"]:
+        for keep in report["settings"]["keeps"]:
+            row = report["table"][method][str(keep)]
+            cells = []
+            for c in cats:
+                rel = row[c].get("relative")
+                text = f"{100 * row[c]['accuracy']:.1f} ({'-' if rel is None else f'{100 * rel:.0f}'})"
+                cells.append(f"{text:>{width}}")
+            lines.append(f"{method:<10} {keep:>5}  " + "  ".join(cells))
+    return "\n".join(lines)
+
+
+def write_json(report: dict, path) -> None:
+    write_atomic(path, (json.dumps(report, indent=2) + "\n").encode())
+
+
+def write_plot(report: dict, path) -> None:
+    """Relative accuracy (all items) against kept tokens, one line per selector, with 95% bands."""
+    require_matplotlib()
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keeps = report["settings"]["keeps"]
+    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
+    for method in report["settings"]["selectors"]:
+        rows = [report["table"][method][str(k)]["all"] for k in keeps]
+        rel = [100 * (r["relative"] or 0.0) for r in rows]
+        ax.plot(keeps, rel, marker="o", label=method)
+        cis = [r.get("relative_ci95") for r in rows]
+        if all(cis):
+            ax.fill_between(keeps, [100 * c[0] for c in cis], [100 * c[1] for c in cis], alpha=0.12)
+    ax.axhline(100, color="grey", lw=0.8, ls="--")
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(keeps)
+    ax.set_xticklabels([str(k) for k in keeps])
+    ax.set_xlabel(f"visual tokens kept (of {report['settings']['num_visual_tokens']})")
+    ax.set_ylabel("accuracy relative to unpruned (%)")
+    ax.set_title(f"{report['task']}: {report['model_source']}", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    write_atomic(path, buf.getvalue())
+
+
+__all__ = ["format_table", "write_json", "write_plot", "check_writable"]

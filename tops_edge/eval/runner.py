@@ -1,0 +1,149 @@
+"""`tops-eval`: accuracy per selector and budget, through the exported ONNX pipeline.
+
+Every item is answered once unpruned (all visual tokens; the selector is skipped, so this is the
+same for every method) and once per (selector, budget). Relative accuracy is pruned / unpruned on
+the same items; its 95% interval is a paired bootstrap over items, the absolute one a Wilson interval.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import InputError
+from .tasks import Item, load_task, score
+
+SCHEMA = "tops-eval/1"
+BOOTSTRAP = 1000
+Z95 = 1.959964
+
+
+def wilson(correct: int, n: int) -> tuple[float, float]:
+    """95% Wilson score interval of a proportion."""
+    if n == 0:
+        return (0.0, 0.0)
+    p = correct / n
+    denom = 1 + Z95**2 / n
+    centre = (p + Z95**2 / (2 * n)) / denom
+    half = Z95 * math.sqrt(p * (1 - p) / n + Z95**2 / (4 * n * n)) / denom
+    return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+def relative_interval(pruned: np.ndarray, full: np.ndarray, seed: int = 0) -> tuple[float, float] | None:
+    """95% paired-bootstrap interval of sum(pruned) / sum(full) over the same items; None if the
+    unpruned model gets none right."""
+    if full.sum() == 0:
+        return None
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, len(full), size=(BOOTSTRAP, len(full)))
+    f, p = full[idx].sum(1), pruned[idx].sum(1)
+    ratios = p[f > 0] / f[f > 0]
+    lo, hi = np.percentile(ratios, [2.5, 97.5])
+    return (float(lo), float(hi))
+
+
+def _cell(correct: np.ndarray, full: np.ndarray | None) -> dict:
+    n, c = len(correct), int(correct.sum())
+    cell = {"n": n, "correct": c, "accuracy": c / n if n else 0.0, "accuracy_ci95": list(wilson(c, n))}
+    if full is not None:
+        cell["relative"] = (c / full.sum()) if full.sum() else None
+        ci = relative_interval(correct, full)
+        cell["relative_ci95"] = list(ci) if ci else None
+    return cell
+
+
+def summarize(categories: list[str], full: np.ndarray, runs: dict) -> dict:
+    """Tables from per-item correctness: `full` [items] unpruned, runs[(selector, keep)] [items]."""
+    cats = sorted(set(categories), key=categories.index)
+    masks = {c: np.array([x == c for x in categories]) for c in cats}
+    table = {"unpruned": {"all": _cell(full, None), **{c: _cell(full[m], None) for c, m in masks.items()}}}
+    for (method, keep), correct in runs.items():
+        row = {"all": _cell(correct, full), **{c: _cell(correct[m], full[m]) for c, m in masks.items()}}
+        table.setdefault(method, {})[str(keep)] = row
+    return {"categories": cats, "table": table}
+
+
+def run_eval(directory, task: str = "shapesvqa", keeps=None, selectors=None, limit: int | None = None,
+             max_new_tokens: int = 8, budget: str | None = None, types=None, backend: str = "ort",
+             log=None, progress: bool = False) -> dict:
+    """Evaluate an export on `task` (`shapesvqa` or a JSONL path) for each selector and budget.
+    Returns the report (schema `tops-eval/1`, see report.py)."""
+    from tqdm.auto import tqdm
+
+    from .. import selector as selector_registry
+    from ..runtime import Pipeline
+
+    log = log or (lambda msg: None)
+    if not Path(directory).is_dir():
+        raise InputError(f"{directory} is not a directory; pass the --out DIR of tops-export")
+    pipe = Pipeline.load(directory, backend=backend)
+    budget = pipe.resolve_budget(budget)
+    selectors = list(selectors or [pipe.selector_method])
+    for name in selectors:
+        if not selector_registry.get(name).prunes:
+            raise InputError(f"selector '{name}' does not prune; the unpruned run is always included")
+    keeps = sorted({int(k) for k in (keeps or [])}, reverse=True)
+    if not keeps:
+        raise InputError("--keep needs at least one budget")
+    for k in keeps:
+        selector_registry.check_keep(k, pipe.max_selectable)
+    items = load_task(task, limit=limit, types=types)
+    log(f"{len(items)} items, selectors {', '.join(selectors)}, keeps {', '.join(map(str, keeps))}")
+    t0 = time.perf_counter()
+    total = len(items) * (1 + len(selectors) * len(keeps))
+    bar = tqdm(total=total, desc="tops-eval", unit="answer", disable=not progress, leave=False)
+    answers: dict = {}
+
+    def answer_all(key, keep):
+        preds = []
+        for item in items:
+            n = pipe.visual_tokens(item.image)[0] if pipe.layout.name != "single" else pipe.max_selectable
+            k = n if keep is None else min(keep, n)  # None: every visual token
+            r = pipe.generate(item.image, item.prompt, max_new_tokens=max_new_tokens, keep=k, budget=budget)
+            preds.append(r.text.strip())
+            bar.update()
+        answers[key] = preds
+        return np.array([score(item, p) for item, p in zip(items, preds)], dtype=np.int64)
+
+    try:
+        first = selectors[0]
+        pipe.use_selector(first)
+        full_keep = pipe.max_selectable
+        full = answer_all(("unpruned", full_keep), None)
+        runs = {}
+        for method in selectors:
+            pipe.use_selector(method)
+            for keep in keeps:
+                if keep >= full_keep:
+                    runs[(method, keep)] = full
+                    bar.update(len(items))
+                    continue
+                runs[(method, keep)] = answer_all((method, keep), keep)
+                log(f"{method} K={keep}: {runs[(method, keep)].mean():.3f} (unpruned {full.mean():.3f})")
+    finally:
+        bar.close()
+    categories = [item.category for item in items]
+    summary = summarize(categories, full, runs)
+    return {
+        "schema": SCHEMA,
+        "created_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "directory": str(Path(directory).resolve()),
+        "model_source": str(pipe.manifest["model"]["source"]),
+        "task": task,
+        "settings": {"keeps": keeps, "selectors": selectors, "items": len(items), "max_new_tokens": max_new_tokens,
+                     "budget": budget, "num_visual_tokens": pipe.max_selectable},
+        "elapsed_s": round(time.perf_counter() - t0, 1),
+        **summary,
+        "examples": [
+            {"question": item.question, "answer": list(item.answer), "category": item.category,
+             **{f"{k[0]}@{k[1]}": answers[k][i] for k in answers}}
+            for i, item in enumerate(items[:20])
+        ],
+    }
+
+
+__all__ = ["Item", "run_eval", "summarize", "wilson", "relative_interval", "SCHEMA"]

@@ -57,6 +57,32 @@ def build_byte_tokenizer(model_max_length: int = 2048):
     return fast
 
 
+def build_word_tokenizer(words, model_max_length: int = 2048):
+    """A word-level tokenizer for a closed vocabulary (e.g. ShapesVQA's): lower-cased words and
+    punctuation marks are tokens, anything else <unk>; BOS added, the LLaVA chat template set.
+    One token per word keeps a tiny LLM's job to binding words to image regions, not spelling."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS)}
+    for w in sorted({w.lower() for w in words} - set(vocab)):
+        vocab[w] = len(vocab)
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", vocab["<s>"])]
+    )
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+        extra_special_tokens={"image_token": IMAGE_TOKEN}, model_max_length=model_max_length,
+    )
+    fast.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
+    fast.chat_template = LLAVA_CHAT_TEMPLATE
+    return fast
+
+
 def tiny_llava_config(tokenizer, next_config: bool = False, **overrides):
     """A LlavaConfig (or LlavaNextConfig with `next_config`) with tiny sizes, updated by `overrides`
     (`vision=`/`text=` dicts update the sub-configs)."""

@@ -1,0 +1,441 @@
+"""Train a tiny LLaVA-1.5 on ShapesVQA and save it in HF format (`tops-export --model DIR` reads it).
+
+    python scripts/train_shapes_llava.py --out runs/shapes --vision-minutes 15 --lm-minutes 60
+    python scripts/train_shapes_llava.py --out runs/shapes --resume runs/shapes/checkpoint.pt --lm-minutes 30
+    python scripts/train_shapes_llava.py --smoke --out /tmp/smoke      # seconds: checks the machinery only
+
+The model is LLaVA-1.5 in miniature: a CLIP ViT at 336px/14 (576 visual tokens; 4 layers of width
+64, features from layer -2 as LLaVA does), LLaVA's 2-layer GELU projector, and a Llama (width 128)
+with a word-level tokenizer over ShapesVQA's closed vocabulary and LLaVA-1.5's chat template.
+
+Stage 1 (the stand-in for CLIP pretraining): the tower alone, with dense per-patch labels (colour,
+shape and size of the object under the patch, and the patch's offset to that object's centre;
+background patches down-weighted).
+Stage 2 (the stand-in for LLaVA's instruction tuning): the tower frozen; its features standardised
+(the scaling is folded into the projector's first layer when saving, so the saved model is plain
+LLaVA), then the projector and the Llama trained on multi-turn ShapesVQA conversations, the loss on
+the answers (each followed by </s>). An auxiliary per-patch loss keeps colour and shape linearly
+readable from the projected tokens.
+
+Progress goes to stderr and `log.jsonl`; `checkpoint.pt` lets a later run resume; each stage ends
+with a per-type validation accuracy. Training uses only the `train` split; `val` picks nothing but is
+reported; `tops-eval` measures `test`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import re
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from tops_edge.eval import shapes  # noqa: E402
+from tops_edge.eval.tasks import SUFFIX  # noqa: E402
+
+SIDE, PATCH = 24, 14
+COLOURS, SHAPE_NAMES, SIZE_NAMES = list(shapes.COLOURS), list(shapes.SHAPES), list(shapes.SIZES)
+
+
+# --- data -------------------------------------------------------------------------------------
+def patch_labels(scene) -> dict[str, np.ndarray]:
+    """Per patch (576): colour, shape, size class of the object covering it (0 = background) and the
+    offset from the patch centre to the object's centre in patches."""
+    colour = np.zeros(SIDE * SIDE, np.int64)
+    shape = np.zeros(SIDE * SIDE, np.int64)
+    size = np.zeros(SIDE * SIDE, np.int64)
+    offset = np.zeros((SIDE * SIDE, 2), np.float32)
+    centres = (np.arange(SIDE) + 0.5) * PATCH
+    cy, cx = np.meshgrid(centres, centres, indexing="ij")
+    for o in scene.objects:
+        pixels = np.asarray(shapes.render([o]))
+        cover = np.any(pixels != np.array(shapes.BACKGROUND), -1).reshape(SIDE, PATCH, SIDE, PATCH).mean((1, 3))
+        mask = (cover > 0.3).reshape(-1)
+        colour[mask] = 1 + COLOURS.index(o.colour)
+        shape[mask] = 1 + SHAPE_NAMES.index(o.shape)
+        size[mask] = 1 + SIZE_NAMES.index(o.size)
+        offset[mask, 0] = ((o.x - cx) / PATCH).reshape(-1)[mask]
+        offset[mask, 1] = ((o.y - cy) / PATCH).reshape(-1)[mask]
+    return {"colour": colour, "shape": shape, "size": size, "offset": offset}
+
+
+class SceneBank:
+    """Scenes of one split rendered once: pixel values (CLIP-normalised, fp16) and patch labels."""
+
+    def __init__(self, processor, split: str, count: int, log):
+        self.split, self.scenes = split, [shapes.scene(split, i) for i in range(count)]
+        t = time.time()
+        images = [s.image() for s in self.scenes]
+        pv = processor.image_processor(images=images, return_tensors="np")["pixel_values"]
+        self.pixels = torch.from_numpy(np.asarray(pv, np.float16))
+        labels = [patch_labels(s) for s in self.scenes]
+        self.labels = {k: torch.from_numpy(np.stack([lab[k] for lab in labels])) for k in labels[0]}
+        self.questions = [s.questions() for s in self.scenes]
+        log(f"{split}: {count} scenes rendered and labelled in {time.time() - t:.0f}s")
+
+    def __len__(self):
+        return len(self.scenes)
+
+
+def vocabulary() -> list[str]:
+    """Every word the chat template, the answer-format suffixes and ShapesVQA can produce."""
+    words = {"user", "assistant", ":", "?", ".", ",", "'"}
+    for text in SUFFIX.values():
+        words |= set(re.findall(r"\w+|[^\w\s]", text.lower()))
+    templates = ["is there a {c} object", "what shape is the {c} object", "what color is the {s}", "is there a {c} {s}",
+                 "how many objects are there", "is the {c} {s} left of the {c} {s}"]
+    for t in templates:
+        words |= set(re.findall(r"\w+", t.format(c="x", s="y"))) - {"x", "y"}
+    words |= set(COLOURS) | set(SHAPE_NAMES) | set(shapes.NUMBERS) | {"yes", "no"}
+    return sorted(words)
+
+
+# --- models -----------------------------------------------------------------------------------
+def build_model(seed: int, vision_layers: int, text_layers: int, text_width: int, heads: int):
+    """(LlavaForConditionalGeneration, processor) with random weights: the architecture to train."""
+    from transformers import GenerationConfig, LlavaForConditionalGeneration
+
+    from tops_edge.models.tiny import IMAGE_TOKEN, build_processor, build_word_tokenizer, tiny_llava_config
+
+    tokenizer = build_word_tokenizer(vocabulary(), model_max_length=1024)
+    config = tiny_llava_config(
+        tokenizer,
+        vision=dict(hidden_size=64, intermediate_size=256, num_hidden_layers=vision_layers, num_attention_heads=4),
+        text=dict(hidden_size=text_width, intermediate_size=4 * text_width, num_hidden_layers=text_layers,
+                  num_attention_heads=heads, num_key_value_heads=heads, max_position_embeddings=1024,
+                  initializer_range=0.02),
+    )
+    config.image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+    torch.manual_seed(seed)
+    model = LlavaForConditionalGeneration(config)
+    model.generation_config = GenerationConfig(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                                               pad_token_id=tokenizer.pad_token_id)
+    vc = config.vision_config
+    processor = build_processor(tokenizer, vc.image_size, vc.patch_size, config.vision_feature_select_strategy)
+    return model, processor
+
+
+def tower_features(model, pixels: torch.Tensor) -> torch.Tensor:
+    """The features LLaVA's projector reads: hidden_states[vision_feature_layer] without [CLS]."""
+    out = model.model.vision_tower(pixels.float(), output_hidden_states=True)
+    return out.hidden_states[model.config.vision_feature_layer][:, 1:]
+
+
+class PatchHeads(nn.Module):
+    """Dense heads: colour (7), shape (6), size (3) and centre offset (2) per token."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.colour, self.shape = nn.Linear(width, 1 + len(COLOURS)), nn.Linear(width, 1 + len(SHAPE_NAMES))
+        self.size, self.offset = nn.Linear(width, 1 + len(SIZE_NAMES)), nn.Linear(width, 2)
+
+    def loss(self, feats: torch.Tensor, labels: dict, background_weight: float = 0.1) -> tuple[torch.Tensor, dict]:
+        fg = (labels["colour"] > 0).float()
+        w = fg + background_weight * (1 - fg)
+        ce = lambda head, y: (nn.functional.cross_entropy(head(feats).flatten(0, 1), y.flatten(), reduction="none")  # noqa: E731
+                              * w.flatten()).sum() / w.sum()
+        off = ((self.offset(feats) - labels["offset"]).pow(2).sum(-1) * fg).sum() / fg.sum().clamp(min=1) / 10
+        parts = {"colour": ce(self.colour, labels["colour"]), "shape": ce(self.shape, labels["shape"]),
+                 "size": ce(self.size, labels["size"]), "offset": off}
+        return sum(parts.values()), parts
+
+    @torch.no_grad()
+    def accuracy(self, feats: torch.Tensor, labels: dict) -> dict:
+        fg = labels["colour"] > 0
+        return {k: float((getattr(self, k)(feats).argmax(-1) == labels[k])[fg].float().mean())
+                for k in ("colour", "shape", "size")}
+
+
+def _heads(state: dict, key: str, width: int) -> PatchHeads:
+    """The dense heads kept across stages and runs (as a state dict in the checkpoint)."""
+    heads = PatchHeads(width)
+    if key in state:
+        heads.load_state_dict(state[key])
+    state[key] = heads.state_dict()  # tensors shared with the module: saved as trained
+    return heads
+
+
+# --- stage 1 ----------------------------------------------------------------------------------
+def train_vision(model, train: SceneBank, val: SceneBank, minutes: float, batch: int, lr: float, log, state):
+    tower = model.model.vision_tower
+    heads = _heads(state, "vision_heads", model.config.vision_config.hidden_size)
+    params = list(tower.parameters()) + list(heads.parameters())
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
+    rng = np.random.default_rng(state.get("vision_steps", 0))
+    t0, step = time.time(), 0
+    tower.train()
+    while time.time() - t0 < minutes * 60:
+        idx = torch.from_numpy(rng.choice(len(train), batch, replace=False))
+        feats = tower_features(model, train.pixels[idx])
+        loss, parts = heads.loss(feats, {k: v[idx] for k, v in train.labels.items()})
+        opt.zero_grad()
+        loss.backward()
+        nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        step += 1
+        if step % 50 == 0:
+            log(f"vision step {step} loss {loss.item():.3f} " + " ".join(f"{k} {v.item():.3f}" for k, v in parts.items()),
+                stage="vision", step=step, loss=loss.item())
+    state["vision_steps"] = state.get("vision_steps", 0) + step
+    tower.eval()
+    with torch.no_grad():
+        feats = torch.cat([tower_features(model, val.pixels[i:i + 64]) for i in range(0, len(val), 64)])
+    acc = heads.accuracy(feats, val.labels)
+    log(f"vision val (foreground patches): {acc}", stage="vision", val=acc)
+    return acc
+
+
+# --- stage 2 ----------------------------------------------------------------------------------
+class Conversations:
+    """Token ids of multi-turn ShapesVQA conversations, the first turn exactly as tops-eval asks it."""
+
+    def __init__(self, processor):
+        self.tok = processor.tokenizer
+        self.processor = processor
+        self.eos = self.tok.eos_token_id
+        self.image_id = self.tok.convert_tokens_to_ids("<image>")
+
+    def first_turn(self, question: str) -> list[int]:
+        prompt = f"{question}\n{SUFFIX['short']}"
+        conv = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
+        return self.tok(self.processor.apply_chat_template(conv, add_generation_prompt=True))["input_ids"]
+
+    def next_turn(self, question: str) -> list[int]:
+        return self.tok(f"USER: {question}\n{SUFFIX['short']} ASSISTANT:", add_special_tokens=False)["input_ids"]
+
+    def build(self, questions, order) -> tuple[list[int], list[tuple[int, int, str]]]:
+        """(ids, targets): targets are (position predicting, token id, question type)."""
+        ids, targets = [], []
+        for n, j in enumerate(order):
+            q = questions[j]
+            ids += self.first_turn(q.question) if n == 0 else self.next_turn(q.question)
+            answer = self.tok(q.answer, add_special_tokens=False)["input_ids"]
+            for a in answer + [self.eos]:
+                targets.append((len(ids) - 1, a, q.qtype))
+                ids.append(a)
+        return ids, targets
+
+
+def lm_batch(model, convs: Conversations, feats: torch.Tensor, bank: SceneBank, idx, rng, turns: int):
+    """A training batch: each scene's questions in a random order, up to `turns` of them."""
+    seqs = []
+    for i in idx:
+        qs = bank.questions[i]
+        seqs.append(convs.build(qs, list(rng.permutation(len(qs)))[:turns]))
+    return _batch_from(model, convs, feats, seqs)
+
+
+def lm_forward(model, x, mask, where):
+    rows, cols, ys, types = where
+    hidden = model.model.language_model(inputs_embeds=x, attention_mask=mask).last_hidden_state
+    logits = model.lm_head(hidden[rows, cols])
+    return logits, ys, types
+
+
+def train_lm(model, processor, train: SceneBank, val: SceneBank, minutes: float, batch: int, lr: float, turns: int,
+             aux_weight: float, log, state, eval_every: int = 100):
+    convs = Conversations(processor)
+    feats_train, feats_val = state["features"]["train"], state["features"]["val"]
+    heads = _heads(state, "projector_heads", model.config.text_config.hidden_size)
+    params = [p for n, p in model.named_parameters() if not n.startswith("model.vision_tower")] + list(heads.parameters())
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
+    if "lm_opt" in state:
+        opt.load_state_dict(state["lm_opt"])
+    rng = np.random.default_rng(1000 + state.get("lm_steps", 0))
+    t0, step = time.time(), 0
+    warmup = 50
+    while time.time() - t0 < minutes * 60:
+        for g in opt.param_groups:
+            g["lr"] = lr * min(1.0, (state.get("lm_steps", 0) + step + 1) / warmup)
+        idx = rng.choice(len(train), batch, replace=False)
+        x, mask, where, image = lm_batch(model, convs, feats_train[idx].float(), train, idx, rng, turns)
+        logits, ys, types = lm_forward(model, x, mask, where)
+        loss = nn.functional.cross_entropy(logits, ys)
+        total = loss
+        if aux_weight:
+            aux, _ = heads.loss(image, {k: v[idx] for k, v in train.labels.items()})
+            total = loss + aux_weight * aux
+        opt.zero_grad()
+        total.backward()
+        nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        step += 1
+        if step % 25 == 0:
+            log(f"lm step {state.get('lm_steps', 0) + step} loss {loss.item():.3f}", stage="lm",
+                step=state.get("lm_steps", 0) + step, loss=loss.item())
+        if step % eval_every == 0:
+            evaluate_lm(model, processor, val, feats_val, log, state.get("lm_steps", 0) + step)
+    state["lm_steps"] = state.get("lm_steps", 0) + step
+    state["lm_opt"] = opt.state_dict()
+    return evaluate_lm(model, processor, val, feats_val, log, state["lm_steps"])
+
+
+@torch.no_grad()
+def evaluate_lm(model, processor, bank: SceneBank, feats, log, step: int) -> dict:
+    """Per-type accuracy of the first answer token, single-turn (as tops-eval asks), teacher-forced."""
+    convs = Conversations(processor)
+    rng = np.random.default_rng(7)
+    hits: dict[str, list[bool]] = {}
+    for start in range(0, len(bank), 32):
+        idx = np.arange(start, min(start + 32, len(bank)))
+        for j in range(len(shapes.QUESTION_TYPES)):
+            sel = [i for i in idx if j < len(bank.questions[i])]
+            if not sel:
+                continue
+            seqs = []
+            for i in sel:
+                ids, tg = convs.build(bank.questions[i], [j])
+                seqs.append((ids, tg[:1]))
+            x, mask, where, _ = _batch_from(model, convs, feats[sel].float(), seqs)
+            logits, ys, types = lm_forward(model, x, mask, where)
+            for t, ok in zip(types, (logits.argmax(-1) == ys).tolist()):
+                hits.setdefault(t, []).append(ok)
+    acc = {t: round(float(np.mean(v)), 4) for t, v in hits.items()}
+    log(f"lm val step {step}: " + " ".join(f"{t} {a:.3f}" for t, a in acc.items()), stage="lm", step=step, val=acc)
+    return acc
+
+
+def _batch_from(model, convs, feats, seqs):
+    lm_embed = model.model.language_model.get_input_embeddings()
+    n_img = feats.shape[1]
+    image = model.model.multi_modal_projector(feats)
+    length = max(len(s) for s, _ in seqs) + n_img - 1
+    x = torch.zeros(len(seqs), length, lm_embed.embedding_dim)
+    mask = torch.zeros(len(seqs), length, dtype=torch.long)
+    rows, cols, ys, types = [], [], [], []
+    for r, (ids, tg) in enumerate(seqs):
+        slot = ids.index(convs.image_id)
+        text = lm_embed(torch.tensor(ids[:slot] + ids[slot + 1:]))
+        seq = torch.cat([text[:slot], image[r], text[slot:]])
+        x[r, : len(seq)] = seq
+        mask[r, : len(seq)] = 1
+        for pos, y, t in tg:
+            rows.append(r)
+            cols.append(pos + (n_img - 1 if pos > slot else 0))
+            ys.append(y)
+            types.append(t)
+    return x, mask, (torch.tensor(rows), torch.tensor(cols), torch.tensor(ys), types), image
+
+
+@torch.no_grad()
+def standardise_and_cache(model, banks: dict, log, stats=None) -> dict:
+    """Run the frozen tower once per scene; standardise its features per channel (mean/std over the
+    train split, or the given `stats`). Returns features (fp16) per split and the (mean, std) used."""
+    feats = {}
+    for name, bank in banks.items():
+        t = time.time()
+        feats[name] = torch.cat([tower_features(model, bank.pixels[i:i + 64]) for i in range(0, len(bank), 64)]).half()
+        log(f"{name}: tower features cached in {time.time() - t:.0f}s")
+    if stats is None:
+        flat = feats["train"].float().flatten(0, 1)
+        stats = flat.mean(0), flat.std(0).clamp(min=1e-4)
+    mean, std = stats
+    for name in feats:
+        feats[name] = ((feats[name].float() - mean) / std).half()
+    return {"features": feats, "mean": mean, "std": std}
+
+
+def fold_standardisation(model, mean: torch.Tensor, std: torch.Tensor) -> None:
+    """projector(standardise(f)) == projector'(f): fold (f - mean) / std into the first Linear."""
+    first = model.model.multi_modal_projector.linear_1
+    with torch.no_grad():
+        w = first.weight / std  # [out, in] / [in]
+        first.bias -= (w * mean).sum(1)
+        first.weight.copy_(w)
+
+
+# --- main -------------------------------------------------------------------------------------
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", required=True, help="output directory: the HF model, checkpoint.pt and log.jsonl")
+    p.add_argument("--resume", default=None, help="a checkpoint.pt to continue from (its stage-1 tower is kept)")
+    p.add_argument("--train-scenes", type=int, default=6000)
+    p.add_argument("--val-scenes", type=int, default=300)
+    p.add_argument("--vision-minutes", type=float, default=15.0)
+    p.add_argument("--lm-minutes", type=float, default=60.0)
+    p.add_argument("--vision-batch", type=int, default=32)
+    p.add_argument("--lm-batch", type=int, default=16)
+    p.add_argument("--vision-lr", type=float, default=2e-3)
+    p.add_argument("--lm-lr", type=float, default=1e-3)
+    p.add_argument("--turns", type=int, default=6, help="questions per image in one training conversation")
+    p.add_argument("--aux-weight", type=float, default=0.1, help="weight of the per-patch loss on projected tokens")
+    p.add_argument("--text-layers", type=int, default=2)
+    p.add_argument("--text-width", type=int, default=128)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--smoke", action="store_true", help="a seconds-long run on a few scenes: machinery only")
+    args = p.parse_args(argv)
+    if args.smoke:
+        args.train_scenes, args.val_scenes = 16, 8
+        args.vision_minutes = args.lm_minutes = 0.02
+        args.vision_batch, args.lm_batch = 4, 4
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    logf = open(out / "log.jsonl", "a")
+
+    def log(msg, **fields):
+        print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+        if fields:
+            logf.write(json.dumps({"time": time.time(), **fields}) + "\n")
+            logf.flush()
+
+    model, processor = build_model(args.seed, 4, args.text_layers, args.text_width, args.heads)
+    state: dict = {}
+    if args.resume:
+        ckpt = torch.load(args.resume, weights_only=False)
+        model.load_state_dict(ckpt["model"])
+        state = ckpt["state"]
+        log(f"resumed from {args.resume}: {state.get('vision_steps', 0)} vision, {state.get('lm_steps', 0)} lm steps")
+    train = SceneBank(processor, "train", args.train_scenes, log)
+    val = SceneBank(processor, "val", args.val_scenes, log)
+
+    if args.vision_minutes > 0 and not state.get("lm_steps"):
+        train_vision(model, train, val, args.vision_minutes, args.vision_batch, args.vision_lr, log, state)
+    for prm in model.model.vision_tower.parameters():
+        prm.requires_grad_(False)
+    model.model.vision_tower.eval()
+    stats = (state["mean"], state["std"]) if "mean" in state else None  # a resumed run keeps its scaling
+    state.update(standardise_and_cache(model, {"train": train, "val": val}, log, stats))
+    if args.lm_minutes > 0:
+        train_lm(model, processor, train, val, args.lm_minutes, args.lm_batch, args.lm_lr, args.turns,
+                 args.aux_weight, log, state, eval_every=10 if args.smoke else 200)
+
+    features = state.pop("features")
+    torch.save({"model": model.state_dict(), "state": state}, out / "checkpoint.pt.tmp")
+    os.replace(out / "checkpoint.pt.tmp", out / "checkpoint.pt")
+    state["features"] = features
+    save_hf(model, processor, state, out / "model", args)
+    log(f"saved {out / 'model'}")
+    return 0
+
+
+def save_hf(model, processor, state, directory: Path, args) -> None:
+    """The standardisation folded into the projector; weights, config and processor in HF format."""
+    import copy
+
+    final = copy.deepcopy(model)
+    fold_standardisation(final, state["mean"], state["std"])
+    directory.mkdir(parents=True, exist_ok=True)
+    final.save_pretrained(directory)
+    processor.save_pretrained(directory)
+    (directory / "TRAINING.json").write_text(json.dumps({
+        "command": "python scripts/train_shapes_llava.py " + " ".join(sys.argv[1:]),
+        "vision_steps": state.get("vision_steps", 0), "lm_steps": state.get("lm_steps", 0),
+        "args": vars(args),
+    }, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

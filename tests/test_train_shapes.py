@@ -1,0 +1,59 @@
+"""The ShapesVQA training script's machinery (a seconds-long smoke run; accuracy is not its job)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import torch
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "train_shapes_llava.py"
+
+
+def _script():
+    spec = importlib.util.spec_from_file_location("train_shapes_llava", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_patch_labels_mark_each_objects_patches():
+    from tops_edge.eval import shapes
+
+    train = _script()
+    scene = shapes.scene("train", 3)
+    labels = train.patch_labels(scene)
+    for o in scene.objects:  # the patch under each object's centre carries its classes
+        i = (o.y // 14) * 24 + o.x // 14
+        assert labels["colour"][i] == 1 + train.COLOURS.index(o.colour)
+        assert labels["shape"][i] == 1 + train.SHAPE_NAMES.index(o.shape)
+    assert (labels["colour"] == 0).mean() > 0.5  # mostly background
+
+
+def test_folding_the_standardisation_keeps_the_projector_output():
+    train = _script()
+    model, _ = train.build_model(0, 2, 1, 32, 2)
+    feats = torch.randn(2, 576, 64) * 3 + 1
+    mean, std = feats.flatten(0, 1).mean(0), feats.flatten(0, 1).std(0)
+    before = model.model.multi_modal_projector((feats - mean) / std)
+    train.fold_standardisation(model, mean, std)
+    torch.testing.assert_close(model.model.multi_modal_projector(feats), before, rtol=1e-4, atol=1e-4)
+
+
+def test_smoke_training_saves_a_model_that_exports_and_evaluates(tmp_path):
+    from tops_edge.eval import run_eval
+    from tops_edge.export import export_model
+
+    train = _script()
+    assert train.main(["--smoke", "--out", str(tmp_path / "run"), "--threads", "1"]) == 0
+    model_dir = tmp_path / "run" / "model"
+    assert json.loads((model_dir / "TRAINING.json").read_text())["lm_steps"] >= 1
+    assert (tmp_path / "run" / "checkpoint.pt").is_file()
+    out = export_model(str(model_dir), tmp_path / "export", selector="tops", keep=64, progress=False)
+    report = run_eval(out, keeps=[64], selectors=["tops", "uniform"], limit=6, max_new_tokens=2)
+    assert report["settings"]["items"] == 6 and report["table"]["tops"]["64"]["all"]["n"] == 6
+    # resuming continues the step count
+    assert train.main(["--smoke", "--out", str(tmp_path / "run"), "--resume", str(tmp_path / "run" / "checkpoint.pt"),
+                       "--threads", "1"]) == 0
+    assert json.loads((model_dir / "TRAINING.json").read_text())["lm_steps"] >= 2

@@ -203,6 +203,8 @@ class Conversations:
         self.processor = processor
         self.eos = self.tok.eos_token_id
         self.image_id = self.tok.convert_tokens_to_ids("<image>")
+        # the words a question turns on: the answer is asked of the last of them (see --word-aux)
+        self.key_ids = set(self.tok.convert_tokens_to_ids(COLOURS + SHAPE_NAMES + ["objects"]))
 
     def first_turn(self, question: str) -> list[int]:
         prompt = f"{question}\n{SUFFIX['short']}"
@@ -212,25 +214,34 @@ class Conversations:
     def next_turn(self, question: str) -> list[int]:
         return self.tok(f"USER: {question}\n{SUFFIX['short']} ASSISTANT:", add_special_tokens=False)["input_ids"]
 
-    def build(self, questions, order) -> tuple[list[int], list[tuple[int, int, str]]]:
-        """(ids, targets): targets are (position predicting, token id, question type)."""
+    def build(self, questions, order, word_aux: bool = False) -> tuple[list[int], list[tuple[int, int, str]]]:
+        """(ids, targets): targets are (position predicting, token id, question type). With
+        `word_aux`, the question's last key word (colour, shape, "objects") also predicts the answer,
+        with type "aux:<type>": a one-hop retrieval from that word's own position, which the answer
+        position then only has to copy."""
         ids, targets = [], []
         for n, j in enumerate(order):
             q = questions[j]
+            start = len(ids)
             ids += self.first_turn(q.question) if n == 0 else self.next_turn(q.question)
             answer = self.tok(q.answer, add_special_tokens=False)["input_ids"]
+            if word_aux:
+                keys = [i for i in range(start, len(ids)) if ids[i] in self.key_ids]
+                if keys:
+                    targets.append((keys[-1], answer[0], "aux:" + q.qtype))
             for a in answer + [self.eos]:
                 targets.append((len(ids) - 1, a, q.qtype))
                 ids.append(a)
         return ids, targets
 
 
-def lm_batch(model, convs: Conversations, feats: torch.Tensor, bank: SceneBank, idx, rng, turns: int):
+def lm_batch(model, convs: Conversations, feats: torch.Tensor, bank: SceneBank, idx, rng, turns: int,
+             word_aux: bool = False):
     """A training batch: each scene's questions in a random order, up to `turns` of them."""
     seqs = []
     for i in idx:
         qs = bank.questions[i]
-        seqs.append(convs.build(qs, list(rng.permutation(len(qs)))[:turns]))
+        seqs.append(convs.build(qs, list(rng.permutation(len(qs)))[:turns], word_aux))
     return _batch_from(model, convs, feats, seqs)
 
 
@@ -242,7 +253,8 @@ def lm_forward(model, x, mask, where):
 
 
 def train_lm(model, processor, train: SceneBank, val: SceneBank, minutes: float, batch: int, lr: float, turns: int,
-             aux_weight: float, log, state, eval_every: int = 100):
+             aux_weight: float, log, state, eval_every: int = 100, word_aux: float = 0.0, checkpoint=None,
+             checkpoint_minutes: float = 10.0):
     convs = Conversations(processor)
     feats_train, feats_val = state["features"]["train"], state["features"]["val"]
     heads = _heads(state, "projector_heads", model.config.text_config.hidden_size)
@@ -252,15 +264,18 @@ def train_lm(model, processor, train: SceneBank, val: SceneBank, minutes: float,
         opt.load_state_dict(state["lm_opt"])
     rng = np.random.default_rng(1000 + state.get("lm_steps", 0))
     t0, step = time.time(), 0
+    last_save = t0
     warmup = 50
     while time.time() - t0 < minutes * 60:
         for g in opt.param_groups:
             g["lr"] = lr * min(1.0, (state.get("lm_steps", 0) + step + 1) / warmup)
         idx = rng.choice(len(train), batch, replace=False)
-        x, mask, where, image = lm_batch(model, convs, feats_train[idx].float(), train, idx, rng, turns)
+        x, mask, where, image = lm_batch(model, convs, feats_train[idx].float(), train, idx, rng, turns, word_aux > 0)
         logits, ys, types = lm_forward(model, x, mask, where)
-        loss = nn.functional.cross_entropy(logits, ys)
-        total = loss
+        is_aux = torch.tensor([t.startswith("aux:") for t in types])
+        per = nn.functional.cross_entropy(logits, ys, reduction="none")
+        loss = per[~is_aux].mean()
+        total = loss + (word_aux * per[is_aux].mean() if is_aux.any() else 0.0)
         if aux_weight:
             aux, _ = heads.loss(image, {k: v[idx] for k, v in train.labels.items()})
             total = loss + aux_weight * aux
@@ -274,6 +289,10 @@ def train_lm(model, processor, train: SceneBank, val: SceneBank, minutes: float,
                 step=state.get("lm_steps", 0) + step, loss=loss.item())
         if step % eval_every == 0:
             evaluate_lm(model, processor, val, feats_val, log, state.get("lm_steps", 0) + step)
+        if checkpoint is not None and time.time() - last_save > checkpoint_minutes * 60:
+            state["lm_opt"] = opt.state_dict()
+            checkpoint(extra_steps=step)
+            last_save = time.time()
     state["lm_steps"] = state.get("lm_steps", 0) + step
     state["lm_opt"] = opt.state_dict()
     return evaluate_lm(model, processor, val, feats_val, log, state["lm_steps"])
@@ -368,6 +387,8 @@ def main(argv=None) -> int:
     p.add_argument("--lm-lr", type=float, default=1e-3)
     p.add_argument("--turns", type=int, default=6, help="questions per image in one training conversation")
     p.add_argument("--aux-weight", type=float, default=0.1, help="weight of the per-patch loss on projected tokens")
+    p.add_argument("--word-aux", type=float, default=0.5,
+                   help="weight of the answer predicted at the question's last key word (0: off)")
     p.add_argument("--text-layers", type=int, default=2)
     p.add_argument("--text-width", type=int, default=128)
     p.add_argument("--heads", type=int, default=4)
@@ -408,33 +429,47 @@ def main(argv=None) -> int:
     model.model.vision_tower.eval()
     stats = (state["mean"], state["std"]) if "mean" in state else None  # a resumed run keeps its scaling
     state.update(standardise_and_cache(model, {"train": train, "val": val}, log, stats))
+    def checkpoint(extra_steps: int = 0):
+        """checkpoint.pt (to resume) and the HF model, both replaced atomically."""
+        saved = {k: v for k, v in state.items() if k != "features"}
+        saved["lm_steps"] = state.get("lm_steps", 0) + extra_steps
+        torch.save({"model": model.state_dict(), "state": saved}, out / "checkpoint.pt.tmp")
+        os.replace(out / "checkpoint.pt.tmp", out / "checkpoint.pt")
+        save_hf(model, processor, saved, out / "model", args)
+        log(f"checkpoint: {saved.get('vision_steps', 0)} vision, {saved['lm_steps']} lm steps -> {out}")
+
     if args.lm_minutes > 0:
         train_lm(model, processor, train, val, args.lm_minutes, args.lm_batch, args.lm_lr, args.turns,
-                 args.aux_weight, log, state, eval_every=10 if args.smoke else 200)
-
-    features = state.pop("features")
-    torch.save({"model": model.state_dict(), "state": state}, out / "checkpoint.pt.tmp")
-    os.replace(out / "checkpoint.pt.tmp", out / "checkpoint.pt")
-    state["features"] = features
-    save_hf(model, processor, state, out / "model", args)
-    log(f"saved {out / 'model'}")
+                 args.aux_weight, log, state, eval_every=10 if args.smoke else 200, word_aux=args.word_aux,
+                 checkpoint=checkpoint)
+    checkpoint()
     return 0
 
 
 def save_hf(model, processor, state, directory: Path, args) -> None:
-    """The standardisation folded into the projector; weights, config and processor in HF format."""
+    """The standardisation folded into the projector; weights, config and processor in HF format,
+    written beside `directory` and swapped in."""
     import copy
+    import shutil
 
     final = copy.deepcopy(model)
     fold_standardisation(final, state["mean"], state["std"])
-    directory.mkdir(parents=True, exist_ok=True)
-    final.save_pretrained(directory)
-    processor.save_pretrained(directory)
-    (directory / "TRAINING.json").write_text(json.dumps({
+    stage = directory.with_name(directory.name + ".tmp")
+    shutil.rmtree(stage, ignore_errors=True)
+    stage.mkdir(parents=True)
+    final.save_pretrained(stage)
+    processor.save_pretrained(stage)
+    (stage / "TRAINING.json").write_text(json.dumps({
         "command": "python scripts/train_shapes_llava.py " + " ".join(sys.argv[1:]),
         "vision_steps": state.get("vision_steps", 0), "lm_steps": state.get("lm_steps", 0),
         "args": vars(args),
     }, indent=2) + "\n")
+    old = directory.with_name(directory.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if directory.exists():
+        os.replace(directory, old)
+    os.replace(stage, directory)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -150,3 +150,11 @@ def test_profiles_follow_the_manifest_and_the_preset():
     assert p["decoder"]["inputs_embeds"] == ((1, 1, 4096), (1, 1, 4096), (1, 576 + 512, 4096))
     assert p["decoder"]["attention_mask"] == ((1, 1), (1, 1025), (1, 2048))
     assert p["decoder"]["past_key_values.0.key"] == ((1, 32, 0, 128), (1, 32, 1024, 128), (1, 32, 2047, 128))
+
+
+def test_build_plans_the_kv_cache_at_the_exports_kv_dtype(llava7b):
+    """Engines keep the graphs' KV IO dtype: an fp32-IO export costs fp32 KV even in an fp16 build."""
+    _, fp = llava7b
+    rows = lambda **kw: {i: b for i, b, _ in plan_memory(fp, get_preset("thor"), "fp16", **kw).rows}  # noqa: E731
+    assert rows(kv_bytes=4)["KV cache"] == 2 * rows()["KV cache"] == 2 * 2 * 32 * 32 * 128 * 4 * 4096
+    assert rows(kv_bytes=4)["weights: decoder"] == rows()["weights: decoder"]

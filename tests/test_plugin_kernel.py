@@ -24,6 +24,15 @@ from tops_edge.selector.dpp import dpp_select
 triton = pytest.importorskip("triton")
 from tops_edge.plugins.kernel import select_order_triton  # noqa: E402
 
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """Tiny per-step ops: torch's thread pool only adds contention here (40x slower on a busy 2-core host)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 METHODS = {"tops": dict(alpha=0.5, beta=0.5, sign=1.0), "cdpruner": dict(alpha=0.5, beta=0.0, sign=-1.0)}
 
 

@@ -30,11 +30,17 @@ ENGINES_NAME = "engines.json"
 FP32_PARTS = ("selector",)
 
 
+def kv_bytes_of(manifest: dict) -> int:
+    """The KV cache's element size: the engines keep the export's KV IO dtype (fp32 until issue 5)."""
+    return {"float32": 4, "float16": 2}.get(manifest["decoder"].get("kv_dtype", "float32"), 4)
+
+
 def describe_build(directory, device: str, precision: str) -> str:
     """The memory plan and the profiles a build would use (tops-build --dry-run); needs no TensorRT."""
     manifest = load_manifest(directory, verify="none")
     preset = get_preset(device)
-    plan = plan_memory(footprint_from_manifest(manifest), preset, precision, manifest["model"]["source"])
+    plan = plan_memory(footprint_from_manifest(manifest), preset, precision, manifest["model"]["source"],
+                       kv_bytes=kv_bytes_of(manifest))
     return format_plan(plan) + "\n" + format_profiles(optimization_profiles(manifest, preset))
 
 
@@ -49,7 +55,7 @@ def build_engines(directory, device: str, precision: str = "fp16", timing_cache:
     if precision == "int8" and manifest["precision"] != "int8":
         raise InputError(f"--precision int8 builds from Q/DQ graphs, but {directory} was exported at {manifest['precision']}; "
                          "re-export with tops-export --precision int8")
-    check_fits(footprint_from_manifest(manifest), preset, precision, manifest["model"]["source"])
+    check_fits(footprint_from_manifest(manifest), preset, precision, manifest["model"]["source"], kv_bytes=kv_bytes_of(manifest))
     trt = require_tensorrt("tops-build")
     if manifest.get("target") == "trt" and "selector" in manifest["parts"]:
         from .. import plugins

@@ -12,7 +12,8 @@
 
 Bytes per parameter (vision matmul, vision other, embed, decoder matmul, decoder other):
   fp32 4 4 4 4 4; fp16 2 2 2 2 2; int8-wo (weight-only INT8 decoder) 2 2 2 1 2; int8 (Q/DQ on every
-  MatMul/Gemm, the rest fp16) 1 2 2 1 2. KV cache and activations are fp32 at fp32, else fp16.
+  MatMul/Gemm, the rest fp16) 1 2 2 1 2. KV cache and activations are fp32 at fp32, else fp16
+  (the KV element size can be given instead: an export's KV IO dtype, which tops-build uses).
   INT8 per-channel scales (one fp32 per output channel) are left out: < 0.1% of the weights.
 """
 
@@ -67,12 +68,14 @@ class MemoryPlan:
 
 
 def plan_memory(fp: Footprint, device: DevicePreset, precision: str, model: str = "model",
-                context: int | None = None) -> MemoryPlan:
+                context: int | None = None, kv_bytes: int | None = None) -> MemoryPlan:
+    """`kv_bytes` overrides the precision's KV-cache element size (an export's KV IO dtype)."""
     if precision not in WEIGHT_BYTES:
         raise InputError(f"precision '{precision}' is not one the planner knows; choose {', '.join(PLAN_PRECISIONS)}")
     context = min(device.max_context, fp.max_context) if context is None else int(context)
     vm, vo, eb, dm, do = WEIGHT_BYTES[precision]
-    kv_bytes = act = activation_bytes(precision)
+    act = activation_bytes(precision)
+    kv_bytes = kv_bytes or act
     prefill = fp.tokens_per_image + MAX_PROMPT_TEXT_TOKENS
     plan = MemoryPlan(model, device, precision, context, prefill)
     m = lambda n: f"{n / 1e6:.1f}M"  # noqa: E731
@@ -109,16 +112,16 @@ def format_plan(plan: MemoryPlan) -> str:
 
 
 def check_fits(fp: Footprint, device: DevicePreset, precision: str, model: str = "model",
-               context: int | None = None) -> MemoryPlan:
+               context: int | None = None, kv_bytes: int | None = None) -> MemoryPlan:
     """The plan, or DoesNotFitError with one line naming the best precision that would fit."""
-    plan = plan_memory(fp, device, precision, model, context)
+    plan = plan_memory(fp, device, precision, model, context, kv_bytes)
     if plan.fits:
         return plan
     need = f"{model} at {precision} needs {plan.total / GIB:.1f} GiB on {device.name} ({device.memory_gib:g} GiB)"
     for other in PLAN_PRECISIONS[PLAN_PRECISIONS.index(precision) + 1:]:
-        alt = plan_memory(fp, device, other, model, context)
+        alt = plan_memory(fp, device, other, model, context, kv_bytes)
         if alt.fits:
             raise DoesNotFitError(f"{need}; --precision {other} would fit ({alt.total / GIB:.1f} GiB)")
-    smallest = plan_memory(fp, device, PLAN_PRECISIONS[-1], model, context)
+    smallest = plan_memory(fp, device, PLAN_PRECISIONS[-1], model, context, kv_bytes)
     raise DoesNotFitError(f"{need}; no precision fits it (the smallest, {PLAN_PRECISIONS[-1]}, needs "
                           f"{smallest.total / GIB:.1f} GiB): choose a larger --device")

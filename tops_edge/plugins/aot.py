@@ -26,13 +26,13 @@ class CompiledSelect:
 
 
 def compile_select(n: int, *, alpha: float, beta: float, sign: float, arch: int | None = None,
-                   block_k: int | None = None, num_warps: int = 4) -> CompiledSelect:
+                   block_k: int | None = None, num_warps: int | None = None) -> CompiledSelect:
     """PTX of the kernel for N tokens with the attributes baked in; `arch` e.g. 87 (Orin), 90 (H100);
     None compiles for the GPU of this process."""
     import triton
     from triton.backends.compiler import GPUTarget
 
-    from .kernel import block_sizes, tops_select_kernel
+    from .kernel import block_sizes, default_num_warps, tops_select_kernel
 
     block_n, bk = block_sizes(n, block_k)
     constexprs = {"ALPHA": float(alpha), "BETA": float(beta), "SIGN": float(sign), "BLOCK_N": block_n, "BLOCK_K": bk}
@@ -40,7 +40,8 @@ def compile_select(n: int, *, alpha: float, beta: float, sign: float, arch: int 
     src = triton.compiler.ASTSource(fn=tops_select_kernel, signature=signature, constexprs=constexprs)
     target = GPUTarget("cuda", int(arch), 32) if arch is not None else None
     # fp fusion off: no FMA contraction, so the arithmetic rounds as the torch reference's does
-    compiled = triton.compile(src, target=target, options={"num_warps": num_warps, "enable_fp_fusion": False})
+    options = {"num_warps": num_warps or default_num_warps(block_n), "enable_fp_fusion": False}
+    compiled = triton.compile(src, target=target, options=options)
     meta = compiled.metadata
     for scratch in ("global_scratch_size", "profile_scratch_size"):
         if getattr(meta, scratch, 0):

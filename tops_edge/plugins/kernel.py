@@ -127,18 +127,34 @@ def block_sizes(n: int, block_k: int | None = None) -> tuple[int, int]:
     return block_n, block_k or max(1, min(16, 8192 // block_n))
 
 
+def default_num_warps(block_n: int) -> int:
+    """About 128 lanes per warp (8 warps at N = 576, 16 at 2880); chosen, not tuned on a GPU."""
+    return max(4, min(16, block_n // 128))
+
+
+def launch_select(similarity, cosine, valid, keep, order, chol, *, alpha: float, beta: float, sign: float,
+                  block_k: int | None = None, num_warps: int | None = None) -> None:
+    """One launch on preallocated tensors (keep: int32 [1] on the device; order int32 [B,N]; chol
+    float32 [B,N,N], needs no initialisation: the kernel reads only rows it wrote)."""
+    b, n = cosine.shape
+    block_n, bk = block_sizes(n, block_k)
+    tops_select_kernel[(b,)](
+        similarity, cosine, valid, keep, n, order, chol,
+        ALPHA=float(alpha), BETA=float(beta), SIGN=float(sign), BLOCK_N=block_n, BLOCK_K=bk,
+        num_warps=num_warps or default_num_warps(block_n), enable_fp_fusion=False,
+    )
+
+
 def select_order_triton(similarity, cosine, valid, keep: int, *, alpha: float, beta: float, sign: float,
                         block_k: int | None = None):
-    """Launch the kernel on torch tensors (CUDA, or CPU under TRITON_INTERPRET=1): [B,N] int32 order."""
+    """The kernel on torch tensors (CUDA, or CPU under TRITON_INTERPRET=1): [B,N] int32 order."""
     import torch
 
     b, n = cosine.shape
-    order = torch.empty((b, n), dtype=torch.int32, device=cosine.device)
-    chol = torch.zeros((b, n, n), dtype=torch.float32, device=cosine.device)
-    keep_t = torch.tensor([int(keep)], dtype=torch.int32, device=cosine.device)
-    block_n, bk = block_sizes(n, block_k)
-    tops_select_kernel[(b,)](
-        similarity.float().contiguous(), cosine.float().contiguous(), valid.to(torch.int32).contiguous(), keep_t, n,
-        order, chol, ALPHA=float(alpha), BETA=float(beta), SIGN=float(sign), BLOCK_N=block_n, BLOCK_K=bk,
-    )
+    dev = cosine.device
+    order = torch.empty((b, n), dtype=torch.int32, device=dev)
+    chol = torch.empty((b, n, n), dtype=torch.float32, device=dev)
+    keep_t = torch.tensor([int(keep)], dtype=torch.int32, device=dev)
+    launch_select(similarity.float().contiguous(), cosine.float().contiguous(), valid.to(torch.int32).contiguous(),
+                  keep_t, order, chol, alpha=alpha, beta=beta, sign=sign, block_k=block_k)
     return order

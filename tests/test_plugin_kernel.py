@@ -24,15 +24,7 @@ from tops_edge.selector.dpp import dpp_select
 triton = pytest.importorskip("triton")
 from tops_edge.plugins.kernel import select_order_triton  # noqa: E402
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """Tiny per-step ops: torch's thread pool only adds contention here (40x slower on a busy 2-core host)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 METHODS = {"tops": dict(alpha=0.5, beta=0.5, sign=1.0), "cdpruner": dict(alpha=0.5, beta=0.0, sign=-1.0)}
 
 
@@ -98,9 +90,10 @@ def test_kernel_with_every_row_degenerate_keeps_the_lowest_indices():
     assert order[0, :5].tolist() == [0, 1, 2, 3, 4] and torch.equal(order, select_order(s, c, v, 5, **METHODS["tops"]))
 
 
-@pytest.mark.parametrize("method, keep, block_k", [("cdpruner", 128, 64), ("tops", 64, 256)])
-def test_kernel_at_llava_size_576_tokens(method, keep, block_k):
-    x, q, mask, vf = _inputs(576, seed=5, batch=1)
+@pytest.mark.parametrize("method, n, keep, block_k", [("cdpruner", 576, 128, 64), ("tops", 576, 64, 256), ("cdpruner", 2880, 64, 64)])
+def test_kernel_at_llava_sizes(method, n, keep, block_k):
+    """LLaVA-1.5's 576 tokens, and LLaVA-NeXT's 2880 in one global budget."""
+    x, q, mask, vf = _inputs(n, seed=5, batch=1)
     s, c, v = plugin_inputs(x, q, mask, vf)
     p = METHODS[method]
     order = _kernel(s, c, v, keep, block_k=block_k, **p)

@@ -54,7 +54,7 @@ def test_ort_selector_graph_has_standard_ops_only(tiny_uniform_dir, tmp_path, ti
     assert {n.domain for n in model.graph.node} <= {"", "ai.onnx"}
 
 
-def test_trt_selector_graph_around_the_plugin_equals_the_reference(trt_export):
+def test_trt_selector_graph_around_the_plugin_equals_the_reference(trt_export, one_torch_thread):
     """The graph's standard ops run in ONNX's reference evaluator with tops::Select implemented by the
     plugin's torch semantics: kept indices and features equal the selector reference."""
     from onnx.reference import ReferenceEvaluator
@@ -120,6 +120,11 @@ def test_tensorrt_commands_without_tensorrt_fail_with_one_line(trt_export, capsy
     line = one_line_error(capsys, command(trt_export))
     assert "`tensorrt`" in line and "JetPack" in line and "pypi.nvidia.com" in line
     assert not list(trt_export.glob("*.engine")) and not (trt_export / "engines.json").exists()
+
+
+def test_trt_export_on_the_ort_backend_fails_with_one_line(trt_export, capsys):
+    line = one_line_error(capsys, run_main([str(trt_export), "--image", str(EXAMPLE), "--prompt", "Hi"]))
+    assert "--target trt" in line and "backend 'trt'" in line
 
 
 def test_build_int8_needs_a_qdq_export(trt_export, capsys):

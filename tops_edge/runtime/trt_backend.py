@@ -1,9 +1,10 @@
 """The TensorRT backend: the Backend / Session / DecoderRunner interface over engines from tops-build.
 
-Engines and IO buffers live in torch CUDA tensors on one stream. The decoder's KV cache is two
-buffers per tensor allocated once (`reserve`), as in the ORT backend: each step binds past to one
-and present (= past + new, optimum's IO) to the other, then they swap; nothing in the decode loop
-allocates. The pipeline opens parts by their .onnx path; the backend runs the engine that
+Engines and IO buffers live in torch CUDA tensors on one stream. The decoder's KV cache, attention
+mask and logits are allocated once (`reserve`): two KV buffers per tensor, as in the ORT backend, so
+each step binds past to one and present (= past + new, optimum's IO) to the other, then they swap.
+Per step only the new tokens' embeddings and positions are copied in and the logits row out (the
+Session interface is numpy, like ORT's). The pipeline opens parts by their .onnx path; the backend runs the engine that
 engines.json (written by tops-build) records for that part.
 
 NOT verified here (no TensorRT, no GPU on the development machines): scripts/verify_trt.sh runs it
@@ -91,7 +92,7 @@ class TrtDecoderRunner(DecoderRunner):
         self.capacity = 0
         self._src: list = []
         self._dst: list = []
-        self.logits = None
+        self._mask = self._logits = None
 
     def reserve(self, capacity: int) -> None:
         if capacity <= self.capacity:
@@ -100,6 +101,9 @@ class TrtDecoderRunner(DecoderRunner):
         per = self.layout.num_kv_heads * self.layout.head_dim * capacity
         buffers = [torch.empty(per, dtype=self.kv_dtype, device="cuda") for _ in range(2 * len(self.past_names))]
         self._src, self._dst = buffers[: len(self.past_names)], buffers[len(self.past_names):]
+        self._mask = torch.ones((1, capacity), dtype=self.e.dtypes["attention_mask"], device="cuda")
+        vocab = self.e.engine.get_tensor_shape("logits")[-1]
+        self._logits = torch.empty((1, 1, vocab), dtype=torch.float32, device="cuda")
         self.capacity = capacity
         self.length = 0
 
@@ -114,16 +118,16 @@ class TrtDecoderRunner(DecoderRunner):
         alive: list = []
         with torch.cuda.stream(self.e.stream):
             self.e.bind_input("inputs_embeds", inputs_embeds, alive)
-            self.e.bind_input("attention_mask", np.ones((1, total), dtype=np.int64), alive)
+            ctx.set_input_shape("attention_mask", (1, total))  # a prefix of the all-ones buffer
+            ctx.set_tensor_address("attention_mask", self._mask.data_ptr())
             self.e.bind_input("position_ids", position_ids, alive)
             for name, out_name, src, dst in zip(self.past_names, self.present_names, self._src, self._dst):
                 ctx.set_input_shape(name, (1, h, past, d))  # packed [1,h,past,d] at the start of the buffer
                 ctx.set_tensor_address(name, src.data_ptr())
                 ctx.set_tensor_address(out_name, dst.data_ptr())
-            logits = torch.empty(tuple(ctx.get_tensor_shape("logits")), dtype=torch.float32, device="cuda")
-            ctx.set_tensor_address("logits", logits.data_ptr())
+            ctx.set_tensor_address("logits", self._logits.data_ptr())
             self.e.execute()
-            result = logits.cpu().numpy()
+            result = self._logits.cpu().numpy()
         self.busy_ms += (time.perf_counter() - t) * 1e3
         self._src, self._dst = self._dst, self._src
         self.length = total

@@ -158,3 +158,17 @@ def test_build_plans_the_kv_cache_at_the_exports_kv_dtype(llava7b):
     rows = lambda **kw: {i: b for i, b, _ in plan_memory(fp, get_preset("thor"), "fp16", **kw).rows}  # noqa: E731
     assert rows(kv_bytes=4)["KV cache"] == 2 * rows()["KV cache"] == 2 * 2 * 32 * 32 * 128 * 4 * 4096
     assert rows(kv_bytes=4)["weights: decoder"] == rows()["weights: decoder"]
+
+
+def test_tiny_footprint_counts_what_the_exported_graphs_hold(tiny, tiny_none_dir):
+    """The tiny model's counts match the initializers of its exported graphs (exactly for embed; within 1%
+    elsewhere, because the exporter stores identical tensors, e.g. the random model's all-ones norm
+    weights, once)."""
+    import onnx
+    import numpy as np
+
+    fp = footprint_of(tiny)
+    numel = lambda part: sum(int(np.prod(t.dims)) for t in onnx.load(str(tiny_none_dir / f"{part}.onnx")).graph.initializer)  # noqa: E731
+    assert numel("embed") == fp.embed
+    assert numel("vision") == pytest.approx(fp.vision_matmul + fp.vision_other, rel=0.01)
+    assert numel("decoder") == pytest.approx(fp.decoder_matmul + fp.decoder_other, rel=0.01)

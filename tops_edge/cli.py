@@ -100,21 +100,15 @@ def _plan_only(args) -> int:
     """tops-export --dry-run: the plan table on stdout; a plan that does not fit is then refused."""
     from .errors import InputError
     from .models.architecture import load_architecture
-    from .plan import check_fits, footprint_of, format_plan, get_preset, plan_memory
+    from .plan import PRESETS, check_fits, footprint_of, format_plan, get_preset, plan_memory
 
     if args.device is None:
-        raise InputError("--dry-run plans memory for a device: add --device (" + ", ".join(_presets()) + ")")
+        raise InputError("--dry-run plans memory for a device: add --device (" + ", ".join(PRESETS) + ")")
     adapter = load_architecture(args.model)
     footprint, device = footprint_of(adapter), get_preset(args.device)
     print(format_plan(plan_memory(footprint, device, args.precision, adapter.source)))
     check_fits(footprint, device, args.precision, adapter.source)
     return 0
-
-
-def _presets():
-    from .plan import PRESETS
-
-    return PRESETS
 
 
 def export_main(argv=None) -> int:

@@ -3,7 +3,8 @@ INT8 quantizes, and the rest) and the decoder's shape. The planner needs nothing
 
 From an adapter, the counts are exact for what the exported graphs contain: the vision part counts
 only the modules its forward runs (LLaVA-1.5's feature layer -2 never runs the tower's last layer),
-found by running it once on the model's own device (the meta device when only a config is known).
+found by running it once on its example inputs, on the model's own device (the meta device when only
+a config is known; nothing is computed there).
 An export records this in its manifest (`footprint`) so that `tops-build` plans without the model.
 """
 
@@ -61,20 +62,29 @@ def _split(params_by_module) -> tuple[int, int]:
 
 
 def _vision_modules_run(vision_part) -> list:
-    """The submodules of the vision part's module that its forward calls, on one image."""
+    """The submodules of the vision part's module that its forward calls on its example inputs (or
+    zeros of its declared shapes); every submodule if that forward cannot run (an upper bound)."""
     import torch
 
     module = vision_part.module
     device = next(module.parameters()).device
-    shape = [1 if isinstance(d, str) else d for d in vision_part.inputs[0].shape]
+    if vision_part.example_inputs is not None:
+        inputs = [x.to(device) for x in vision_part.example_inputs()]
+    else:
+        dtypes = {"float32": torch.float32, "int64": torch.int64}
+        inputs = [torch.zeros([1 if isinstance(d, str) else d for d in spec.shape], dtype=dtypes.get(spec.dtype, torch.float32),
+                              device=device) for spec in vision_part.inputs]
     ran: dict[int, Any] = {}
+
     def seen(mod, args, out):  # returns None: a hook's return value would replace the output
         ran[id(mod)] = mod
 
     hooks = [m.register_forward_hook(seen) for m in module.modules()]
     try:
         with torch.no_grad():
-            module(torch.zeros(shape, device=device))
+            module(*inputs)
+    except Exception:  # a family whose vision forward needs more than this: count everything
+        return list(module.modules())
     finally:
         for h in hooks:
             h.remove()

@@ -137,3 +137,9 @@ def test_build_dry_run_prints_plan_and_profiles_without_tensorrt(trt_export, cap
     out = capsys.readouterr().out
     assert "memory plan: tiny-llava on orin-nx" in out and "verdict: fits" in out
     assert "keep" in out and "(1,) / (128,) / (576,) (values)" in out
+
+
+def test_build_help_exits_zero(capsys):
+    assert build_main(["--help"]) == 0
+    out = capsys.readouterr().out
+    assert "--device" in out and "--timing-cache" in out

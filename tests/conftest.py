@@ -58,3 +58,15 @@ def pipe_uniform(tiny_uniform_dir):
     from tops_edge.runtime import Pipeline
 
     return Pipeline.load(tiny_uniform_dir)
+
+
+@pytest.fixture
+def one_torch_thread():
+    """Greedy selectors run many tiny ops per step: torch's thread pool only adds contention there
+    (measured 40x slower on a busy 2-core host)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -278,3 +278,18 @@ def test_next_with_a_mistral_language_model_matches_hf(tmp_path, next_images):
     pipe = Pipeline.load(export_model(LlavaNextAdapter(model, processor, "tiny-mistral"), tmp_path / "m", progress=False))
     image = next_images["wide"]
     assert pipe.generate(image, "What?", max_new_tokens=NEW_TOKENS).token_ids == hf_generate(model, processor, image, "What?", NEW_TOKENS)
+
+
+def test_tensorrt_profiles_cover_every_next_image(next_dirs):
+    """tops-build's profiles for an anyres export: 1..5 crops into the vision engine, 1..2880 tokens
+    into the selector, prefill up to the longest sequence (2928 visual tokens)."""
+    from tops_edge.plan import get_preset
+    from tops_edge.plan.profiles import optimization_profiles
+
+    profiles = optimization_profiles(load_manifest(next_dirs["uniform"]), get_preset("agx-orin"))
+    lo, opt, hi = profiles["vision"]["pixel_values"]
+    assert (lo[0], hi[0]) == (1, 5) and lo[1:] == hi[1:] == (3, 336, 336)
+    lo, _, hi = profiles["selector"]["image_features"]
+    assert (lo[1], hi[1]) == (1, 2880)
+    assert profiles["selector"]["keep"][2] == (2880,)
+    assert profiles["decoder"]["inputs_embeds"][2][1] >= 2928

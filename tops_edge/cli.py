@@ -70,8 +70,13 @@ def export_parser() -> argparse.ArgumentParser:
     tops.add_argument("--relevance-sign", type=float, default=None, choices=(1.0, -1.0), help="tops/cdpruner: sign of cos(token, instruction)")
     tops.add_argument("--similarity", default=None, choices=("vision", "projected"), help="tops/cdpruner/divprune: features for token similarity")
     tops.add_argument("--selector-seed", type=int, default=None, help="random: the seed of the subset")
-    p.add_argument("--precision", default="fp32", choices=PRECISIONS, help="graph precision (default: fp32)")
-    p.add_argument("--target", default="ort", choices=TARGETS, help="deployment target (default: ort)")
+    from .plan import PLAN_PRECISIONS, PRESETS
+
+    p.add_argument("--precision", default="fp32", choices=tuple(dict.fromkeys(PRECISIONS + PLAN_PRECISIONS)),
+                   help="graph precision (default: fp32; the others are planned by --dry-run, not exported yet)")
+    p.add_argument("--target", default="ort", choices=TARGETS, help="deployment target: ort, or trt (the selector as the tops::Select TensorRT plugin; default: ort)")
+    p.add_argument("--device", default=None, choices=tuple(PRESETS), help="plan memory for this device and refuse a model that does not fit it")
+    p.add_argument("--dry-run", action="store_true", help="with --device: print the memory plan and export nothing (needs no weights)")
     p.add_argument("--positions", default="compact", choices=POSITIONS, help="position ids after pruning: compact renumbers the kept tokens, original keeps theirs (default: compact)")
     p.add_argument("--exporter", default=DEFAULT_EXPORTER, choices=EXPORTERS, help=f"torch.onnx exporter (default: {DEFAULT_EXPORTER}, chosen on measured ORT speed)")
     p.add_argument("--opset", type=int, default=None, help="ONNX opset (default: 18)")
@@ -81,6 +86,8 @@ def export_parser() -> argparse.ArgumentParser:
 
 def _export(argv) -> int:
     args = export_parser().parse_args(argv)
+    if args.dry_run:
+        return _plan_only(args)
     from .export import export_model
 
     params = {"alpha": args.alpha, "beta": args.beta, "relevance_sign": args.relevance_sign,
@@ -90,10 +97,25 @@ def _export(argv) -> int:
         budget=args.budget, precision=args.precision,
         target=args.target, exporter=args.exporter, opset=args.opset, positions=args.positions,
         selector_params={k: v for k, v in params.items() if v is not None},
-        progress=not args.quiet and sys.stderr.isatty(),
+        progress=not args.quiet and sys.stderr.isatty(), device=args.device,
     )
     if not args.quiet:
         print(f"exported {args.model} -> {out}", file=sys.stderr)
+    return 0
+
+
+def _plan_only(args) -> int:
+    """tops-export --dry-run: the plan table on stdout; a plan that does not fit is then refused."""
+    from .errors import InputError
+    from .models.architecture import load_architecture
+    from .plan import PRESETS, check_fits, footprint_of, format_plan, get_preset, plan_memory
+
+    if args.device is None:
+        raise InputError("--dry-run plans memory for a device: add --device (" + ", ".join(PRESETS) + ")")
+    adapter = load_architecture(args.model)
+    footprint, device = footprint_of(adapter), get_preset(args.device)
+    print(format_plan(plan_memory(footprint, device, args.precision, adapter.source)))
+    check_fits(footprint, device, args.precision, adapter.source)
     return 0
 
 
@@ -280,7 +302,38 @@ def eval_main(argv=None) -> int:
     return _run_cli("tops-eval", _eval, argv)
 
 
-if __name__ == "__main__":  # python -m tops_edge.cli export|run|bench|eval ...
+# --- tops-build ----------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    from .engines.build import BUILD_PRECISIONS
+    from .plan import PRESETS
+
+    p = _Parser(prog="tops-build", description="Build TensorRT engines for one device from a tops-export directory "
+                                               "(run it on the device: engines are not portable).")
+    p.add_argument("dir", help="a tops-export output directory (use --target trt for the selector plugin)")
+    p.add_argument("--device", required=True, choices=tuple(PRESETS), help="device preset: memory plan, workspace, max context, optimization level")
+    p.add_argument("--precision", default="fp16", choices=BUILD_PRECISIONS, help="fp16, or int8 from the export's Q/DQ graphs (default: fp16)")
+    p.add_argument("--timing-cache", default=None, metavar="FILE", help="TensorRT timing cache, read and updated (default: DIR/timing.cache)")
+    p.add_argument("--dry-run", action="store_true", help="print the memory plan and the optimization profiles; build nothing")
+    return p
+
+
+def _build(argv) -> int:
+    args = build_parser().parse_args(argv)
+    from .engines.build import build_engines, describe_build
+
+    if args.dry_run:
+        print(describe_build(args.dir, args.device, args.precision))
+        return 0
+    log = lambda msg: print(f"tops-build: {msg}", file=sys.stderr, flush=True)  # noqa: E731
+    build_engines(args.dir, args.device, args.precision, timing_cache=args.timing_cache, log=log)
+    return 0
+
+
+def build_main(argv=None) -> int:
+    return _run_cli("tops-build", _build, argv)
+
+
+if __name__ == "__main__":  # python -m tops_edge.cli export|run|bench|eval|build ...
     cmd, rest = (sys.argv[1], sys.argv[2:]) if len(sys.argv) > 1 else ("", [])
-    commands = {"export": export_main, "run": run_main, "bench": bench_main, "eval": eval_main}
-    sys.exit(commands.get(cmd, lambda _: print("usage: python -m tops_edge.cli export|run|bench|eval ...") or 2)(rest))
+    commands = {"export": export_main, "run": run_main, "bench": bench_main, "eval": eval_main, "build": build_main}
+    sys.exit(commands.get(cmd, lambda _: print("usage: python -m tops_edge.cli export|run|bench|eval|build ...") or 2)(rest))

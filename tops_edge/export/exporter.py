@@ -20,12 +20,15 @@ from .onnx_export import EXPORTERS, export_part, opset_default
 
 PRECISIONS = ("fp32",)
 POSITIONS = ("compact", "original")
-TARGETS = ("ort",)
+TARGETS = ("ort", "trt")
+PLUGIN_METHODS = ("tops", "cdpruner")  # --target trt: these run as the tops::Select TensorRT plugin
 DEFAULT_EXPORTER = "legacy"  # measured: see README "Exporter choice"
 
 
-def selector_part(method: str, params: dict[str, Any], layout: dict[str, Any], hidden: int, vision_width: int) -> PartSpec | None:
-    """The selector graph for `method` from its registered ONNX form; None for `none`.
+def selector_part(method: str, params: dict[str, Any], layout: dict[str, Any], hidden: int, vision_width: int,
+                  target: str = "ort") -> PartSpec | None:
+    """The selector graph for `method` from its registered ONNX form (with `target` trt, the plugin
+    form for PLUGIN_METHODS); None for `none`.
 
     The graph selects within one segment: a whole image (`single` layout, N fixed) or one crop or the
     whole of an anyres image (N dynamic). Spatial methods get the segment's grid as inputs.
@@ -54,6 +57,10 @@ def selector_part(method: str, params: dict[str, Any], layout: dict[str, Any], h
         TensorSpec("kept_indices", "int64", ("num_images", "kept")),
         TensorSpec("selected_features", "float32", ("num_images", "kept", hidden)),
     ]
+    if target == "trt" and method in PLUGIN_METHODS:
+        from ..plugins.onnx_form import plugin_model
+
+        return PartSpec(name="selector", inputs=inputs, outputs=outputs, onnx_model=lambda: plugin_model(params, inputs, outputs))
     fn, constants = info.onnx_form(params, grid)
     return PartSpec(name="selector", inputs=inputs, outputs=outputs,
                     onnx_model=lambda: build_graph(fn, constants, inputs, outputs))
@@ -73,17 +80,20 @@ def export_model(
     positions: str = "compact",
     selector_params: dict[str, Any] | None = None,
     progress: bool = True,
+    device: str | None = None,
 ) -> Path:
     """Export MODEL into OUT. Returns OUT. A failure leaves an existing OUT untouched.
 
     `keep` (tokens) or `keep_ratio` (a fraction of each image's tokens) is the default budget
     recorded in the manifest (the runtime may change it per call); neither means every visual token.
     `budget` splits it over an anyres image's crops: `proportional` (per crop, in proportion to its
-    tokens) or `global` (one selection over the whole image). `selector_params` override the method's defaults (e.g. alpha,
-    beta, relevance_sign, similarity for tops; seed for random).
+    tokens) or `global` (one selection over the whole image). `selector_params` override the
+    method's defaults (e.g. alpha, beta, relevance_sign, similarity for tops; seed for random).
+    `device` (a plan/devices.py preset) refuses, before any export work, a model that would not fit
+    that device at `precision`.
     """
     _check_choice("precision", precision, PRECISIONS, later="--precision fp16/int8 come with INT8/FP16 builds (calib)")
-    _check_choice("target", target, TARGETS, later="--target trt needs the TensorRT build step")
+    _check_choice("target", target, TARGETS)
     _check_choice("positions", positions, POSITIONS)
     _check_choice("exporter", exporter, EXPORTERS)
     _check_choice("budget", budget, BUDGETS)
@@ -105,6 +115,13 @@ def export_model(
         steps.update()
         layout = adapter.visual_layout()
         n = layout["max_selectable"]
+        from ..plan import footprint_of
+
+        footprint = footprint_of(adapter)
+        if device is not None:
+            from ..plan import check_fits, get_preset
+
+            check_fits(footprint, get_preset(device), precision, adapter.source)
         if not info.prunes:
             if keep not in (None, n) or keep_ratio not in (None, 1.0):
                 raise InputError("--selector none keeps every visual token; pass a --selector to export a budget")
@@ -115,7 +132,7 @@ def export_model(
         # can switch to the `attention` selector (Pipeline.use_selector) without re-exporting
         parts = adapter.parts(cls_attention=True)
         vision_width = next(o for o in parts[0].outputs if o.name == "vision_features").shape[-1]
-        sel = selector_part(selector, params, layout, adapter.hidden_size, vision_width)
+        sel = selector_part(selector, params, layout, adapter.hidden_size, vision_width, target)
         if sel is not None:
             parts.insert(1, sel)
         steps.total = len(parts) + 2  # load, each part, preprocessing + manifest
@@ -141,6 +158,8 @@ def export_model(
             budget_spec = {"default_keep": keep, "default_keep_ratio": keep_ratio, "budget": budget}
             manifest = _manifest(adapter, layout, records, arrays, selector, params, budget_spec, precision, opset,
                                  exporter, positions)
+            manifest["target"] = target
+            manifest["footprint"] = footprint.to_json()  # the memory planner's input (tops-build)
             write_manifest(stage, manifest)
             steps.update()
     finally:

@@ -214,12 +214,7 @@ def get_backend(name: str, **options) -> Backend:
     if name == "ort":
         return OrtBackend(**options)
     if name == "trt":
-        try:
-            import tensorrt  # noqa: F401
-        except ImportError:
-            raise BackendUnavailableError(
-                "backend 'trt' needs the `tensorrt` Python package: on Jetson it comes with JetPack; elsewhere "
-                "install it with pip from NVIDIA's package index (pip install tops-edge[trt])"
-            ) from None
-        raise BackendUnavailableError("backend 'trt' is not built yet in this version of tops-edge; use backend 'ort'")
+        from .trt_backend import TrtBackend
+
+        return TrtBackend(**options)
     raise BackendUnavailableError(f"unknown backend '{name}'; choose one of {', '.join(BACKENDS)}")

@@ -158,6 +158,9 @@ class Pipeline:
         """Validate DIR/manifest.json (schema and graph hashes) and open every part on `backend`."""
         directory = Path(directory)
         manifest = load_manifest(directory, verify=verify)
+        if manifest.get("target") == "trt" and backend != "trt" and "selector" in manifest["parts"]:
+            raise InputError(f"{directory} was exported with --target trt: its selector is the tops::Select TensorRT "
+                             "plugin, which only backend 'trt' runs; re-export with --target ort for this backend")
         return cls(directory, manifest, get_backend(backend, **backend_options))
 
     @property

@@ -56,19 +56,28 @@ def sanitize(features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return x * inv, valid
 
 
-def relevance(tokens: torch.Tensor, valid: torch.Tensor, instruction: torch.Tensor, mask: torch.Tensor,
-              sign: float) -> torch.Tensor:
-    """[B,N] in [0,1]: sign * cos(v_i, q_bar), min-max normalised over the valid tokens.
+def instruction_cosine(tokens: torch.Tensor, instruction: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """[B,N] cos(v_i, q_bar), q_bar = mean of the normalised instruction rows where `mask` is 1.
 
-    `tokens` are raw rows; `instruction` [B,M,D] with `mask` [B,M] (1 = user text). CDPruner averages
-    cos(v_i, t_m) over m: that is v_i . q_bar up to a positive scale, which the min-max
-    normalisation removes, so both readings give the same r.
+    `tokens` are raw rows (a degenerate row gives a meaningless entry: callers mask it). CDPruner
+    averages cos(v_i, t_m) over m: that is v_i . q_bar up to a positive scale, which the min-max
+    normalisation in `relevance` removes, so both readings give the same r.
     """
     _, inv, _ = row_norms(tokens)
     q, q_valid = sanitize(instruction)
     m = (mask.to(torch.float32) * q_valid.to(torch.float32)).unsqueeze(-1)
     q_bar = (q * m).sum(1) / m.sum(1).clamp_min(1.0)  # [B, D]
-    raw = sign * (torch.einsum("bnd,bd->bn", tokens.float(), q_bar) * inv.squeeze(-1))  # bad rows masked below
+    return torch.einsum("bnd,bd->bn", tokens.float(), q_bar) * inv.squeeze(-1)
+
+
+def relevance(tokens: torch.Tensor, valid: torch.Tensor, instruction: torch.Tensor, mask: torch.Tensor,
+              sign: float) -> torch.Tensor:
+    """[B,N] in [0,1]: sign * cos(v_i, q_bar), min-max normalised over the valid tokens."""
+    return minmax_relevance(sign * instruction_cosine(tokens, instruction, mask), valid)
+
+
+def minmax_relevance(raw: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """`raw` min-max normalised to [0,1] over the valid tokens; 0 elsewhere."""
     lo = torch.where(valid, raw, torch.full_like(raw, float("inf"))).amin(1, keepdim=True)
     hi = torch.where(valid, raw, torch.full_like(raw, float("-inf"))).amax(1, keepdim=True)
     r = (raw - lo) / (hi - lo + MINMAX_EPS)
@@ -77,8 +86,12 @@ def relevance(tokens: torch.Tensor, valid: torch.Tensor, instruction: torch.Tens
 
 def conditional_kernel(sim_tokens: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """L = diag(w) S diag(w) with S the cosine similarity of the (unit) rows of `sim_tokens`."""
-    s = sim_tokens @ sim_tokens.transpose(1, 2)
-    return weights.unsqueeze(2) * s * weights.unsqueeze(1)
+    return weighted_kernel(sim_tokens @ sim_tokens.transpose(1, 2), weights)
+
+
+def weighted_kernel(similarity: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """L = diag(w) S diag(w)."""
+    return weights.unsqueeze(2) * similarity * weights.unsqueeze(1)
 
 
 def greedy(kernel: torch.Tensor, valid: torch.Tensor, keep: int, beta: float = 0.0) -> torch.Tensor:

@@ -35,18 +35,24 @@ def _unit_rows(x: FLOAT["B", "N", "D"]):
 
 
 @script()
-def _relevance(tokens: FLOAT["B", "N", "D"], inv: FLOAT["B", "N", 1], valid: BOOL["B", "N"],
-               instruction: FLOAT["B", "M", "D"], mask: INT64["B", "M"], sign: FLOAT):
-    """sign * cos(v_i, q_bar), min-max normalised over valid tokens (see dpp.relevance).
-
-    On the raw rows times 1/|row|: one pass over the wide tokens; a degenerate row only spoils its
-    own entry, which the validity mask removes."""
+def _instruction_cosine(tokens: FLOAT["B", "N", "D"], inv: FLOAT["B", "N", 1], instruction: FLOAT["B", "M", "D"],
+                        mask: INT64["B", "M"]):
+    """cos(v_i, q_bar) [B,N] (see dpp.instruction_cosine), on the raw rows times 1/|row|: one pass
+    over the wide tokens; a degenerate row only spoils its own entry, which callers mask."""
     one = op.Constant(value_ints=[1])
     last = op.Constant(value_ints=[-1])
     q, _, q_valid = _unit_rows(instruction)
     m = op.Unsqueeze(op.Mul(op.Cast(mask, to=1), op.Cast(q_valid, to=1)), last)
     q_bar = op.Div(op.ReduceSum(op.Mul(q, m), one, keepdims=0), op.Max(op.ReduceSum(m, one, keepdims=0), op.Constant(value_float=1.0)))
-    raw = op.Mul(sign, op.Squeeze(op.Mul(op.MatMul(tokens, op.Unsqueeze(q_bar, last)), inv), last))
+    return op.Squeeze(op.Mul(op.MatMul(tokens, op.Unsqueeze(q_bar, last)), inv), last)
+
+
+@script()
+def _relevance(tokens: FLOAT["B", "N", "D"], inv: FLOAT["B", "N", 1], valid: BOOL["B", "N"],
+               instruction: FLOAT["B", "M", "D"], mask: INT64["B", "M"], sign: FLOAT):
+    """sign * cos(v_i, q_bar), min-max normalised over valid tokens (see dpp.relevance)."""
+    one = op.Constant(value_ints=[1])
+    raw = op.Mul(sign, _instruction_cosine(tokens, inv, instruction, mask))
     inf = op.Constant(value_float=float("inf"))
     lo = op.ReduceMin(op.Where(valid, raw, inf), one, keepdims=1)
     hi = op.ReduceMax(op.Where(valid, raw, op.Neg(inf)), one, keepdims=1)

@@ -36,6 +36,7 @@ def build_graph(fn, constants: dict, inputs: list, outputs: list) -> onnx.ModelP
         onnx.helper.make_tensor_value_info(s.name, _ONNX_DTYPES[s.dtype], list(s.shape)) for s in outputs
     )
     _align_loop_outputs(model)
+    _import_function_domains(model)
     model = onnx.inliner.inline_local_functions(model)
     del model.functions[:]
     model.ir_version = IR_VERSION
@@ -66,3 +67,14 @@ def _align_loop_outputs(model: onnx.ModelProto) -> None:
             aligned = [by_name[name] for name in carried]
             del node.output[:]
             node.output.extend(aligned)
+
+
+def _import_function_domains(model: onnx.ModelProto) -> None:
+    """Give the model every opset its local functions import (e.g. the `tops` plugin domain):
+    inlining moves their nodes into the graph, which must then import those domains itself."""
+    have = {o.domain for o in model.opset_import}
+    for fn in model.functions:
+        for imp in fn.opset_import:
+            if imp.domain not in have and imp.domain != fn.domain:
+                model.opset_import.append(onnx.helper.make_opsetid(imp.domain, imp.version))
+                have.add(imp.domain)

@@ -1,0 +1,117 @@
+#!/usr/bin/env bash
+# Verify the TensorRT path on a TensorRT host: a CUDA GPU, tensorrt >= 10.8, polygraphy, a CUDA build
+# of torch and triton (pip install -e ".[trt]"). NOT run on the development machines (no TensorRT).
+#
+#   bash scripts/verify_trt.sh [OUT_DIR]        DEVICE=orin-nx bash scripts/verify_trt.sh   (default: rtx)
+#
+# Exports tiny-llava twice (ORT form, and --target trt with the tops::Select plugin), builds fp16
+# engines (int8 too when `tops-export --precision int8` exists), compares each part's engine with
+# ONNX Runtime through polygraphy, runs the TRT pipeline against the ORT one, prints a pass/fail table.
+set -uo pipefail
+OUT=${1:-out/verify-trt}
+DEVICE=${DEVICE:-rtx}
+ROWS=()
+FAILED=0
+row() { ROWS+=("$(printf '%-52s %s' "$1" "$2")"); if [ "$2" = FAIL ]; then FAILED=1; fi; }
+step() { local name=$1; shift; echo "== $name" >&2; if "$@"; then row "$name" PASS; else row "$name" FAIL; fi; }
+
+python - <<'PY' || { echo "verify_trt: needs tensorrt, polygraphy, triton and torch with CUDA" >&2; exit 2; }
+import tensorrt, polygraphy, triton, torch
+assert torch.cuda.is_available(), "torch has no CUDA device"
+print(f"tensorrt {tensorrt.__version__}, polygraphy {polygraphy.__version__}, triton {triton.__version__}, "
+      f"torch {torch.__version__}, GPU {torch.cuda.get_device_name()}")
+PY
+rm -rf "$OUT" && mkdir -p "$OUT"
+
+step "export tiny-llava (ORT form)" tops-export --model tiny-llava --out "$OUT/ort" --selector tops --keep 64 --quiet
+step "export tiny-llava --target trt (plugin node)" tops-export --model tiny-llava --out "$OUT/trt" --selector tops --keep 64 --target trt --quiet
+step "tops-build fp16 ($DEVICE)" tops-build "$OUT/trt" --device "$DEVICE" --precision fp16
+
+PRECISIONS=(fp16)
+if tops-export --model tiny-llava --out "$OUT/int8" --selector tops --keep 64 --target trt --precision int8 --quiet 2>"$OUT/int8.err"; then
+  step "tops-build int8 ($DEVICE)" tops-build "$OUT/int8" --device "$DEVICE" --precision int8
+  PRECISIONS+=(int8)
+else
+  row "tops-build int8 ($DEVICE)" "SKIP ($(head -c 120 "$OUT/int8.err"))"
+fi
+
+# Inputs per part, shaped by the manifest: one image, a prompt of 8 tokens, an empty KV cache, K = 64.
+step "make inputs" python - "$OUT" <<'PY'
+import json, sys
+import numpy as np
+from polygraphy.json import save_json
+out = sys.argv[1]
+m = json.load(open(f"{out}/trt/manifest.json"))
+sizes = {"num_images": 1, "batch": 1, "instruction": 8, "sequence": 8, "past_sequence": 0, "total_sequence": 8}
+g = np.random.default_rng(0)
+for part, rec in m["parts"].items():
+    feeds = {}
+    for spec in rec["inputs"]:
+        shape = [d if isinstance(d, int) else sizes[d] for d in spec["shape"]]
+        if spec["name"] == "keep":
+            feeds["keep"] = np.array(64, dtype=np.int64)
+        elif spec["dtype"] == "int64":
+            feeds[spec["name"]] = (np.ones(shape) if "mask" in spec["name"] else g.integers(5, 200, shape)).astype(np.int64)
+            if spec["name"] == "position_ids":
+                feeds[spec["name"]] = np.arange(shape[-1], dtype=np.int64)[None]
+        else:
+            feeds[spec["name"]] = g.standard_normal(shape).astype(np.float32)
+    save_json([feeds], f"{out}/inputs_{part}.json")
+PY
+
+for prec in "${PRECISIONS[@]}"; do
+  dir=$OUT/trt; [ "$prec" = int8 ] && dir=$OUT/int8
+  for part in vision embed decoder; do
+    engine=$(python -c "import json,sys; print(json.load(open('$dir/engines.json'))['engines']['$part']['path'])" 2>/dev/null) || { row "polygraphy $part $prec vs ORT" FAIL; continue; }
+    polygraphy run "$OUT/ort/$part.onnx" --onnxrt --load-inputs "$OUT/inputs_$part.json" --save-outputs "$OUT/ort_$part.json" >"$OUT/poly_ort_$part.log" 2>&1
+    step "polygraphy $part $prec vs ORT" polygraphy run "$dir/$engine" --model-type engine --trt --load-inputs "$OUT/inputs_$part.json" \
+      --load-outputs "$OUT/ort_$part.json" --atol 2e-2 --rtol 2e-2
+  done
+done
+
+# The selector engine holds tops::Select, which polygraphy's CLI cannot register: compare through its API.
+step "selector engine (tops::Select) == ORT selector" python - "$OUT" <<'PY'
+import json, sys
+import numpy as np
+from polygraphy.backend.common import BytesFromPath
+from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
+from polygraphy.backend.trt import EngineFromBytes, TrtRunner
+from polygraphy.json import load_json
+import tops_edge.plugins
+tops_edge.plugins.load()
+out = sys.argv[1]
+feeds = load_json(f"{out}/inputs_selector.json")[0]
+engine = json.load(open(f"{out}/trt/engines.json"))["engines"]["selector"]["path"]
+ok = True
+for keep in (1, 64, 576):
+    feeds["keep"] = np.array(keep, dtype=np.int64)
+    with OnnxrtRunner(SessionFromOnnx(f"{out}/ort/selector.onnx")) as ort, TrtRunner(EngineFromBytes(BytesFromPath(f"{out}/trt/{engine}"))) as trt:
+        a, b = ort.infer(feeds), trt.infer(feeds)
+        same = np.array_equal(a["kept_indices"], b["kept_indices"]) and np.allclose(a["selected_features"], b["selected_features"])
+        print(f"K={keep}: kept indices equal: {same}")
+        ok &= same
+sys.exit(0 if ok else 1)
+PY
+
+step "TRT pipeline tokens agree with ORT (>= 90%)" python - "$OUT" <<'PY'
+import sys
+from tops_edge.runtime import Pipeline
+out = sys.argv[1]
+ort, trt = Pipeline.load(f"{out}/ort"), Pipeline.load(f"{out}/trt", backend="trt")
+same = total = 0
+kept_ok = True
+for prompt in ["What shapes are in the picture?", "Describe the image.", "How many red circles are there?"]:
+    a = ort.generate("examples/shapes.png", prompt, max_new_tokens=16, ignore_eos=True)
+    b = trt.generate("examples/shapes.png", prompt, max_new_tokens=16, ignore_eos=True)
+    kept_ok &= a.kept_indices == b.kept_indices
+    same += sum(x == y for x, y in zip(a.token_ids, b.token_ids)); total += len(a.token_ids)
+    print(f"{prompt!r}: kept equal {a.kept_indices == b.kept_indices}, tokens {a.token_ids[:6]} vs {b.token_ids[:6]}, "
+          f"TRT prefill {b.timings_ms['prefill']:.2f} ms, decode {b.timings_ms['decode_per_token']:.2f} ms/token")
+print(f"token agreement {same}/{total}")
+sys.exit(0 if kept_ok and same >= 0.9 * total else 1)
+PY
+
+echo
+printf '%-52s %s\n' "check" "result"
+printf '%s\n' "${ROWS[@]}"
+exit $FAILED

@@ -1,0 +1,127 @@
+"""The memory planner: weights per precision + KV cache + activations + workspace + reserve vs the device.
+
+    weights      parameters x bytes per precision (below), per part
+    KV cache     2 buffers x 2 (K, V) x layers x kv_heads x head_dim x kv bytes x context tokens
+                 (two buffers: the decoder writes present = past + new into the other one; see
+                 runtime/backend.py; context = min(device preset, model))
+    activations  the decoder's largest prefill: tokens x (4 hidden + 2 intermediate) x bytes, plus
+                 the fp32 logits row; tokens = the visual tokens per image + MAX_PROMPT_TEXT_TOKENS
+                 (the engines' optimization profile, see profiles.py)
+    workspace    the preset's TensorRT workspace limit, counted in full
+    reserved     the preset's OS + CUDA + TensorRT libraries
+
+Bytes per parameter (vision matmul, vision other, embed, decoder matmul, decoder other):
+  fp32 4 4 4 4 4; fp16 2 2 2 2 2; int8-wo (weight-only INT8 decoder) 2 2 2 1 2; int8 (Q/DQ on every
+  MatMul/Gemm, the rest fp16) 1 2 2 1 2. KV cache and activations are fp32 at fp32, else fp16
+  (the KV element size can be given instead: an export's KV IO dtype, which tops-build uses).
+  INT8 per-channel scales (one fp32 per output channel) are left out: < 0.1% of the weights.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ..errors import InputError
+from .devices import GIB, DevicePreset
+from .footprint import Footprint
+
+#: by fidelity, best first: a refusal names the first one that fits
+PLAN_PRECISIONS = ("fp32", "fp16", "int8-wo", "int8")
+WEIGHT_BYTES = {
+    "fp32": (4, 4, 4, 4, 4),
+    "fp16": (2, 2, 2, 2, 2),
+    "int8-wo": (2, 2, 2, 1, 2),
+    "int8": (1, 2, 2, 1, 2),
+}
+MAX_PROMPT_TEXT_TOKENS = 512  # text tokens of one prompt the engines are built for, besides the image
+
+
+class DoesNotFitError(InputError):
+    """The model at this precision needs more memory than the device has."""
+
+
+def activation_bytes(precision: str) -> int:
+    return 4 if precision == "fp32" else 2
+
+
+@dataclass
+class MemoryPlan:
+    model: str
+    device: DevicePreset
+    precision: str
+    context: int
+    prefill_tokens: int
+    rows: list[tuple[str, int, str]] = field(default_factory=list)  # (item, bytes, how it was counted)
+
+    @property
+    def total(self) -> int:
+        return sum(b for _, b, _ in self.rows)
+
+    @property
+    def fits(self) -> bool:
+        return self.total <= self.device.memory_bytes
+
+    def to_json(self) -> dict:
+        return {"model": self.model, "device": self.device.name, "precision": self.precision, "context": self.context,
+                "prefill_tokens": self.prefill_tokens, "rows": [{"item": i, "bytes": b, "how": h} for i, b, h in self.rows],
+                "total_bytes": self.total, "device_bytes": self.device.memory_bytes, "fits": self.fits}
+
+
+def plan_memory(fp: Footprint, device: DevicePreset, precision: str, model: str = "model",
+                context: int | None = None, kv_bytes: int | None = None) -> MemoryPlan:
+    """`kv_bytes` overrides the precision's KV-cache element size (an export's KV IO dtype)."""
+    if precision not in WEIGHT_BYTES:
+        raise InputError(f"precision '{precision}' is not one the planner knows; choose {', '.join(PLAN_PRECISIONS)}")
+    context = min(device.max_context, fp.max_context) if context is None else int(context)
+    vm, vo, eb, dm, do = WEIGHT_BYTES[precision]
+    act = activation_bytes(precision)
+    kv_bytes = kv_bytes or act
+    prefill = fp.tokens_per_image + MAX_PROMPT_TEXT_TOKENS
+    plan = MemoryPlan(model, device, precision, context, prefill)
+    m = lambda n: f"{n / 1e6:.1f}M"  # noqa: E731
+    plan.rows = [
+        ("weights: vision", fp.vision_matmul * vm + fp.vision_other * vo,
+         f"{m(fp.vision_matmul)} matmul x {vm} B + {m(fp.vision_other)} other x {vo} B"),
+        ("weights: embed", fp.embed * eb, f"{m(fp.embed)} x {eb} B"),
+        ("weights: decoder", fp.decoder_matmul * dm + fp.decoder_other * do,
+         f"{m(fp.decoder_matmul)} matmul x {dm} B + {m(fp.decoder_other)} other x {do} B"),
+        ("KV cache", 2 * 2 * fp.num_layers * fp.num_kv_heads * fp.head_dim * kv_bytes * context,
+         f"2 buffers x 2 x {fp.num_layers} layers x {fp.num_kv_heads} heads x {fp.head_dim} x {kv_bytes} B x {context} tokens"),
+        ("activations", prefill * (4 * fp.hidden_size + 2 * fp.intermediate_size) * act + fp.vocab_size * 4,
+         f"{prefill} tokens x (4 x {fp.hidden_size} + 2 x {fp.intermediate_size}) x {act} B + logits"),
+        ("TensorRT workspace", device.workspace_bytes, "preset"),
+        ("reserved (OS, CUDA, libraries)", device.reserved_bytes, "preset"),
+    ]
+    return plan
+
+
+def format_plan(plan: MemoryPlan) -> str:
+    d = plan.device
+    lines = [
+        f"memory plan: {plan.model} on {d.name} ({d.summary}), {plan.precision}, context {plan.context} tokens, "
+        f"prefill up to {plan.prefill_tokens} tokens",
+        f"  {'item':<32}{'GiB':>8}  how",
+    ]
+    lines += [f"  {item:<32}{b / GIB:>8.2f}  {how}" for item, b, how in plan.rows]
+    lines.append(f"  {'total':<32}{plan.total / GIB:>8.2f}")
+    lines.append(f"  {'device memory':<32}{d.memory_bytes / GIB:>8.2f}")
+    spare = d.memory_bytes - plan.total
+    verdict = f"fits ({spare / GIB:.2f} GiB spare)" if plan.fits else f"does NOT fit ({-spare / GIB:.2f} GiB over)"
+    lines.append(f"  verdict: {verdict}")
+    return "\n".join(lines)
+
+
+def check_fits(fp: Footprint, device: DevicePreset, precision: str, model: str = "model",
+               context: int | None = None, kv_bytes: int | None = None) -> MemoryPlan:
+    """The plan, or DoesNotFitError with one line naming the best precision that would fit."""
+    plan = plan_memory(fp, device, precision, model, context, kv_bytes)
+    if plan.fits:
+        return plan
+    need = f"{model} at {precision} needs {plan.total / GIB:.1f} GiB on {device.name} ({device.memory_gib:g} GiB)"
+    for other in PLAN_PRECISIONS[PLAN_PRECISIONS.index(precision) + 1:]:
+        alt = plan_memory(fp, device, other, model, context, kv_bytes)
+        if alt.fits:
+            raise DoesNotFitError(f"{need}; --precision {other} would fit ({alt.total / GIB:.1f} GiB)")
+    smallest = plan_memory(fp, device, PLAN_PRECISIONS[-1], model, context, kv_bytes)
+    raise DoesNotFitError(f"{need}; no precision fits it (the smallest, {PLAN_PRECISIONS[-1]}, needs "
+                          f"{smallest.total / GIB:.1f} GiB): choose a larger --device")

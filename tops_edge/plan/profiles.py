@@ -1,0 +1,68 @@
+"""TensorRT optimization profiles from the manifest and a device preset: pure data, tested here.
+
+Each part gets one profile: {input name: (min, opt, max)} shapes; `keep` is a shape tensor (its
+value decides output shapes), so its entry gives values, not a shape. Ranges:
+  images     1 (one image per call); LLaVA-NeXT crops 1 .. max_crops
+  visual     N tokens per image (static in LLaVA-1.5's graphs); NeXT's selector segments 1 .. max_selectable
+  prompt     1 .. MAX_PROMPT_TEXT_TOKENS text tokens (instruction, embed calls)
+  prefill    1 .. N + MAX_PROMPT_TEXT_TOKENS tokens in one decoder step (opt 1: decode dominates)
+  KV length  0 .. context - 1 past tokens, context = min(preset, model)
+"""
+
+from __future__ import annotations
+
+from .devices import DevicePreset
+from .memory import MAX_PROMPT_TEXT_TOKENS
+
+Range = tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]
+SHAPE_TENSORS = ("keep",)
+
+
+def _dims(spec: dict, sizes: dict[str, Range]) -> Range:
+    """(min, opt, max) of one IO spec: static dims stay, named dims come from `sizes`."""
+    out = ([], [], [])
+    for dim in spec["shape"]:
+        for i in range(3):
+            out[i].append(dim if isinstance(dim, int) else sizes[dim][i])
+    return tuple(tuple(x) for x in out)
+
+
+def optimization_profiles(manifest: dict, device: DevicePreset) -> dict[str, dict[str, Range]]:
+    """{part: {input: (min, opt, max)}} for every part in the manifest."""
+    visual = manifest["visual"]
+    n = int(visual["max_tokens"])  # the longest visual sequence of one image
+    selectable = int(visual["max_selectable"])
+    per_crop = int(visual["tokens_per_crop"])
+    crops = int(visual.get("max_crops", 1))
+    context = min(device.max_context, int(manifest["decoder"]["max_context"]))
+    prompt = MAX_PROMPT_TEXT_TOKENS
+    prefill = n + prompt
+    sizes = {
+        "num_images": (1, 1, 1), "batch": (1, 1, 1),
+        "num_crops": (1, min(3, crops), crops), "tokens": (1, per_crop, selectable),
+        "instruction": (1, 32, prompt),
+        "sequence": (1, 1, prefill),
+        "past_sequence": (0, context // 2, context - 1),
+        "total_sequence": (1, context // 2 + 1, context),
+    }
+    profiles = {}
+    for part, record in manifest["parts"].items():
+        part_sizes = dict(sizes, sequence=(1, 32, prompt)) if part == "embed" else sizes
+        profile = {}
+        for spec in record["inputs"]:
+            if spec["name"] in SHAPE_TENSORS:  # the value range of the budget K
+                profile[spec["name"]] = ((1,), (min(selectable, 128),), (selectable,))
+            else:
+                profile[spec["name"]] = _dims(spec, part_sizes)
+        profiles[part] = profile
+    return profiles
+
+
+def format_profiles(profiles: dict[str, dict[str, Range]]) -> str:
+    lines = ["optimization profiles (min / opt / max):"]
+    for part, profile in profiles.items():
+        lines.append(f"  {part}")
+        for name, (lo, opt, hi) in profile.items():
+            kind = " (values)" if name in SHAPE_TENSORS else ""
+            lines.append(f"    {name:<28}{lo} / {opt} / {hi}{kind}")
+    return "\n".join(lines)

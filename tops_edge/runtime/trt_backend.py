@@ -1,0 +1,170 @@
+"""The TensorRT backend: the Backend / Session / DecoderRunner interface over engines from tops-build.
+
+Engines and IO buffers live in torch CUDA tensors on one stream. The decoder's KV cache, attention
+mask and logits are allocated once (`reserve`): two KV buffers per tensor, as in the ORT backend, so
+each step binds past to one and present (= past + new, optimum's IO) to the other, then they swap.
+Per step only the new tokens' embeddings and positions are copied in and the logits row out (the
+Session interface is numpy, like ORT's). The pipeline opens parts by their .onnx path; the backend runs the engine that
+engines.json (written by tops-build) records for that part.
+
+NOT verified here (no TensorRT, no GPU on the development machines): scripts/verify_trt.sh runs it
+against ONNX Runtime on a TensorRT host.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+
+from ..engines.tensorrt_import import require_tensorrt
+from .backend import Backend, DecoderRunner, KVLayout, Session
+
+
+class _Engine:
+    """A deserialized engine with an execution context and host-side bookkeeping of its IO."""
+
+    def __init__(self, trt, runtime, path: Path):
+        import torch
+
+        self.torch = torch
+        self.engine = runtime.deserialize_cuda_engine(path.read_bytes())
+        if self.engine is None:
+            raise RuntimeError(f"TensorRT could not load {path} (built for another device or TensorRT version?)")
+        self.context = self.engine.create_execution_context()
+        names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
+        is_input = lambda n: self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT  # noqa: E731
+        self.input_names = [n for n in names if is_input(n)]
+        self.output_names = [n for n in names if not is_input(n)]
+        self.host_inputs = {n for n in self.input_names if self.engine.is_shape_inference_io(n)}
+        self.dtypes = {n: torch.from_numpy(np.empty(0, dtype=trt.nptype(self.engine.get_tensor_dtype(n)))).dtype for n in names}
+        self.stream = torch.cuda.Stream()
+
+    def bind_input(self, name: str, value: np.ndarray, keep: list):
+        torch = self.torch
+        if name in self.host_inputs:  # shape tensors (the budget K) are read on the host
+            host = np.ascontiguousarray(value, dtype=torch.empty(0, dtype=self.dtypes[name]).numpy().dtype)
+            keep.append(host)
+            self.context.set_tensor_address(name, host.ctypes.data)
+        else:
+            dev = torch.as_tensor(np.ascontiguousarray(value)).to(device="cuda", dtype=self.dtypes[name], non_blocking=True)
+            keep.append(dev)
+            self.context.set_tensor_address(name, dev.data_ptr())
+        self.context.set_input_shape(name, tuple(value.shape))
+
+    def execute(self):
+        if not self.context.execute_async_v3(self.stream.cuda_stream):
+            raise RuntimeError("TensorRT execution failed")
+
+
+class TrtSession(Session):
+    def __init__(self, engine: _Engine):
+        self.e = engine
+        self.input_names = engine.input_names
+        self.output_names = engine.output_names
+
+    def run(self, feeds):
+        torch, ctx = self.e.torch, self.e.context
+        t = time.perf_counter()
+        alive: list = []
+        with torch.cuda.stream(self.e.stream):
+            for name in self.input_names:
+                self.e.bind_input(name, np.asarray(feeds[name]), alive)
+            outputs = {}
+            for name in self.output_names:
+                out = torch.empty(tuple(ctx.get_tensor_shape(name)), dtype=self.e.dtypes[name], device="cuda")
+                ctx.set_tensor_address(name, out.data_ptr())
+                outputs[name] = out
+            self.e.execute()
+            result = {name: out.cpu().numpy() for name, out in outputs.items()}
+        self.busy_ms += (time.perf_counter() - t) * 1e3
+        return result
+
+
+class TrtDecoderRunner(DecoderRunner):
+    def __init__(self, engine: _Engine, layout: KVLayout):
+        super().__init__(layout)
+        self.e = engine
+        self.past_names = [n for n in engine.input_names if n.startswith("past_key_values.")]
+        self.present_names = [n.replace("past_key_values.", "present.") for n in self.past_names]
+        self.kv_dtype = engine.dtypes[self.past_names[0]]
+        self.capacity = 0
+        self._src: list = []
+        self._dst: list = []
+        self._mask = self._logits = None
+
+    def reserve(self, capacity: int) -> None:
+        if capacity <= self.capacity:
+            return
+        torch = self.e.torch
+        per = self.layout.num_kv_heads * self.layout.head_dim * capacity
+        buffers = [torch.empty(per, dtype=self.kv_dtype, device="cuda") for _ in range(2 * len(self.past_names))]
+        self._src, self._dst = buffers[: len(self.past_names)], buffers[len(self.past_names):]
+        self._mask = torch.ones((1, capacity), dtype=self.e.dtypes["attention_mask"], device="cuda")
+        vocab = self.e.engine.get_tensor_shape("logits")[-1]
+        self._logits = torch.empty((1, 1, vocab), dtype=torch.float32, device="cuda")
+        self.capacity = capacity
+        self.length = 0
+
+    def step(self, inputs_embeds, position_ids):
+        torch, ctx = self.e.torch, self.e.context
+        seq = inputs_embeds.shape[1]
+        past, total = self.length, self.length + seq
+        if total > self.capacity:
+            raise RuntimeError(f"KV cache holds {self.capacity} tokens, step needs {total}")  # a bug, not user input
+        h, d = self.layout.num_kv_heads, self.layout.head_dim
+        t = time.perf_counter()
+        alive: list = []
+        with torch.cuda.stream(self.e.stream):
+            self.e.bind_input("inputs_embeds", inputs_embeds, alive)
+            ctx.set_input_shape("attention_mask", (1, total))  # a prefix of the all-ones buffer
+            ctx.set_tensor_address("attention_mask", self._mask.data_ptr())
+            self.e.bind_input("position_ids", position_ids, alive)
+            for name, out_name, src, dst in zip(self.past_names, self.present_names, self._src, self._dst):
+                ctx.set_input_shape(name, (1, h, past, d))  # packed [1,h,past,d] at the start of the buffer
+                ctx.set_tensor_address(name, src.data_ptr())
+                ctx.set_tensor_address(out_name, dst.data_ptr())
+            ctx.set_tensor_address("logits", self._logits.data_ptr())
+            self.e.execute()
+            result = self._logits.cpu().numpy()
+        self.busy_ms += (time.perf_counter() - t) * 1e3
+        self._src, self._dst = self._dst, self._src
+        self.length = total
+        return result[0, -1]
+
+
+class TrtBackend(Backend):
+    name = "trt"
+
+    def __init__(self):
+        self.trt = require_tensorrt("backend 'trt'")
+        import torch
+
+        if not torch.cuda.is_available():
+            from ..errors import BackendUnavailableError
+
+            raise BackendUnavailableError("backend 'trt' needs a CUDA GPU visible to torch (a CUDA build of torch)")
+        self.runtime = self.trt.Runtime(self.trt.Logger(self.trt.Logger.WARNING))
+        self._engines: dict | None = None
+
+    def _engine_for(self, onnx_path: Path) -> _Engine:
+        from ..engines.build import read_engines
+
+        directory = Path(onnx_path).parent
+        if self._engines is None:
+            self._engines = read_engines(directory)["engines"]
+            from ..export.manifest import load_manifest
+
+            if load_manifest(directory, verify="none").get("target") == "trt":
+                from .. import plugins
+
+                plugins.load()  # the selector engine holds tops::Select
+        part = Path(onnx_path).stem
+        return _Engine(self.trt, self.runtime, directory / self._engines[part]["path"])
+
+    def session(self, path):
+        return TrtSession(self._engine_for(path))
+
+    def decoder(self, path, layout):
+        return TrtDecoderRunner(self._engine_for(path), layout)

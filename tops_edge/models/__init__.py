@@ -79,6 +79,7 @@ def _load_local(path: Path, source: str) -> ModelAdapter:
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()  # e.g. the torchvision -> PIL image-processor fallback notice
+    hf_logging.disable_progress_bar()  # "Loading weights": tops-export shows its own progress
     if not (path / "config.json").is_file():
         raise ModelNotFoundError(f"{path} has no config.json; expected a Hugging Face model directory")
     try:

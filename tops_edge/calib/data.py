@@ -70,6 +70,7 @@ def load_calibration_set(directory, limit: int = MAX_SAMPLES) -> CalibrationSet:
         raise CalibrationError(f"--calib {directory} has no {PROMPTS_NAME} (one {{\"image\": ..., \"prompt\": ...}} a line)")
     folder_images = sorted(p for p in directory.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
     pairs = []
+    unnamed = 0  # prompts without an image take the folder's images in turn
     try:
         lines = prompts_path.read_text().splitlines()
     except (OSError, UnicodeDecodeError) as exc:
@@ -88,7 +89,8 @@ def load_calibration_set(directory, limit: int = MAX_SAMPLES) -> CalibrationSet:
                 raise CalibrationError(f"{prompts_path}:{number}: \"image\" must be a file name")
             image = directory / record["image"]
         elif folder_images:
-            image = folder_images[len(pairs) % len(folder_images)]
+            image = folder_images[unnamed % len(folder_images)]
+            unnamed += 1
         else:
             raise CalibrationError(f"{prompts_path}:{number} names no \"image\" and {directory} holds no images")
         pairs.append((image, record["prompt"]))

@@ -131,3 +131,40 @@ def sort_topologically(model: onnx.ModelProto) -> None:
         pending = rest
     del model.graph.node[:]
     model.graph.node.extend(ordered)
+
+
+def drop_cast_round_trips(model: onnx.ModelProto, fp32_nodes: set[str]) -> int:
+    """Remove fp32 -> fp16 -> fp32 Cast pairs; returns how many. The fp16 converter puts one on every
+    edge between two nodes it keeps in fp32 (e.g. the rotary angle chain), which rounds the value to
+    fp16 all the same: positions x frequencies lost ~0.1 in cos/sin at position 600. Only pairs whose
+    source is known fp32 (an output of `fp32_nodes`, of a Cast to fp32, or an fp32 graph input)."""
+    producer = _producers(model)
+    fp32 = {i.name for i in model.graph.input if i.type.tensor_type.elem_type == onnx.TensorProto.FLOAT}
+    outputs = {o.name for o in model.graph.output}
+    to = lambda node: next((a.i for a in node.attribute if a.name == "to"), None)  # noqa: E731
+    replace = {}
+    for node in model.graph.node:
+        if node.op_type != "Cast" or to(node) != onnx.TensorProto.FLOAT or node.output[0] in outputs:
+            continue
+        first = producer.get(node.input[0])
+        if first is None or first.op_type != "Cast" or to(first) != onnx.TensorProto.FLOAT16:
+            continue
+        source = producer.get(first.input[0])
+        if first.input[0] in fp32 or (source is not None and (source.name in fp32_nodes or (
+                source.op_type == "Cast" and to(source) == onnx.TensorProto.FLOAT))):
+            replace[node.output[0]] = first.input[0]
+    if not replace:
+        return 0
+    for node in model.graph.node:
+        for i, name in enumerate(node.input):
+            if name in replace:
+                node.input[i] = replace[name]
+    stale = set(replace) | set(replace.values())  # the converter typed these fp16
+    infos = [v for v in model.graph.value_info if v.name not in stale]
+    del model.graph.value_info[:]
+    model.graph.value_info.extend(infos)
+    used = {i for node in model.graph.node for i in node.input} | outputs
+    kept = [n for n in model.graph.node if n.op_type != "Cast" or any(o in used for o in n.output)]
+    del model.graph.node[:]
+    model.graph.node.extend(kept)
+    return len(replace)

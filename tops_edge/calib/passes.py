@@ -61,6 +61,7 @@ def to_fp16(src: Path, dst: Path) -> None:
     model = convert_float_to_float16(model, keep_io_types=True, op_block_list=DEFAULT_OP_BLOCK_LIST,
                                      node_block_list=blocked, disable_shape_infer=not _fits_protobuf(model))
     graphs.sort_topologically(model)
+    graphs.drop_cast_round_trips(model, set(blocked))
     _save(model, dst)
 
 

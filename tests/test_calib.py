@@ -319,3 +319,14 @@ def test_bad_calib_fails_with_one_line_and_writes_nothing(tmp_path, capsys, case
                                                "--calib", str(calib), "--quiet"]))
     assert expect in line and ("--calib" in line or str(calib) in line), line
     assert not out.exists()
+
+
+def test_trt_target_int8_calibrates_through_the_plugin_selectors_onnx_form(tmp_path, monkeypatch, tiny, small_calib):
+    from tops_edge.plugins.onnx_form import plugin_nodes
+
+    monkeypatch.setenv("TOPS_EDGE_CACHE", str(tmp_path / "cache"))
+    out = export_model(tiny, tmp_path / "trt-int8", selector="tops", keep=64, target="trt", precision="int8",
+                       calib=small_calib, progress=False)
+    assert plugin_nodes(graph(out, "selector"))  # the deployed selector is still the TensorRT plugin
+    assert [n for n in graph(out, "decoder").graph.node if n.op_type == "QuantizeLinear"]
+    assert load_manifest(out)["parts"]["selector"]["precision"] == "fp32"

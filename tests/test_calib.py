@@ -229,6 +229,21 @@ def test_tiny_llava_next_int8_runs_end_to_end(tmp_path, monkeypatch, images, sma
     assert [n for n in graph(out, "vision").graph.node if n.op_type == "QuantizeLinear"]
 
 
+def test_build_dry_run_plans_an_int8_wo_export_as_int8_wo(exports, capsys):
+    assert build_main([str(exports["int8-wo"]), "--device", "orin-nx", "--precision", "int8", "--dry-run"]) == 0
+    assert "(Jetson Orin NX 16 GB), int8-wo, context" in capsys.readouterr().out
+
+
+def test_tops_export_int8_with_a_calib_folder(tmp_path, monkeypatch):
+    monkeypatch.setenv("TOPS_EDGE_CACHE", str(tmp_path / "cache"))
+    calib = _calib_dir(tmp_path, '{"prompt": "What shape is it?"}\n{"image": "a.png", "prompt": "Any red?"}\n')
+    assert export_main(["--model", "tiny-llava", "--out", str(tmp_path / "out"), "--precision", "int8",
+                        "--calib", str(calib), "--quiet"]) == 0
+    manifest = load_manifest(tmp_path / "out")
+    assert manifest["precision"] == "int8" and manifest["parts"]["decoder"]["precision"] == "int8"
+    assert len(list((tmp_path / "cache" / "calib").glob("*.json"))) == 2
+
+
 def test_build_refuses_fp16_engines_from_qdq_graphs_with_one_line(exports, capsys):
     line = one_line_error(capsys, build_main([str(exports["int8-wo"]), "--device", "orin-nano", "--precision", "fp16"]))
     assert "Q/DQ" in line and "--precision int8" in line

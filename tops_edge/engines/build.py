@@ -41,6 +41,8 @@ def describe_build(directory, device: str, precision: str) -> str:
     """The memory plan and the profiles a build would use (tops-build --dry-run); needs no TensorRT."""
     manifest = load_manifest(directory, verify="none")
     preset = get_preset(device)
+    if precision == "int8" and manifest["precision"] in QDQ_EXPORTS:
+        precision = manifest["precision"]  # int8-wo: int8 decoder weights only
     plan = plan_memory(footprint_from_manifest(manifest), preset, precision, manifest["model"]["source"],
                        kv_bytes=kv_bytes_of(manifest))
     return format_plan(plan) + "\n" + format_profiles(optimization_profiles(manifest, preset))

@@ -19,17 +19,17 @@ from pathlib import Path
 
 from .data import CalibrationError, CalibrationSet, calibration_set, default_calibration_set, load_calibration_set
 
-EXPORT_PRECISIONS = ("fp32", "fp16", "int8", "int8-wo")
-PART_PRECISIONS = ("fp32", "fp16", "int8", "int8-wo")
+#: what each part becomes at each export precision (parts not named stay fp32)
 PART_PLAN = {
     "fp32": {},
     "fp16": {"vision": "fp16", "embed": "fp16", "decoder": "fp16"},
     "int8": {"vision": "int8", "decoder": "int8"},
     "int8-wo": {"decoder": "int8-wo"},
 }
+EXPORT_PRECISIONS = tuple(PART_PLAN)
 CALIB_VERSION = 1  # bump when the INT8 settings change: old cache entries stop matching
 
-__all__ = ["EXPORT_PRECISIONS", "PART_PRECISIONS", "PART_PLAN", "CalibrationError", "CalibrationSet",
+__all__ = ["EXPORT_PRECISIONS", "PART_PLAN", "CalibrationError", "CalibrationSet",
            "calibration_set", "default_calibration_set", "load_calibration_set", "convert_parts", "cache_dir"]
 
 

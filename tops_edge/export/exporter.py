@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from .. import __version__, selector as selectors
+from ..calib import EXPORT_PRECISIONS
 from ..errors import ExportError, InputError
 from ..models import ModelAdapter, PartSpec, TensorSpec, load
 from ..models.base import config_sha256
@@ -18,7 +19,7 @@ from .atomic import staged_directory
 from .manifest import SCHEMA_VERSION, file_record, write_manifest
 from .onnx_export import EXPORTERS, export_part, opset_default
 
-PRECISIONS = ("fp32", "fp16", "int8", "int8-wo")  # calib/__init__.py: what each part becomes
+PRECISIONS = EXPORT_PRECISIONS  # calib/__init__.py: what each part becomes at each
 POSITIONS = ("compact", "original")
 TARGETS = ("ort", "trt")
 PLUGIN_METHODS = ("tops", "cdpruner")  # --target trt: these run as the tops::Select TensorRT plugin

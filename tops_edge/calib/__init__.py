@@ -7,7 +7,8 @@ weight-only INT8. `convert_parts` runs on the exporter's staged fp32 export, par
     embed     fp16   fp32              fp32      (a lookup: no compute to quantize)
     decoder   fp16   int8 (Q/DQ)       int8-wo   (int8 weights + DequantizeLinear, fp32 activations)
 
-Every graph keeps fp32 inputs and outputs (KV cache included), so the runtime is the same for all.
+Every graph keeps fp32 inputs and outputs, but fp16 decoders take and give an fp16 KV cache (half the
+memory); the runtime allocates the KV cache in the graph's dtype.
 """
 
 from __future__ import annotations
@@ -77,8 +78,9 @@ def convert_parts(stage: Path, manifest: dict, precision: str, calib=None, progr
         graph = stage / manifest["parts"][part]["files"][0]["path"]
         raw = stage / f".{part}.{part_precision}.onnx"
         try:
+            fp16_io = []
             if part_precision == "fp16":
-                passes.to_fp16(graph, raw)
+                fp16_io = passes.to_fp16(graph, raw)
             elif part_precision == "int8-wo":
                 passes.to_int8_weight_only(graph, raw)
             else:
@@ -91,5 +93,8 @@ def convert_parts(stage: Path, manifest: dict, precision: str, calib=None, progr
             for leftover in (raw, stage / (raw.name + ".data")):
                 leftover.unlink(missing_ok=True)
         changed[part] = {"files": [file_record(stage, n) for n in names], "precision": part_precision}
+        for side in ("inputs", "outputs"):  # the IO that became fp16 (the KV cache) says so
+            changed[part][side] = [dict(spec, dtype="float16") if spec["name"] in fp16_io else spec
+                                   for spec in manifest["parts"][part][side]]
     bar.close()
     return changed

@@ -52,17 +52,25 @@ def fp16_blocked_nodes(model: onnx.ModelProto) -> list[str]:
     return sorted(keep)
 
 
-def to_fp16(src: Path, dst: Path) -> None:
-    """fp16 weights and compute, fp32 IO (casts inside the graph), FP32_OPS and rotary in fp32."""
+#: graph IO that becomes fp16 in an fp16 graph: the KV cache (half the memory); the rest stays fp32
+FP16_IO_PREFIXES = ("past_key_values.", "present.")
+
+
+def to_fp16(src: Path, dst: Path) -> list[str]:
+    """fp16 weights and compute, FP32_OPS and rotary kept fp32; IO stays fp32 (casts inside the
+    graph) except the KV cache. Returns the names of the IO tensors that became fp16."""
     from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
 
     model = _load(src)
     blocked = fp16_blocked_nodes(model)
-    model = convert_float_to_float16(model, keep_io_types=True, op_block_list=DEFAULT_OP_BLOCK_LIST,
+    io = [v.name for v in [*model.graph.input, *model.graph.output] if v.type.tensor_type.elem_type == onnx.TensorProto.FLOAT]
+    fp32_io = [name for name in io if not name.startswith(FP16_IO_PREFIXES)]
+    model = convert_float_to_float16(model, keep_io_types=fp32_io, op_block_list=DEFAULT_OP_BLOCK_LIST,
                                      node_block_list=blocked, disable_shape_infer=not _fits_protobuf(model))
     graphs.sort_topologically(model)
     graphs.drop_cast_round_trips(model, set(blocked))
     _save(model, dst)
+    return [name for name in io if name not in fp32_io]
 
 
 # --- weight-only INT8 ----------------------------------------------------------------------------

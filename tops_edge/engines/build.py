@@ -33,7 +33,7 @@ QDQ_EXPORTS = ("int8", "int8-wo")  # tops-export precisions whose graphs carry Q
 
 
 def kv_bytes_of(manifest: dict) -> int:
-    """The KV cache's element size: the engines keep the export's KV IO dtype (fp32 at every precision, calib/)."""
+    """The KV cache's element size: the engines keep the export's KV IO dtype (fp16 exports: fp16, else fp32)."""
     return {"float32": 4, "float16": 2}.get(manifest["decoder"].get("kv_dtype", "float32"), 4)
 
 

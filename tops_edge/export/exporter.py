@@ -177,6 +177,8 @@ def export_model(
                 steps.set_postfix_str(f"converting to {precision}")
                 for name, changed in convert_parts(stage, manifest, precision, calib, progress).items():
                     records[name].update(changed)
+                manifest["decoder"]["kv_dtype"] = next(s["dtype"] for s in records["decoder"]["inputs"]
+                                                       if s["name"].startswith("past_key_values."))
                 write_manifest(stage, manifest)
             steps.update()
     finally:

@@ -73,7 +73,9 @@ def export_parser() -> argparse.ArgumentParser:
     from .plan import PLAN_PRECISIONS, PRESETS
 
     p.add_argument("--precision", default="fp32", choices=tuple(dict.fromkeys(PRECISIONS + PLAN_PRECISIONS)),
-                   help="graph precision (default: fp32; the others are planned by --dry-run, not exported yet)")
+                   help="graph precision: fp32, fp16, int8 (Q/DQ, calibrated) or int8-wo (weight-only INT8 decoder); default: fp32")
+    p.add_argument("--calib", default=None, metavar="DIR",
+                   help="--precision int8: calibrate on DIR's images + prompts.jsonl (default: built-in ShapesVQA pairs)")
     p.add_argument("--target", default="ort", choices=TARGETS, help="deployment target: ort, or trt (the selector as the tops::Select TensorRT plugin; default: ort)")
     p.add_argument("--device", default=None, choices=tuple(PRESETS), help="plan memory for this device and refuse a model that does not fit it")
     p.add_argument("--dry-run", action="store_true", help="with --device: print the memory plan and export nothing (needs no weights)")
@@ -97,7 +99,7 @@ def _export(argv) -> int:
         budget=args.budget, precision=args.precision,
         target=args.target, exporter=args.exporter, opset=args.opset, positions=args.positions,
         selector_params={k: v for k, v in params.items() if v is not None},
-        progress=not args.quiet and sys.stderr.isatty(), device=args.device,
+        progress=not args.quiet and sys.stderr.isatty(), device=args.device, calib=args.calib,
     )
     if not args.quiet:
         print(f"exported {args.model} -> {out}", file=sys.stderr)

@@ -7,8 +7,9 @@ is checked first, with the same one-line refusal as `tops-export --device`.
 
 - fp16: every part but the selector; the selector is built in fp32 with TF32 off (TOPS.md: the
   selection is computed in fp32 whatever the model's dtype, and TF32 would change the picks).
-- int8: needs an export with Q/DQ graphs (`tops-export --precision int8`); TensorRT reads the scales
-  from the graph (explicit quantization; implicit INT8 calibrators are deprecated since 10.1).
+- int8: needs an export with Q/DQ graphs (`tops-export --precision int8`, or `int8-wo`: weight-only
+  DequantizeLinear in the decoder); TensorRT reads the scales from the graph (explicit quantization;
+  implicit INT8 calibrators are deprecated since 10.1); the layers outside Q/DQ build in fp16.
 """
 
 from __future__ import annotations
@@ -28,10 +29,11 @@ from .tensorrt_import import require_tensorrt
 BUILD_PRECISIONS = ("fp16", "int8")
 ENGINES_NAME = "engines.json"
 FP32_PARTS = ("selector",)
+QDQ_EXPORTS = ("int8", "int8-wo")  # tops-export precisions whose graphs carry Q/DQ (calib/)
 
 
 def kv_bytes_of(manifest: dict) -> int:
-    """The KV cache's element size: the engines keep the export's KV IO dtype (fp32 until issue 5)."""
+    """The KV cache's element size: the engines keep the export's KV IO dtype (fp16 exports: fp16, else fp32)."""
     return {"float32": 4, "float16": 2}.get(manifest["decoder"].get("kv_dtype", "float32"), 4)
 
 
@@ -39,6 +41,8 @@ def describe_build(directory, device: str, precision: str) -> str:
     """The memory plan and the profiles a build would use (tops-build --dry-run); needs no TensorRT."""
     manifest = load_manifest(directory, verify="none")
     preset = get_preset(device)
+    if precision == "int8" and manifest["precision"] in QDQ_EXPORTS:
+        precision = manifest["precision"]  # int8-wo: int8 decoder weights only
     plan = plan_memory(footprint_from_manifest(manifest), preset, precision, manifest["model"]["source"],
                        kv_bytes=kv_bytes_of(manifest))
     return format_plan(plan) + "\n" + format_profiles(optimization_profiles(manifest, preset))
@@ -52,10 +56,15 @@ def build_engines(directory, device: str, precision: str = "fp16", timing_cache:
         raise InputError(f"--precision {precision} cannot be built; choose {', '.join(BUILD_PRECISIONS)}")
     manifest = load_manifest(directory)
     preset = get_preset(device)
-    if precision == "int8" and manifest["precision"] != "int8":
+    qdq = manifest["precision"] in QDQ_EXPORTS
+    if precision == "int8" and not qdq:
         raise InputError(f"--precision int8 builds from Q/DQ graphs, but {directory} was exported at {manifest['precision']}; "
-                         "re-export with tops-export --precision int8")
-    check_fits(footprint_from_manifest(manifest), preset, precision, manifest["model"]["source"], kv_bytes=kv_bytes_of(manifest))
+                         "re-export with tops-export --precision int8 (or int8-wo)")
+    if precision != "int8" and qdq:
+        raise InputError(f"{directory} holds Q/DQ graphs ({manifest['precision']}): build it with --precision int8")
+    plan_precision = manifest["precision"] if qdq else precision  # int8-wo: int8 decoder weights only
+    check_fits(footprint_from_manifest(manifest), preset, plan_precision, manifest["model"]["source"],
+               kv_bytes=kv_bytes_of(manifest))
     trt = require_tensorrt("tops-build")
     if manifest.get("target") == "trt" and "selector" in manifest["parts"]:
         from .. import plugins

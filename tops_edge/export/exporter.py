@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from .. import __version__, selector as selectors
+from ..calib import EXPORT_PRECISIONS
 from ..errors import ExportError, InputError
 from ..models import ModelAdapter, PartSpec, TensorSpec, load
 from ..models.base import config_sha256
@@ -18,7 +19,7 @@ from .atomic import staged_directory
 from .manifest import SCHEMA_VERSION, file_record, write_manifest
 from .onnx_export import EXPORTERS, export_part, opset_default
 
-PRECISIONS = ("fp32",)
+PRECISIONS = EXPORT_PRECISIONS  # calib/__init__.py: what each part becomes at each
 POSITIONS = ("compact", "original")
 TARGETS = ("ort", "trt")
 PLUGIN_METHODS = ("tops", "cdpruner")  # --target trt: these run as the tops::Select TensorRT plugin
@@ -81,6 +82,7 @@ def export_model(
     selector_params: dict[str, Any] | None = None,
     progress: bool = True,
     device: str | None = None,
+    calib=None,
 ) -> Path:
     """Export MODEL into OUT. Returns OUT. A failure leaves an existing OUT untouched.
 
@@ -90,9 +92,16 @@ def export_model(
     tokens) or `global` (one selection over the whole image). `selector_params` override the
     method's defaults (e.g. alpha, beta, relevance_sign, similarity for tops; seed for random).
     `device` (a plan/devices.py preset) refuses, before any export work, a model that would not fit
-    that device at `precision`.
+    that device at `precision`. `calib` (int8 only): a folder of images + prompts.jsonl, or a
+    calib.CalibrationSet; default: the built-in ShapesVQA pairs.
     """
-    _check_choice("precision", precision, PRECISIONS, later="--precision fp16/int8 come with INT8/FP16 builds (calib)")
+    _check_choice("precision", precision, PRECISIONS)
+    if calib is not None and precision != "int8":
+        raise InputError("--calib calibrates INT8 activations: it needs --precision int8")
+    if calib is not None:
+        from ..calib import calibration_set
+
+        calib = calibration_set(calib)  # a bad folder fails here, before any export work
     _check_choice("target", target, TARGETS)
     _check_choice("positions", positions, POSITIONS)
     _check_choice("exporter", exporter, EXPORTERS)
@@ -147,6 +156,7 @@ def export_model(
                     "files": [file_record(stage, f) for f in files],
                     "inputs": [s.to_json() for s in part.inputs],
                     "outputs": [s.to_json() for s in part.outputs],
+                    "precision": "fp32",
                 }
                 steps.update()
             steps.set_postfix_str("writing preprocessing + manifest")
@@ -161,6 +171,15 @@ def export_model(
             manifest["target"] = target
             manifest["footprint"] = footprint.to_json()  # the memory planner's input (tops-build)
             write_manifest(stage, manifest)
+            if precision != "fp32":  # the passes read the fp32 export (int8 runs its pipeline to calibrate)
+                from ..calib import convert_parts
+
+                steps.set_postfix_str(f"converting to {precision}")
+                for name, changed in convert_parts(stage, manifest, precision, calib, progress).items():
+                    records[name].update(changed)
+                manifest["decoder"]["kv_dtype"] = next(s["dtype"] for s in records["decoder"]["inputs"]
+                                                       if s["name"].startswith("past_key_values."))
+                write_manifest(stage, manifest)
             steps.update()
     finally:
         steps.close()

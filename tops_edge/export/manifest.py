@@ -14,7 +14,7 @@ from typing import Any
 
 from ..errors import ManifestError
 
-SCHEMA_VERSION = 2  # 2: visual layouts (single | anyres), arrays, keep ratio and budget split
+SCHEMA_VERSION = 3  # 2: visual layouts (single | anyres), arrays, keep ratio and budget split; 3: parts' precision
 MANIFEST_NAME = "manifest.json"
 
 # key -> type the loader insists on; nested parts are checked separately
@@ -35,6 +35,7 @@ _REQUIRED = {
 _REQUIRED_PARTS = ("vision", "embed", "decoder")
 _REQUIRED_VISUAL = ("layout", "tokens_per_crop", "max_tokens", "max_selectable", "grid", "image_token_id")
 _REQUIRED_SELECTOR = ("method", "params", "default_keep", "default_keep_ratio", "budget", "positions")
+PART_PRECISIONS = ("fp32", "fp16", "int8", "int8-wo")  # a graph's precision (calib/__init__.py: which part gets which)
 _REQUIRED_DECODER = ("num_layers", "num_kv_heads", "head_dim", "hidden_size", "vocab_size", "max_context", "eos_token_ids")
 
 
@@ -93,6 +94,9 @@ def load_manifest(directory: str | os.PathLike, verify: str = "fast") -> dict[st
     for name in _REQUIRED_PARTS:
         if name not in parts:
             raise ManifestError(f"{path}: part '{name}' is missing")
+    for name, part in parts.items():
+        if not isinstance(part, dict) or part.get("precision") not in PART_PRECISIONS:
+            raise ManifestError(f"{path}: part '{name}' has no precision (one of {', '.join(PART_PRECISIONS)})")
     if verify != "none":
         for name, part in parts.items():
             _verify_part(directory, name, part, full=(verify == "full"))

@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import time
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -102,6 +102,10 @@ class OrtDecoderRunner(DecoderRunner):
         self.sess = sess
         self.device = device
         self.past_names = [i.name for i in sess.get_inputs() if i.name.startswith("past_key_values.")]
+        # the KV IO dtype is the graph's: fp16 exports take and give fp16 KV (calib/), the rest fp32
+        past_type = next(i.type for i in sess.get_inputs() if i.name in self.past_names)
+        self.kv_dtype = np.float16 if past_type == "tensor(float16)" else np.float32
+        self.layout = replace(layout, itemsize=np.dtype(self.kv_dtype).itemsize)
         self.present_names = [n.replace("past_key_values.", "present.") for n in self.past_names]
         vocab = sess.get_outputs()[0].shape[-1]
         self.logits = np.empty((1, 1, vocab), dtype=np.float32)
@@ -120,7 +124,7 @@ class OrtDecoderRunner(DecoderRunner):
             return
         per = self.layout.num_kv_heads * self.layout.head_dim * capacity
         alloc = self._ort.OrtValue.ortvalue_from_shape_and_type
-        self._buffers = [alloc([per], np.float32, self.device, 0) for _ in range(2 * len(self.past_names))]
+        self._buffers = [alloc([per], self.kv_dtype, self.device, 0) for _ in range(2 * len(self.past_names))]
         ptrs = [buf.data_ptr() for buf in self._buffers]  # fixed for the buffers' lifetime
         self._src, self._dst = ptrs[: len(self.past_names)], ptrs[len(self.past_names) :]
         self._mask = np.ones((1, capacity), dtype=np.int64)
@@ -141,13 +145,13 @@ class OrtDecoderRunner(DecoderRunner):
             native = None
         if native is None or not hasattr(native, "bind_input") or not hasattr(native, "bind_output"):
             def bind_public(past, present, past_shape, total_shape, src, dst):
-                b.bind_input(past, self.device, 0, np.float32, past_shape, src)
-                b.bind_output(present, self.device, 0, np.float32, total_shape, dst)
+                b.bind_input(past, self.device, 0, self.kv_dtype, past_shape, src)
+                b.bind_output(present, self.device, 0, self.kv_dtype, total_shape, dst)
             return bind_public
 
         def bind_native(past, present, past_shape, total_shape, src, dst):
-            native.bind_input(past, device, np.float32, past_shape, src)
-            native.bind_output(present, device, np.float32, total_shape, dst)
+            native.bind_input(past, device, self.kv_dtype, past_shape, src)
+            native.bind_output(present, device, self.kv_dtype, total_shape, dst)
         return bind_native
 
     def step(self, inputs_embeds, position_ids):

@@ -1,0 +1,170 @@
+"""The README's precision table: fp32 / fp16 / int8 / int8-wo exports of one model, compared with fp32.
+
+For each precision: the max |logit - fp32 logit| of the prefill over the prompts, greedy-token
+agreement with fp32 (the first generated token, and all of N_NEW tokens), the graph size (every
+part's files), and the ORT CPU prefill time as a ratio to fp32. Prompts are ShapesVQA test items
+(image + question); the precisions run interleaved prompt by prompt in one process, so machine noise
+falls on all of them alike; the ratio is of median prefill times. INT8 calibrates on the built-in
+ShapesVQA *train* pairs (or --calib DIR).
+
+--eval adds ShapesVQA accuracy at K=576 and K=64 (tops selector) per precision and its delta to fp32
+(`tops_edge.eval.run_eval`); meaningful only for a trained model (--model DIR), not random weights.
+
+  python scripts/precision_table.py [--model tiny-llava-medium] [--prompts 64] [--out /tmp/precision]
+                                    [--eval --eval-items 300] [--json FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+PRECISIONS = ("fp32", "fp16", "int8", "int8-wo")
+N_NEW = 8
+
+
+def export_all(model: str, out: Path, calib: str | None, selector: str) -> dict[str, Path]:
+    from tops_edge.export import export_model
+
+    dirs = {}
+    for precision in PRECISIONS:
+        t = time.perf_counter()
+        dirs[precision] = export_model(model, out / precision, selector=selector, precision=precision, progress=False,
+                                       calib=calib if precision == "int8" else None)
+        print(f"exported {precision} in {time.perf_counter() - t:.1f} s", file=sys.stderr)
+    return dirs
+
+
+def graph_mib(directory: Path) -> float:
+    manifest = json.loads((directory / "manifest.json").read_text())
+    return sum(f["bytes"] for part in manifest["parts"].values() for f in part["files"]) / 2**20
+
+
+def _pipelines(dirs: dict[str, Path], reference: bool) -> dict:
+    """One Pipeline per precision. `reference`: ORT with basic graph optimizations only, which runs
+    Q/DQ as the ops they are (the arithmetic TensorRT implements); the default fuses them into ORT's
+    CPU int8 kernels, which saturate on CPUs without VNNI (u8s8 on AVX2, ORT's reduce_range note)."""
+    import onnxruntime as ort
+
+    from tops_edge.runtime import Pipeline
+    from tops_edge.runtime.backend import OrtBackend
+
+    pipes = {}
+    for precision, directory in dirs.items():
+        backend = OrtBackend()
+        if reference:
+            backend.options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+        pipe = Pipeline.load(directory)
+        pipes[precision] = Pipeline(pipe.directory, pipe.manifest, backend)
+    return pipes
+
+
+def _run(pipes: dict, items) -> tuple[dict, dict, dict]:
+    """Prefill logits, greedy tokens and prefill ms per precision; precisions interleaved per prompt."""
+    logits: dict[str, list] = {p: [] for p in pipes}
+    for precision, pipe in pipes.items():  # keep the prefill's logits (the decoder returns the last row)
+        def recording(embeds, positions, step=pipe.decoder.step, seen=logits[precision]):
+            out = step(embeds, positions)
+            if embeds.shape[1] > 1:
+                seen.append(np.array(out))
+            return out
+        pipe.decoder.step = recording
+    tokens: dict[str, list] = {p: [] for p in pipes}
+    prefill_ms: dict[str, list] = {p: [] for p in pipes}
+    for item in items:
+        for precision, pipe in pipes.items():
+            r = pipe.generate(item.image, item.prompt, max_new_tokens=N_NEW, ignore_eos=True)
+            tokens[precision].append(r.token_ids)
+            prefill_ms[precision].append(r.timings_ms["prefill"])
+    return ({p: np.stack(v) for p, v in logits.items()}, {p: np.array(v) for p, v in tokens.items()},
+            {p: float(np.median(v)) for p, v in prefill_ms.items()})
+
+
+def compare(dirs: dict[str, Path], count: int) -> dict[str, dict]:
+    """Per precision: logit deltas, token agreement and prefill times on `count` ShapesVQA prompts,
+    on ORT's default CPU kernels and on the Q/DQ reference arithmetic."""
+    from tops_edge.eval.tasks import shapesvqa
+
+    items = shapesvqa(count, split="test")
+    logits, tokens, ms = _run(_pipelines(dirs, reference=False), items)
+    ref_logits, ref_tokens, _ = _run(_pipelines(dirs, reference=True), items)
+    rows = {}
+    for precision, directory in dirs.items():
+        rows[precision] = {
+            "max_logit_delta": float(np.abs(logits[precision] - logits["fp32"]).max()),
+            "max_logit_delta_qdq": float(np.abs(ref_logits[precision] - ref_logits["fp32"]).max()),
+            "logit_range": float(np.abs(logits["fp32"]).max()),
+            "first_token_agreement": float((tokens[precision][:, 0] == tokens["fp32"][:, 0]).mean()),
+            "all_tokens_agreement": float((tokens[precision] == tokens["fp32"]).all(axis=1).mean()),
+            "first_token_agreement_qdq": float((ref_tokens[precision][:, 0] == ref_tokens["fp32"][:, 0]).mean()),
+            "all_tokens_agreement_qdq": float((ref_tokens[precision] == ref_tokens["fp32"]).all(axis=1).mean()),
+            "graph_mib": graph_mib(directory),
+            "prefill_ms_median": ms[precision],
+            "prefill_ratio": ms[precision] / ms["fp32"],
+        }
+    return rows
+
+
+def accuracy(dirs: dict[str, Path], items: int) -> dict[str, dict]:
+    from tops_edge.eval import run_eval
+
+    out = {}
+    for precision, directory in dirs.items():
+        report = run_eval(directory, "shapesvqa", keeps=[576, 64], selectors=["tops"], limit=items)
+        table = report["table"]
+        out[precision] = {"576": table["unpruned"]["all"]["accuracy"], "64": table["tops"]["64"]["all"]["accuracy"]}
+    return out
+
+
+def markdown(rows: dict, acc: dict | None, count: int) -> str:
+    head = ("| precision | max logit delta: ORT CPU / Q/DQ ref. | 1st token = fp32: ORT / ref. "
+            f"| all {N_NEW} tokens = fp32: ORT / ref. | graph MiB | ORT CPU prefill / fp32 | ShapesVQA acc. delta K=576 | K=64 |")
+    lines = [head, "|" + "---|" * 8]
+    pct = lambda x: f"{100 * x:.0f}%"  # noqa: E731
+    for precision, r in rows.items():
+        if acc:
+            d576 = f"{100 * (acc[precision]['576'] - acc['fp32']['576']):+.1f} pt"
+            d64 = f"{100 * (acc[precision]['64'] - acc['fp32']['64']):+.1f} pt"
+        else:
+            d576 = d64 = "pending"
+        lines.append(f"| {precision} | {r['max_logit_delta']:.4f} / {r['max_logit_delta_qdq']:.4f} "
+                     f"| {pct(r['first_token_agreement'])} / {pct(r['first_token_agreement_qdq'])} "
+                     f"| {pct(r['all_tokens_agreement'])} / {pct(r['all_tokens_agreement_qdq'])} "
+                     f"| {r['graph_mib']:.1f} | {r['prefill_ratio']:.2f} | {d576} | {d64} |")
+    return "\n".join(lines) + (f"\n\n{count} ShapesVQA test prompts (greedy, {N_NEW} new tokens); fp32 logits reach "
+                               f"|{rows['fp32']['logit_range']:.2f}|; fp32 prefill median {rows['fp32']['prefill_ms_median']:.1f} ms.")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="tiny-llava-medium", help="built-in name or a local HF directory (the trained ShapesVQA model)")
+    p.add_argument("--prompts", type=int, default=64, help="ShapesVQA test prompts (>= 50; default 64)")
+    p.add_argument("--out", default="/tmp/precision-table", help="where the four exports go")
+    p.add_argument("--calib", default=None, help="INT8 calibration folder (default: built-in ShapesVQA train pairs)")
+    p.add_argument("--eval", action="store_true", help="add ShapesVQA accuracy deltas at K=576 and K=64")
+    p.add_argument("--eval-items", type=int, default=300, help="ShapesVQA items for --eval (default 300)")
+    p.add_argument("--json", default=None, help="also write the numbers here")
+    args = p.parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    # --eval switches selectors at run time; the tops export is also what the README's K=64 means
+    dirs = export_all(args.model, Path(args.out), args.calib, selector="tops")
+    rows = compare(dirs, args.prompts)
+    acc = accuracy(dirs, args.eval_items) if args.eval else None
+    print(markdown(rows, acc, args.prompts))
+    if args.json:
+        Path(args.json).write_text(json.dumps({"model": args.model, "prompts": args.prompts, "rows": rows,
+                                               "accuracy": acc}, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

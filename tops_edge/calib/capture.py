@@ -1,0 +1,80 @@
+"""Calibration inputs captured from the fp32 export itself: the vision graph's preprocessed pixels
+and the decoder's prefill after selection and splicing, i.e. exactly what each part will see."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from .data import CalibrationSet
+
+
+class _RecordingSession:
+    """A Session that keeps every feed it runs."""
+
+    def __init__(self, inner):
+        self.inner = inner
+        self.feeds: list[dict] = []
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def run(self, feeds):
+        self.feeds.append({k: np.array(v) for k, v in feeds.items()})
+        return self.inner.run(feeds)
+
+
+class _RecordingDecoder:
+    """A DecoderRunner that keeps the prefill step's inputs (the first step after a reset)."""
+
+    def __init__(self, inner):
+        self.inner = inner
+        self.prefills: list[tuple[np.ndarray, np.ndarray]] = []
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def reset(self):
+        self.inner.reset()
+
+    def step(self, inputs_embeds, position_ids):
+        if self.inner.length == 0:
+            self.prefills.append((np.array(inputs_embeds, dtype=np.float32), np.array(position_ids, dtype=np.int64)))
+        return self.inner.step(inputs_embeds, position_ids)
+
+
+def _pipeline(directory: Path, manifest: dict):
+    """The fp32 pipeline on the staged export; a --target trt selector (the TensorRT plugin) is
+    replaced by the same method's ONNX form, which selects the same tokens."""
+    from ..runtime.backend import get_backend
+    from ..runtime.pipeline import Pipeline
+
+    sel = manifest["selector"]
+    plugin = manifest.get("target") == "trt" and "selector" in manifest["parts"]
+    if plugin:
+        manifest = dict(manifest, parts={k: v for k, v in manifest["parts"].items() if k != "selector"})
+    pipe = Pipeline(directory, manifest, get_backend("ort"))
+    if plugin:
+        pipe._selectors.clear()  # the cached "no selector" entry stands for the plugin graph
+        pipe.use_selector(sel["method"], **sel["params"])
+    return pipe
+
+
+def capture(directory: Path, manifest: dict, calib: CalibrationSet, progress: bool = False) -> dict[str, list[dict]]:
+    """Feeds for each part to calibrate: {"vision": [...], "decoder": [...]}, one per calibration pair."""
+    from tqdm.auto import tqdm
+
+    pipe = _pipeline(Path(directory), manifest)
+    vision = pipe.vision = _RecordingSession(pipe.vision)
+    decoder = pipe.decoder = _RecordingDecoder(pipe.decoder)
+    for image, prompt in tqdm(list(zip(calib.images, calib.prompts)), desc="calibration: fp32 pipeline",
+                              unit="pair", disable=not progress, leave=False):
+        pipe.generate(image, prompt, max_new_tokens=1)
+    dec = manifest["decoder"]
+    empty = np.zeros((1, dec["num_kv_heads"], 0, dec["head_dim"]), dtype=np.float32)
+    past = [s["name"] for s in manifest["parts"]["decoder"]["inputs"] if s["name"].startswith("past_key_values.")]
+    prefills = [dict({"inputs_embeds": embeds, "attention_mask": np.ones((1, embeds.shape[1]), dtype=np.int64),
+                      "position_ids": positions}, **{name: empty for name in past})
+                for embeds, positions in decoder.prefills]
+    return {"vision": vision.feeds, "decoder": prefills}

@@ -377,6 +377,9 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, help="output directory: the HF model, checkpoint.pt and log.jsonl")
     p.add_argument("--resume", default=None, help="a checkpoint.pt to continue from (its stage-1 tower is kept)")
+    p.add_argument("--vision-from", default=None, metavar="CKPT",
+                   help="take only the stage-1 tower (and its feature scaling) from a checkpoint.pt, skip stage 1, and "
+                        "train a new projector and Llama (e.g. another --text-layers)")
     p.add_argument("--train-scenes", type=int, default=6000)
     p.add_argument("--val-scenes", type=int, default=300)
     p.add_argument("--vision-minutes", type=float, default=15.0)
@@ -419,10 +422,17 @@ def main(argv=None) -> int:
         model.load_state_dict(ckpt["model"])
         state = ckpt["state"]
         log(f"resumed from {args.resume}: {state.get('vision_steps', 0)} vision, {state.get('lm_steps', 0)} lm steps")
+    if args.vision_from:
+        ckpt = torch.load(args.vision_from, weights_only=False)
+        tower = {k: v for k, v in ckpt["model"].items() if k.startswith("model.vision_tower.")}
+        missing = model.load_state_dict(tower, strict=False)
+        assert not [k for k in missing.missing_keys if k.startswith("model.vision_tower.")], "tower shapes differ"
+        state = {k: ckpt["state"][k] for k in ("vision_steps", "vision_heads", "mean", "std") if k in ckpt["state"]}
+        log(f"tower from {args.vision_from} ({state.get('vision_steps', 0)} vision steps); new projector and Llama")
     train = SceneBank(processor, "train", args.train_scenes, log)
     val = SceneBank(processor, "val", args.val_scenes, log)
 
-    if args.vision_minutes > 0 and not state.get("lm_steps"):
+    if args.vision_minutes > 0 and not state.get("lm_steps") and not args.vision_from:
         train_vision(model, train, val, args.vision_minutes, args.vision_batch, args.vision_lr, log, state)
     for prm in model.model.vision_tower.parameters():
         prm.requires_grad_(False)

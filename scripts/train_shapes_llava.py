@@ -252,6 +252,20 @@ def lm_forward(model, x, mask, where):
     return logits, ys, types
 
 
+def combined_loss(logits, ys, types, word_aux: float, patch_aux, aux_weight: float):
+    """(answer loss, total): the answers' cross-entropy, plus `word_aux` x that of the key-word targets
+    (types "aux:..."), plus `aux_weight` x the per-patch loss on the projected tokens."""
+    is_aux = torch.tensor([t.startswith("aux:") for t in types])
+    per = nn.functional.cross_entropy(logits, ys, reduction="none")
+    loss = per[~is_aux].mean()
+    total = loss
+    if word_aux and is_aux.any():
+        total = total + word_aux * per[is_aux].mean()
+    if aux_weight and patch_aux is not None:
+        total = total + aux_weight * patch_aux
+    return loss, total
+
+
 def train_lm(model, processor, train: SceneBank, val: SceneBank, minutes: float, batch: int, lr: float, turns: int,
              aux_weight: float, log, state, eval_every: int = 100, word_aux: float = 0.0, checkpoint=None,
              checkpoint_minutes: float = 10.0):
@@ -272,13 +286,8 @@ def train_lm(model, processor, train: SceneBank, val: SceneBank, minutes: float,
         idx = rng.choice(len(train), batch, replace=False)
         x, mask, where, image = lm_batch(model, convs, feats_train[idx].float(), train, idx, rng, turns, word_aux > 0)
         logits, ys, types = lm_forward(model, x, mask, where)
-        is_aux = torch.tensor([t.startswith("aux:") for t in types])
-        per = nn.functional.cross_entropy(logits, ys, reduction="none")
-        loss = per[~is_aux].mean()
-        total = loss + (word_aux * per[is_aux].mean() if is_aux.any() else 0.0)
-        if aux_weight:
-            aux, _ = heads.loss(image, {k: v[idx] for k, v in train.labels.items()})
-            total = loss + aux_weight * aux
+        patch_aux = heads.loss(image, {k: v[idx] for k, v in train.labels.items()})[0] if aux_weight else None
+        loss, total = combined_loss(logits, ys, types, word_aux, patch_aux, aux_weight)
         opt.zero_grad()
         total.backward()
         nn.utils.clip_grad_norm_(params, 1.0)

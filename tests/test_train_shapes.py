@@ -57,3 +57,15 @@ def test_smoke_training_saves_a_model_that_exports_and_evaluates(tmp_path):
     assert train.main(["--smoke", "--out", str(tmp_path / "run"), "--resume", str(tmp_path / "run" / "checkpoint.pt"),
                        "--threads", "1"]) == 0
     assert json.loads((model_dir / "TRAINING.json").read_text())["lm_steps"] >= 2
+
+
+def test_combined_loss_adds_both_auxiliary_terms():
+    train = _script()
+    logits = torch.tensor([[2.0, 0.0], [0.0, 2.0], [1.0, 0.0]])
+    ys = torch.tensor([0, 0, 1])
+    types = ["count", "aux:count", "aux:pope"]
+    ce = torch.nn.functional.cross_entropy(logits, ys, reduction="none")
+    loss, total = train.combined_loss(logits, ys, types, 0.5, torch.tensor(3.0), 0.1)
+    assert torch.isclose(loss, ce[0])
+    assert torch.isclose(total, ce[0] + 0.5 * ce[1:].mean() + 0.3)
+    assert torch.isclose(train.combined_loss(logits, ys, types, 0.0, None, 0.0)[1], ce[0])

@@ -126,17 +126,11 @@ def build_processor(tokenizer, image_size: int, patch_size: int, strategy: str, 
 
     sizes = dict(size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size})
     if pinpoints is not None:
-        return LlavaNextProcessor(
-            image_processor=LlavaNextImageProcessorPil(image_grid_pinpoints=[list(p) for p in pinpoints], **sizes),
-            tokenizer=tokenizer,
-            patch_size=patch_size,
-            vision_feature_select_strategy=strategy,
-            num_additional_image_tokens=1,
-            image_token=IMAGE_TOKEN,
-            chat_template=LLAVA_CHAT_TEMPLATE,
-        )
-    image_processor = CLIPImageProcessorPil(**sizes)
-    return LlavaProcessor(
+        processor_class = LlavaNextProcessor
+        image_processor = LlavaNextImageProcessorPil(image_grid_pinpoints=[list(p) for p in pinpoints], **sizes)
+    else:
+        processor_class, image_processor = LlavaProcessor, CLIPImageProcessorPil(**sizes)
+    return processor_class(
         image_processor=image_processor,
         tokenizer=tokenizer,
         patch_size=patch_size,

@@ -74,9 +74,12 @@ class SceneBank:
     def __init__(self, processor, split: str, count: int, log):
         self.split, self.scenes = split, [shapes.scene(split, i) for i in range(count)]
         t = time.time()
-        images = [s.image() for s in self.scenes]
-        pv = processor.image_processor(images=images, return_tensors="np")["pixel_values"]
-        self.pixels = torch.from_numpy(np.asarray(pv, np.float16))
+        chunks = []  # in chunks: the processor's fp32 output for 6000 scenes alone would be 8 GB
+        for start in range(0, count, 256):
+            images = [s.image() for s in self.scenes[start:start + 256]]
+            pv = processor.image_processor(images=images, return_tensors="np")["pixel_values"]
+            chunks.append(torch.from_numpy(np.asarray(pv, np.float16)))
+        self.pixels = torch.cat(chunks)
         labels = [patch_labels(s) for s in self.scenes]
         self.labels = {k: torch.from_numpy(np.stack([lab[k] for lab in labels])) for k in labels[0]}
         self.questions = [s.questions() for s in self.scenes]
@@ -448,6 +451,7 @@ def main(argv=None) -> int:
     model.model.vision_tower.eval()
     stats = (state["mean"], state["std"]) if "mean" in state else None  # a resumed run keeps its scaling
     state.update(standardise_and_cache(model, {"train": train, "val": val}, log, stats))
+    train.pixels = val.pixels = None  # the frozen tower's features replace them: GBs freed
     def checkpoint(extra_steps: int = 0):
         """checkpoint.pt (to resume) and the HF model, both replaced atomically."""
         saved = {k: v for k, v in state.items() if k != "features"}

@@ -19,17 +19,12 @@ from __future__ import annotations
 
 import torch
 
-from ..selector.dpp import greedy, instruction_cosine, minmax_relevance, sanitize, weighted_kernel
+from ..selector.dpp import greedy, instruction_cosine, minmax_relevance, similarity_features, weighted_kernel
 
 
 def plugin_inputs(image_features, instruction_embeds, instruction_mask, vision_features=None):
     """(similarity, cosine, valid) as the exported graph computes them before the plugin node."""
-    v, valid = sanitize(image_features)
-    if vision_features is not None:
-        f, valid_f = sanitize(vision_features)
-        valid = valid & valid_f
-    else:
-        f = v
+    f, valid = similarity_features(image_features, vision_features)
     similarity = f @ f.transpose(1, 2)
     cosine = instruction_cosine(image_features, instruction_embeds, instruction_mask)
     return similarity, cosine, valid.to(torch.int32)

@@ -121,16 +121,21 @@ def greedy(kernel: torch.Tensor, valid: torch.Tensor, keep: int, beta: float = 0
     return torch.stack(order, 1)
 
 
+def similarity_features(image_features, vision_features=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(unit rows similarity is measured on, validity): the vision features when given, else the
+    projected tokens; a token is valid only if both its rows are finite and non-zero."""
+    v, valid = sanitize(image_features)
+    if vision_features is None:
+        return v, valid
+    f, valid_f = sanitize(vision_features)
+    return f, valid & valid_f
+
+
 def dpp_select(image_features, instruction_embeds, instruction_mask, keep: int, *, alpha: float, beta: float,
                sign: float, vision_features=None) -> torch.Tensor:
     """TOPS (beta > 0) or CDPruner (beta = 0): [B, keep] ascending indices."""
-    v, valid = sanitize(image_features)
-    if vision_features is not None:
-        f, valid_f = sanitize(vision_features)
-        valid = valid & valid_f
-    else:
-        f = v
+    f, valid = similarity_features(image_features, vision_features)
     r = relevance(image_features, valid, instruction_embeds, instruction_mask, sign)
     w = torch.where(valid, torch.exp(alpha * r), torch.zeros_like(r))
-    order = greedy(conditional_kernel(f, w), valid, min(keep, v.shape[1]), beta)
+    order = greedy(conditional_kernel(f, w), valid, min(keep, f.shape[1]), beta)
     return order.sort(1).values

@@ -168,7 +168,8 @@ def _heads(state: dict, key: str, width: int) -> PatchHeads:
 
 
 # --- stage 1 ----------------------------------------------------------------------------------
-def train_vision(model, train: SceneBank, val: SceneBank, minutes: float, batch: int, lr: float, log, state):
+def train_vision(model, train: SceneBank, val: SceneBank, minutes: float, batch: int, lr: float, log, state,
+                 max_steps: int | None = None):
     tower = model.model.vision_tower
     heads = _heads(state, "vision_heads", model.config.vision_config.hidden_size)
     params = list(tower.parameters()) + list(heads.parameters())
@@ -176,7 +177,7 @@ def train_vision(model, train: SceneBank, val: SceneBank, minutes: float, batch:
     rng = np.random.default_rng(state.get("vision_steps", 0))
     t0, step = time.time(), 0
     tower.train()
-    while time.time() - t0 < minutes * 60:
+    while time.time() - t0 < minutes * 60 and not _reached(state.get("vision_steps", 0) + step, max_steps):
         idx = torch.from_numpy(rng.choice(len(train), batch, replace=False))
         feats = tower_features(model, train.pixels[idx])
         loss, parts = heads.loss(feats, {k: v[idx] for k, v in train.labels.items()})
@@ -255,6 +256,11 @@ def lm_forward(model, x, mask, where):
     return logits, ys, types
 
 
+def _reached(total_steps: int, max_steps: int | None) -> bool:
+    """A stage stops at its time budget or once its running total reaches `max_steps` (not None)."""
+    return max_steps is not None and total_steps >= max_steps
+
+
 def combined_loss(logits, ys, types, word_aux: float, patch_aux, aux_weight: float):
     """(answer loss, total): the answers' cross-entropy, plus `word_aux` x that of the key-word targets
     (types "aux:..."), plus `aux_weight` x the per-patch loss on the projected tokens."""
@@ -271,7 +277,7 @@ def combined_loss(logits, ys, types, word_aux: float, patch_aux, aux_weight: flo
 
 def train_lm(model, processor, train: SceneBank, val: SceneBank, minutes: float, batch: int, lr: float, turns: int,
              aux_weight: float, log, state, eval_every: int = 100, word_aux: float = 0.0, checkpoint=None,
-             checkpoint_minutes: float = 10.0):
+             checkpoint_minutes: float = 10.0, max_steps: int | None = None):
     convs = Conversations(processor)
     feats_train, feats_val = state["features"]["train"], state["features"]["val"]
     heads = _heads(state, "projector_heads", model.config.text_config.hidden_size)
@@ -283,7 +289,7 @@ def train_lm(model, processor, train: SceneBank, val: SceneBank, minutes: float,
     t0, step = time.time(), 0
     last_save = t0
     warmup = 50
-    while time.time() - t0 < minutes * 60:
+    while time.time() - t0 < minutes * 60 and not _reached(state.get("lm_steps", 0) + step, max_steps):
         for g in opt.param_groups:
             g["lr"] = lr * min(1.0, (state.get("lm_steps", 0) + step + 1) / warmup)
         idx = rng.choice(len(train), batch, replace=False)
@@ -396,6 +402,10 @@ def main(argv=None) -> int:
     p.add_argument("--val-scenes", type=int, default=300)
     p.add_argument("--vision-minutes", type=float, default=15.0)
     p.add_argument("--lm-minutes", type=float, default=60.0)
+    p.add_argument("--vision-steps", type=int, default=None,
+                   help="stop stage 1 once it has run this many steps in all (reproduces a run exactly; the time limit still applies)")
+    p.add_argument("--lm-steps", type=int, default=None,
+                   help="stop stage 2 once the run's total (resumed steps included) reaches this many steps")
     p.add_argument("--vision-batch", type=int, default=32)
     p.add_argument("--lm-batch", type=int, default=16)
     p.add_argument("--vision-lr", type=float, default=2e-3)
@@ -434,6 +444,11 @@ def main(argv=None) -> int:
         model.load_state_dict(ckpt["model"])
         state = ckpt["state"]
         log(f"resumed from {args.resume}: {state.get('vision_steps', 0)} vision, {state.get('lm_steps', 0)} lm steps")
+        if "history" not in state:  # checkpoints from before the history was kept: take it from TRAINING.json
+            info = Path(args.resume).parent / "model" / "TRAINING.json"
+            if info.exists():
+                old = json.loads(info.read_text())
+                state["history"] = [{k: old[k] for k in ("command", "vision_steps", "lm_steps")}]
     if args.vision_from:
         ckpt = torch.load(args.vision_from, weights_only=False)
         tower = {k: v for k, v in ckpt["model"].items() if k.startswith("model.vision_tower.")}
@@ -445,7 +460,8 @@ def main(argv=None) -> int:
     val = SceneBank(processor, "val", args.val_scenes, log)
 
     if args.vision_minutes > 0 and not state.get("lm_steps") and not args.vision_from:
-        train_vision(model, train, val, args.vision_minutes, args.vision_batch, args.vision_lr, log, state)
+        train_vision(model, train, val, args.vision_minutes, args.vision_batch, args.vision_lr, log, state,
+                     max_steps=args.vision_steps)
     for prm in model.model.vision_tower.parameters():
         prm.requires_grad_(False)
     model.model.vision_tower.eval()
@@ -456,6 +472,9 @@ def main(argv=None) -> int:
         """checkpoint.pt (to resume) and the HF model, both replaced atomically."""
         saved = {k: v for k, v in state.items() if k != "features"}
         saved["lm_steps"] = state.get("lm_steps", 0) + extra_steps
+        # every command of a resumed chain, each with the step totals it ended at: together they reproduce it
+        saved["history"] = list(state.get("history", [])) + [
+            {"command": COMMAND, "vision_steps": saved.get("vision_steps", 0), "lm_steps": saved["lm_steps"]}]
         torch.save({"model": model.state_dict(), "state": saved}, out / "checkpoint.pt.tmp")
         os.replace(out / "checkpoint.pt.tmp", out / "checkpoint.pt")
         save_hf(model, processor, saved, out / "model", args)
@@ -464,7 +483,7 @@ def main(argv=None) -> int:
     if args.lm_minutes > 0:
         train_lm(model, processor, train, val, args.lm_minutes, args.lm_batch, args.lm_lr, args.turns,
                  args.aux_weight, log, state, eval_every=10 if args.smoke else 200, word_aux=args.word_aux,
-                 checkpoint=checkpoint)
+                 checkpoint=checkpoint, max_steps=args.lm_steps)
     checkpoint()
     return 0
 
@@ -483,9 +502,8 @@ def save_hf(model, processor, state, directory: Path, args) -> None:
     final.save_pretrained(stage)
     processor.save_pretrained(stage)
     (stage / "TRAINING.json").write_text(json.dumps({
-        "command": "python scripts/train_shapes_llava.py " + " ".join(sys.argv[1:]),
-        "vision_steps": state.get("vision_steps", 0), "lm_steps": state.get("lm_steps", 0),
-        "args": vars(args),
+        "command": COMMAND, "vision_steps": state.get("vision_steps", 0), "lm_steps": state.get("lm_steps", 0),
+        "history": state.get("history", []), "args": vars(args),
     }, indent=2) + "\n")
     old = directory.with_name(directory.name + ".old")
     shutil.rmtree(old, ignore_errors=True)
@@ -494,6 +512,8 @@ def save_hf(model, processor, state, directory: Path, args) -> None:
     os.replace(stage, directory)
     shutil.rmtree(old, ignore_errors=True)
 
+
+COMMAND = "python scripts/train_shapes_llava.py " + " ".join(sys.argv[1:])
 
 if __name__ == "__main__":
     sys.exit(main())

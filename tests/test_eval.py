@@ -182,7 +182,33 @@ def test_cli_eval_on_a_jsonl_task_writes_json_and_png(tiny_uniform_dir, tmp_path
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_selector_specs_with_parameters_are_rows_of_their_own(tiny_uniform_dir):
+    """`tops:spatial=0` runs TOPS with that parameter (the ablation rows): its kept tokens are those of
+    a pipeline switched to the same parameters, and they differ from the default's."""
+    from tops_edge.runtime import Pipeline
+
+    report = run_eval(tiny_uniform_dir, keeps=[32], selectors=["tops", "tops:spatial=0:beta=0"], limit=6,
+                      max_new_tokens=1, positions="original", split="val")
+    assert report["settings"]["selectors"] == ["tops", "tops:spatial=0:beta=0"]
+    assert report["settings"]["positions"] == "original" and report["settings"]["split"] == "val"
+    assert set(report["table"]) == {"unpruned", "tops", "tops:spatial=0:beta=0"}
+    item = load_task("shapesvqa", limit=1, split="val")[0]
+    pipe = Pipeline.load(tiny_uniform_dir)
+    kept = {spec: pipe.use_selector("tops", **params).generate(item.image, item.prompt, max_new_tokens=1, keep=32).kept_indices
+            for spec, params in (("default", {}), ("ablation", {"spatial": 0.0, "beta": 0.0}))}
+    assert kept["default"] != kept["ablation"]
+
+
+def test_val_and_test_splits_ask_about_different_scenes():
+    val, test = load_task("shapesvqa", limit=12, split="val"), load_task("shapesvqa", limit=12, split="test")
+    assert [i.question for i in val] != [i.question for i in test] or \
+        [i.image.tobytes() for i in val[:1]] != [i.image.tobytes() for i in test[:1]]
+
+
 @pytest.mark.parametrize("args, needle", [
+    (["--selector", "tops:alpha"], "key=value"),
+    (["--selector", "tops:gamma=1"], "no parameter 'gamma'"),
+    (["--selector", "tops:spatial=-1"], "spatial must be"),
     (["--keep", "0"], "--keep 0"),
     (["--keep", "700"], "out of range"),
     (["--selector", "none"], "does not prune"),

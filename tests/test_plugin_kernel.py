@@ -123,3 +123,27 @@ def test_aot_kernel_compiles_to_ptx_with_tensorrts_argument_list_for_orin():
     proc = subprocess.run([sys.executable, "-c", AOT_CHECK], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.startswith("OK tops_select_kernel")
+
+
+def test_kernel_on_image_like_tokens_keeps_k_distinct_and_agrees_with_the_spatial_factor():
+    """Image-like tokens (near low rank, see feature_fixtures), where the torch and ONNX forms' coverage
+    term once rounded c_i below 0 and picked token 0 again (test_selector reproduces it); the kernel has
+    the same c_i >= d_i^2 guard. With the spatial factor the kernel, the plugin semantics and
+    dpp_select agree on the order; without it only K distinct tokens is asserted (past the kernel's
+    rank the exhaustion floor is decided by rounding)."""
+    from feature_fixtures import image_like_tokens
+
+    image, vision = (torch.from_numpy(a) for a in image_like_tokens(12, seed=0, width=16, hidden=24))
+    q = torch.randn(1, 5, 24, generator=torch.Generator().manual_seed(7))
+    mask = torch.ones(1, 5, dtype=torch.int64)
+    p = METHODS["tops"]
+    for spatial in (0.0, 1.0):
+        for keep in (8, 40):
+            s, c, v = plugin_inputs(image, q, mask, vision, spatial=spatial, grid=(12, 12), keep=keep)
+            order = _kernel(s, c, v, keep, **p)
+            kept = kept_from_order(order, keep)
+            assert len(set(kept[0].tolist())) == keep
+            if spatial:
+                assert torch.equal(order, select_order(s, c, v, keep, **p))
+                assert torch.equal(kept, dpp_select(image, q, mask, keep, vision_features=vision, spatial=spatial,
+                                                    grid=(12, 12), **p))

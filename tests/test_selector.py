@@ -17,6 +17,8 @@ from tops_edge.export.exporter import selector_part
 from tops_edge.selector.dpp import conditional_kernel, greedy, relevance, sanitize
 from tops_edge.selector.uniform import UniformGrid
 
+from feature_fixtures import image_like_tokens
+
 PRUNING = [m for m in selector.available() if selector.get(m).prunes]
 CONTENT_BASED = ["tops", "cdpruner", "divprune", "attention"]  # uniform and random look only at positions
 HIDDEN, VISION, TEXT = 16, 48, 6  # vision width >= N below, so similarity has full rank (no exhausted ties)
@@ -88,7 +90,7 @@ def test_check_keep_refuses_out_of_range_or_non_integer(keep):
         selector.check_keep(keep, 576)
 
 
-def decided_without_ties(method: str, x: dict, keep: int) -> bool:
+def decided_without_ties(method: str, x: dict, keep: int, params: dict | None = None) -> bool:
     """True when no step is decided by the tie rule: the tolerant and an exact argmax pick the same
     tokens, on the input and on the same tokens in reverse order (which flips any exact tie)."""
     from tops_edge.selector import dpp
@@ -101,8 +103,8 @@ def decided_without_ties(method: str, x: dict, keep: int) -> bool:
     for tol in (dpp.TIE_TOL, 0.0):
         saved, dpp.TIE_TOL = dpp.TIE_TOL, tol
         try:
-            picks.append(set(reference(method, x, keep)[0].tolist()))
-            picks.append({n - 1 - i for i in reference(method, rev, keep)[0].tolist()})
+            picks.append(set(reference(method, x, keep, params)[0].tolist()))
+            picks.append({n - 1 - i for i in reference(method, rev, keep, params)[0].tolist()})
         finally:
             dpp.TIE_TOL = saved
     return all(p == picks[0] for p in picks)
@@ -161,7 +163,10 @@ def test_degenerate_tokens_are_never_chosen_over_finite_ones(method, case):
 @settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(case=cases)
 def test_permuting_tokens_permutes_the_chosen_set(method, case):
+    """Content-only selection. TOPS's spatial factor ties a token to its grid position (as `uniform`
+    is), so the property holds for TOPS with it off; test_spatial_* cover the factor."""
     n, k, seed = case
+    params = {"spatial": 0.0} if method == "tops" else None
     rng = np.random.default_rng(seed)
     k = min(k, n)
     x = make_inputs(rng, 1, n)
@@ -172,9 +177,9 @@ def test_permuting_tokens_permutes_the_chosen_set(method, case):
     # ties (scores within TIE_TOL) go to the lowest index, which no permutation preserves: the
     # property is about inputs where no step is decided by the tie rule (e.g. DivPrune's first pick
     # always ties for a mutual-nearest pair)
-    assume(decided_without_ties(method, x, k) and decided_without_ties(method, px, k))
-    chosen = set(reference(method, x, k)[0].tolist())
-    assert {int(perm[i]) for i in reference(method, px, k)[0]} == chosen
+    assume(decided_without_ties(method, x, k, params) and decided_without_ties(method, px, k, params))
+    chosen = set(reference(method, x, k, params)[0].tolist())
+    assert {int(perm[i]) for i in reference(method, px, k, params)[0]} == chosen
 
 
 @pytest.mark.parametrize("method", PRUNING)
@@ -251,7 +256,8 @@ def test_cdpruner_equals_greedy_on_log_det_recomputed_from_scratch(seed):
 def test_tops_with_beta_zero_equals_cdpruner():
     rng = np.random.default_rng(3)
     cd = selector.get("cdpruner").resolve_params()
-    same = {"beta": 0.0, "alpha": cd["alpha"], "relevance_sign": cd["relevance_sign"], "similarity": cd["similarity"]}
+    same = {"beta": 0.0, "alpha": cd["alpha"], "relevance_sign": cd["relevance_sign"], "similarity": cd["similarity"],
+            "spatial": cd["spatial"]}
     for _ in range(20):
         x = make_inputs(rng, 2, 49)
         assert np.array_equal(reference("tops", x, 12, same), reference("cdpruner", x, 12))
@@ -260,8 +266,60 @@ def test_tops_with_beta_zero_equals_cdpruner():
 
 def test_coverage_term_changes_the_selection():
     x = make_inputs(np.random.default_rng(4), 1, 64)
-    picks = {beta: reference("tops", x, 16, {"beta": beta})[0].tolist() for beta in (0.0, 0.5, 0.9)}
+    picks = {beta: reference("tops", x, 16, {"beta": beta, "spatial": 0.0})[0].tolist() for beta in (0.0, 0.5, 0.9)}
     assert picks[0.0] != picks[0.5] != picks[0.9]
+
+
+def low_rank_inputs(side: int = 12, seed: int = 0) -> dict:
+    """Image-like tokens (feature_fixtures.image_like_tokens) and a random instruction."""
+    image, vision = image_like_tokens(side, seed, hidden=HIDDEN, width=VISION)
+    x = make_inputs(np.random.default_rng(seed), 1, side * side)
+    x["image_features"], x["vision_features"] = image, vision
+    return x
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.5, 0.9])
+@pytest.mark.parametrize("spatial", [0.0, 1.0])
+def test_low_rank_features_still_give_k_distinct_tokens_and_the_onnx_form_agrees(beta, spatial):
+    """Regression: once an image's near-low-rank kernel was exhausted, the coverage term's running c_i
+    rounded below 0, its log was NaN and every later step picked token 0 again (K indices, not K
+    distinct ones: seen on the ShapesVQA model's real features)."""
+    params = {"beta": beta, "spatial": spatial}
+    for seed in range(3):
+        x = low_rank_inputs(seed=seed)
+        for k in (8, 40, 100):
+            ref = reference("tops", x, k, params)[0]
+            got = onnx_select("tops", x, k, params)[0][0]
+            for kept in (ref, got):
+                assert len(set(kept.tolist())) == k and np.all(np.diff(kept) > 0)
+            if spatial:  # full rank: every step is decided by a real gain, so both forms agree
+                assert np.array_equal(got, ref)
+            # without it, past the kernel's rank whether a token's residual is under the exhaustion
+            # floor is decided by the last bits of two different GEMMs, so the forms may differ there
+
+
+def test_spatial_factor_spreads_the_tokens_a_plain_background_cannot_tell_apart():
+    """On an image-like background the kernel without the spatial factor runs out of rank and falls
+    back to the lowest indices: most of K = 40 land in the top third of the 12x12 grid. With it every
+    third of the image keeps between a quarter and a half of them."""
+    for seed in range(3):
+        x = low_rank_inputs(seed=seed)
+        thirds = {}
+        for spatial in (0.0, 1.0):
+            rows = reference("tops", x, 40, {"spatial": spatial})[0] // 12
+            thirds[spatial] = np.bincount(rows // 4, minlength=3)
+        assert thirds[0.0][0] > 0.6 * 40
+        assert all(10 <= t <= 20 for t in thirds[1.0]), thirds[1.0]
+
+
+def test_spatial_factor_is_a_gaussian_of_grid_distance_with_the_lattice_spacing():
+    from tops_edge.selector.dpp import spatial_factor
+
+    g = spatial_factor(576, (24, 24), 64, 1.0)  # sigma = sqrt(576 / 64) = 3 patches
+    assert g.shape == (576, 576) and torch.all(torch.diagonal(g) == 1)
+    assert torch.allclose(g[0, 3], torch.tensor(np.exp(-0.5), dtype=torch.float32))  # 3 columns apart
+    assert torch.allclose(g[0, 24 * 3 + 3], torch.tensor(np.exp(-1.0), dtype=torch.float32))  # (3, 3) apart
+    assert torch.linalg.eigvalsh(g.double()).min() > -1e-6  # PSD: S * G stays a valid DPP kernel
 
 
 @pytest.mark.parametrize("method, aware", [("tops", True), ("cdpruner", True), ("divprune", False), ("uniform", False)])

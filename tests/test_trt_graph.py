@@ -41,7 +41,8 @@ def test_trt_selector_graph_has_the_plugin_node_and_its_attributes(trt_export):
     assert attrs == {"alpha": 0.75, "beta": 0.25, "relevance_sign": 1.0, "plugin_namespace": b"tops", "aot": 1}
     assert len(node.input) == 4 and len(node.output) == 2
     assert {"tops": 1}.items() <= {o.domain: o.version for o in model.opset_import}.items()
-    assert [i.name for i in model.graph.input] == ["image_features", "keep", "instruction_embeds", "instruction_mask", "vision_features"]
+    assert [i.name for i in model.graph.input] == ["image_features", "keep", "instruction_embeds", "instruction_mask",
+                                                   "vision_features", "grid_h", "grid_w"]
     assert [o.name for o in model.graph.output] == ["kept_indices", "selected_features"]
     manifest = json.loads((trt_export / "manifest.json").read_text())
     assert manifest["target"] == "trt" and manifest["footprint"]["tokens_per_image"] == 576
@@ -79,13 +80,14 @@ def test_trt_selector_graph_around_the_plugin_equals_the_reference(trt_export, o
         "instruction_embeds": g.standard_normal((1, 7, 64), dtype=np.float32),
         "instruction_mask": np.ones((1, 7), dtype=np.int64),
         "vision_features": g.standard_normal((1, 576, 32), dtype=np.float32),
+        "grid_h": np.array(24, dtype=np.int64), "grid_w": np.array(24, dtype=np.int64),
     }
     run = ReferenceEvaluator(model, new_ops=[Select, GatherElements])
-    t = {k: torch.from_numpy(v) for k, v in feeds.items()}
+    t = {k: torch.from_numpy(v) for k, v in feeds.items() if k not in ("grid_h", "grid_w")}
     for keep in (1, 64, 576):
         kept, selected = run.run(None, dict(feeds, keep=np.array(keep, dtype=np.int64)))
         expected = dpp_select(t["image_features"], t["instruction_embeds"], t["instruction_mask"], keep, alpha=0.75,
-                              beta=0.25, sign=1.0, vision_features=t["vision_features"])
+                              beta=0.25, sign=1.0, vision_features=t["vision_features"], spatial=1.0, grid=(24, 24))
         assert np.array_equal(kept, expected.numpy())
         assert np.array_equal(selected, feeds["image_features"][:, kept[0]])
 

@@ -69,6 +69,8 @@ def export_parser() -> argparse.ArgumentParser:
     tops.add_argument("--beta", type=float, default=None, help="tops: weight of information coverage (0 = CDPruner's greedy)")
     tops.add_argument("--relevance-sign", type=float, default=None, choices=(1.0, -1.0), help="tops/cdpruner: sign of cos(token, instruction)")
     tops.add_argument("--similarity", default=None, choices=("vision", "projected"), help="tops/cdpruner/divprune: features for token similarity")
+    tops.add_argument("--spatial", type=float, default=None,
+                      help="tops/cdpruner: width of the spatial factor in units of the kept-token spacing sqrt(N/K) (0 = off)")
     tops.add_argument("--selector-seed", type=int, default=None, help="random: the seed of the subset")
     from .plan import PLAN_PRECISIONS, PRESETS
 
@@ -93,7 +95,7 @@ def _export(argv) -> int:
     from .export import export_model
 
     params = {"alpha": args.alpha, "beta": args.beta, "relevance_sign": args.relevance_sign,
-              "similarity": args.similarity, "seed": args.selector_seed}
+              "similarity": args.similarity, "spatial": args.spatial, "seed": args.selector_seed}
     out = export_model(
         args.model, args.out, selector=args.selector, keep=args.keep, keep_ratio=args.keep_ratio,
         budget=args.budget, precision=args.precision,
@@ -261,7 +263,12 @@ def eval_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep", default="192,128,64", help="comma-separated budgets (default: 192,128,64); unpruned always runs")
     p.add_argument("--selector", default=None,
                    help=f"comma-separated selectors, switched at run time without re-export (default: the export's); "
-                        f"any of {', '.join(pruning)}")
+                        f"any of {', '.join(pruning)}, each optionally with parameters as name:key=value[:key=value] "
+                        f"(e.g. tops:alpha=0 or tops:beta=0 for the ablations)")
+    p.add_argument("--split", default="test", choices=("test", "val"),
+                   help="ShapesVQA split: test (default; report these) or val (tune selector parameters on it)")
+    p.add_argument("--positions", default=None, choices=("compact", "original"),
+                   help="position ids of the kept visual tokens for this run (default: the export's)")
     p.add_argument("--limit", type=int, default=None, help="items to evaluate (ShapesVQA default: 1000; JSONL: all)")
     p.add_argument("--types", default=None, help=f"ShapesVQA question types to ask (default: all: {', '.join(QUESTION_TYPES)})")
     p.add_argument("--max-new-tokens", type=int, default=8, help="answer length limit (default: 8)")
@@ -289,7 +296,8 @@ def _eval(argv) -> int:
     report = run_eval(
         args.dir, task=args.task, keeps=parse_keeps(args.keep), selectors=split(args.selector), limit=args.limit,
         max_new_tokens=args.max_new_tokens, budget=args.budget, types=split(args.types), backend=args.backend,
-        log=log, progress=not args.quiet and sys.stderr.isatty(),
+        log=log, progress=not args.quiet and sys.stderr.isatty(), positions=args.positions,
+        split=args.split,
     )
     print(format_table(report))
     for path, write in ((args.json, write_json), (args.plot, write_plot)):

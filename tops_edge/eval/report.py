@@ -9,7 +9,9 @@ and relative_ci95 [lo, hi]|null (paired bootstrap, 1000 resamples):
     directory     str            the export evaluated
     model_source  str
     task          str            "shapesvqa" or the JSONL path
-    settings      {keeps [int], selectors [str], items int, max_new_tokens int, budget str,
+    settings      {keeps [int], selectors [str] (each a name or a spec with parameters, e.g.
+                   "tops:alpha=0"), items int, max_new_tokens int, budget str, positions str
+                   ("compact" | "original"), split str|null (ShapesVQA: "test" | "val"),
                    num_visual_tokens int}
     elapsed_s     float
     categories    [str]          question types (ShapesVQA) or the JSONL's categories
@@ -28,15 +30,16 @@ from ..bench.report import check_writable, require_matplotlib, write_atomic
 
 def format_table(report: dict) -> str:
     cats = ["all", *report["categories"]]
-    width = max(8, *(len(c) for c in cats))
-    header = f"{'selector':<10} {'K':>5}  " + "  ".join(f"{c:>{width}}" for c in cats)
+    width = max(12, *(len(c) for c in cats))
+    name = max(10, *(len(m) for m in report["settings"]["selectors"]))
+    header = f"{'selector':<{name}} {'K':>5}  " + "  ".join(f"{c:>{width}}" for c in cats)
     lines = [
         f"{report['task']} on {report['model_source']}: {report['settings']['items']} items; "
         f"accuracy % (relative to unpruned %), 95% CI in the JSON",
         header,
     ]
     full = report["table"]["unpruned"]
-    lines.append(f"{'unpruned':<10} {report['settings']['num_visual_tokens']:>5}  "
+    lines.append(f"{'unpruned':<{name}} {report['settings']['num_visual_tokens']:>5}  "
                  + "  ".join(f"{100 * full[c]['accuracy']:>{width}.1f}" for c in cats))
     for method in report["settings"]["selectors"]:
         for keep in report["settings"]["keeps"]:
@@ -46,7 +49,7 @@ def format_table(report: dict) -> str:
                 rel = row[c].get("relative")
                 text = f"{100 * row[c]['accuracy']:.1f} ({'-' if rel is None else f'{100 * rel:.0f}'})"
                 cells.append(f"{text:>{width}}")
-            lines.append(f"{method:<10} {keep:>5}  " + "  ".join(cells))
+            lines.append(f"{method:<{name}} {keep:>5}  " + "  ".join(cells))
     return "\n".join(lines)
 
 

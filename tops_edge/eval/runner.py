@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import InputError
+from ..export.exporter import POSITIONS
 from .tasks import Item, load_task, score
 
 SCHEMA = "tops-eval/1"
@@ -67,11 +68,35 @@ def summarize(categories: list[str], full: np.ndarray, runs: dict) -> dict:
     return {"categories": cats, "table": table}
 
 
+def parse_selector_spec(spec: str) -> tuple[str, dict]:
+    """`name` or `name:key=value[:key=value...]` (e.g. `tops:alpha=0`, `tops:beta=0:relevance_sign=-1`) ->
+    (name, params); names and parameters are checked against the selector registry."""
+    from .. import selector as selector_registry
+
+    name, *pairs = [part.strip() for part in spec.split(":")]
+    info = selector_registry.get(name)
+    params = {}
+    for pair in pairs:
+        key, eq, value = pair.partition("=")
+        if not eq or not key.strip() or not value.strip():
+            raise InputError(f"selector '{spec}': parameters are key=value, got '{pair}'")
+        params[key.strip().replace("-", "_")] = value.strip()
+    try:
+        info.resolve_params(params)
+    except ValueError as exc:
+        if isinstance(exc, InputError):
+            raise
+        raise InputError(f"selector '{spec}': {exc}") from None
+    return name, params
+
+
 def run_eval(directory, task: str = "shapesvqa", keeps=None, selectors=None, limit: int | None = None,
              max_new_tokens: int = 8, budget: str | None = None, types=None, backend: str = "ort",
-             log=None, progress: bool = False) -> dict:
+             log=None, progress: bool = False, positions: str | None = None, split: str = "test") -> dict:
     """Evaluate an export on `task` (`shapesvqa` or a JSONL path) for each selector and budget.
-    Returns the report (schema `tops-eval/1`, see report.py)."""
+    `selectors` are names or specs with parameters (`tops:alpha=0`, see parse_selector_spec); each spec
+    is a row of the report under its own text. `positions` overrides the export's position convention
+    (`compact` or `original`) for this run. Returns the report (schema `tops-eval/1`, see report.py)."""
     from tqdm.auto import tqdm
 
     from .. import selector as selector_registry
@@ -80,18 +105,26 @@ def run_eval(directory, task: str = "shapesvqa", keeps=None, selectors=None, lim
     log = log or (lambda msg: None)
     if not Path(directory).is_dir():
         raise InputError(f"{directory} is not a directory; pass the --out DIR of tops-export")
-    pipe = Pipeline.load(directory, backend=backend)
-    budget = pipe.resolve_budget(budget)
-    selectors = list(selectors or [pipe.selector_method])
-    for name in selectors:
+    selectors = list(selectors or [])
+    specs = {spec: parse_selector_spec(spec) for spec in selectors}
+    for spec, (name, _) in specs.items():
         if not selector_registry.get(name).prunes:
             raise InputError(f"selector '{name}' does not prune; the unpruned run is always included")
+    if positions is not None and positions not in POSITIONS:
+        raise InputError(f"positions must be one of {', '.join(POSITIONS)}, got '{positions}'")
+    pipe = Pipeline.load(directory, backend=backend)
+    budget = pipe.resolve_budget(budget)
+    if positions is not None:
+        pipe.positions = positions
+    if not selectors:
+        selectors = [pipe.selector_method]
+        specs = {pipe.selector_method: (pipe.selector_method, {})}
     keeps = sorted({int(k) for k in (keeps or [])}, reverse=True)
     if not keeps:
         raise InputError("--keep needs at least one budget")
     for k in keeps:
         selector_registry.check_keep(k, pipe.max_selectable)
-    items = load_task(task, limit=limit, types=types)
+    items = load_task(task, limit=limit, types=types, split=split)
     log(f"{len(items)} items, selectors {', '.join(selectors)}, keeps {', '.join(map(str, keeps))}")
     t0 = time.perf_counter()
     total = len(items) * (1 + len(selectors) * len(keeps))
@@ -110,13 +143,12 @@ def run_eval(directory, task: str = "shapesvqa", keeps=None, selectors=None, lim
         return np.array([score(item, p) for item, p in zip(items, preds)], dtype=np.int64)
 
     try:
-        first = selectors[0]
-        pipe.use_selector(first)
+        _use(pipe, specs[selectors[0]])
         full_keep = pipe.max_selectable
         full = answer_all(("unpruned", full_keep), None)
         runs = {}
         for method in selectors:
-            pipe.use_selector(method)
+            _use(pipe, specs[method])
             for keep in keeps:
                 if keep >= full_keep:
                     runs[(method, keep)] = full
@@ -135,7 +167,8 @@ def run_eval(directory, task: str = "shapesvqa", keeps=None, selectors=None, lim
         "model_source": str(pipe.manifest["model"]["source"]),
         "task": task,
         "settings": {"keeps": keeps, "selectors": selectors, "items": len(items), "max_new_tokens": max_new_tokens,
-                     "budget": budget, "num_visual_tokens": pipe.max_selectable},
+                     "budget": budget, "positions": pipe.positions,
+                     "split": split if task == "shapesvqa" else None, "num_visual_tokens": pipe.max_selectable},
         "elapsed_s": round(time.perf_counter() - t0, 1),
         **summary,
         "examples": [
@@ -146,4 +179,9 @@ def run_eval(directory, task: str = "shapesvqa", keeps=None, selectors=None, lim
     }
 
 
-__all__ = ["Item", "run_eval", "summarize", "wilson", "relative_interval", "SCHEMA"]
+def _use(pipe, spec):
+    name, params = spec
+    pipe.use_selector(name, **params)
+
+
+__all__ = ["Item", "run_eval", "parse_selector_spec", "summarize", "wilson", "relative_interval", "SCHEMA"]

@@ -99,12 +99,15 @@ def load_jsonl(path) -> list[Item]:
     return items
 
 
-def load_task(task: str, limit: int | None = None, types=None) -> list[Item]:
-    """`shapesvqa` or a path to a JSONL file; `limit` keeps the first items."""
+def load_task(task: str, limit: int | None = None, types=None, split: str = "test") -> list[Item]:
+    """`shapesvqa` (its `split`: test, or val to tune selector parameters without touching the test
+    questions) or a path to a JSONL file; `limit` keeps the first items."""
     if limit is not None and (isinstance(limit, bool) or int(limit) != limit or limit < 1):
         raise InputError(f"--limit must be a whole number >= 1, got {limit!r}")
     if task == "shapesvqa":
-        return shapesvqa(1000 if limit is None else int(limit), types=types)
+        if split not in ("val", "test"):
+            raise InputError(f"--split must be val or test (train is what the model learned from), got '{split}'")
+        return shapesvqa(1000 if limit is None else int(limit), split=split, types=types)
     if not task.endswith(".jsonl") and not Path(task).is_file():
         raise InputError(f"unknown task '{task}': use shapesvqa or a path to a .jsonl file")
     items = load_jsonl(task)

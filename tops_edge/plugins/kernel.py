@@ -74,7 +74,7 @@ def tops_select_kernel(sim_ptr, cos_ptr, valid_ptr, keep_ptr, n, order_ptr, chol
         if BETA == 0.0:
             gain = tl.log(d)
         else:
-            gain = (1.0 - BETA) * tl.log(d) + BETA * tl.log(c)
+            gain = (1.0 - BETA) * tl.log(d) + BETA * tl.log(tl.maximum(c, d * d))  # c_i >= d_i^2; rounding can break it
         score = tl.where(d > floor, gain, _EXHAUSTED) + penalty
         best = tl.max(score, 0)
         j = tl.min(tl.where(score >= best - _TIE_TOL, lanes, BLOCK_N), 0)  # lowest index within TIE_TOL

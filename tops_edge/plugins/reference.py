@@ -19,13 +19,19 @@ from __future__ import annotations
 
 import torch
 
-from ..selector.dpp import greedy, instruction_cosine, minmax_relevance, similarity_features, weighted_kernel
+from ..selector.dpp import (greedy, instruction_cosine, minmax_relevance, similarity_features, spatial_factor,
+                             weighted_kernel)
 
 
-def plugin_inputs(image_features, instruction_embeds, instruction_mask, vision_features=None):
-    """(similarity, cosine, valid) as the exported graph computes them before the plugin node."""
+def plugin_inputs(image_features, instruction_embeds, instruction_mask, vision_features=None, *, spatial: float = 0.0,
+                  grid=None, keep: int | None = None):
+    """(similarity, cosine, valid) as the exported graph computes them before the plugin node (the
+    spatial factor, when `spatial` > 0, needs the budget `keep` and the token `grid`)."""
     f, valid = similarity_features(image_features, vision_features)
     similarity = f @ f.transpose(1, 2)
+    if spatial:
+        n = f.shape[1]
+        similarity = similarity * spatial_factor(n, grid or (1, n), keep, spatial)
     cosine = instruction_cosine(image_features, instruction_embeds, instruction_mask)
     return similarity, cosine, valid.to(torch.int32)
 

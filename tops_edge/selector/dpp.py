@@ -3,7 +3,9 @@
 Formulation (docs: TOPS.md, v1):
   r  = min-max( sign * cos(v_i, q_bar) )            task relevance, q_bar = mean normalised instruction
   w  = exp(alpha * r)                                alpha = 0 switches relevance off
-  L  = diag(w) S diag(w),  S_ij = cos(f_i, f_j)      conditional kernel (f: the similarity features)
+  L  = diag(w) S diag(w),  S_ij = cos(f_i, f_j) G_ij  conditional kernel (f: the similarity features)
+  G_ij = exp(-|p_i - p_j|^2 / (2 sigma^2)),  sigma = spatial * sqrt(N / K)   spatial coverage (p: grid
+       position; sigma is `spatial` times the spacing of K evenly spread tokens; spatial = 0: G = 1)
   greedy on the residual R = L - C C^T (C: Cholesky columns of the tokens kept so far):
   j  = argmax_i (1 - beta) log d_i + beta log c_i    d_i = R_ii, c_i = sum_k R_ki^2
      = argmax_i log d_i + beta log(c_i / d_i)        DPP MAP gain + coverage (greedy Nystrom)
@@ -105,7 +107,9 @@ def greedy(kernel: torch.Tensor, valid: torch.Tensor, keep: int, beta: float = 0
     rows = torch.arange(b)
     order = []
     for _ in range(keep):
-        gain = torch.log(d) if beta == 0 else (1.0 - beta) * torch.log(d) + beta * torch.log(c)
+        # c_i = sum_k R_ki^2 >= R_ii^2 = d_i^2 exactly; the running update can round c below that (even
+        # below 0 once a low-rank kernel is nearly exhausted), and a NaN score would win every argmax
+        gain = torch.log(d) if beta == 0 else (1.0 - beta) * torch.log(d) + beta * torch.log(torch.maximum(c, d * d))
         score = torch.where(d > floor, gain, torch.full_like(d, EXHAUSTED)) + penalty
         j = argmax_first(score)
         dj = d[rows, j]
@@ -131,11 +135,30 @@ def similarity_features(image_features, vision_features=None) -> tuple[torch.Ten
     return f, valid & valid_f
 
 
+def spatial_factor(num_tokens: int, grid: tuple[int, int], keep: int, spatial: float) -> torch.Tensor:
+    """G [N,N] = exp(-|p_i - p_j|^2 * K / (2 spatial^2 N)) over the tokens' (row, col) on `grid`
+    (row-major; a 1 x N grid is a sequence). A Gaussian kernel is PSD, so S * G stays PSD (Schur
+    product). Without it, S is low-rank on real images (a plain background is one direction), and
+    once its rank is spent the greedy has no reason to prefer any of the remaining tokens."""
+    k = torch.tensor(min(keep, num_tokens), dtype=torch.float32)
+    scale = k / (2.0 * torch.tensor(spatial, dtype=torch.float32) ** 2 * num_tokens)
+    idx = torch.arange(num_tokens)
+    row, col = (idx // grid[1]).float(), (idx % grid[1]).float()
+    d2 = (row[:, None] - row[None, :]) ** 2 + (col[:, None] - col[None, :]) ** 2
+    return torch.exp(-(d2 * scale))
+
+
 def dpp_select(image_features, instruction_embeds, instruction_mask, keep: int, *, alpha: float, beta: float,
-               sign: float, vision_features=None) -> torch.Tensor:
-    """TOPS (beta > 0) or CDPruner (beta = 0): [B, keep] ascending indices."""
+               sign: float, vision_features=None, spatial: float = 0.0, grid: tuple[int, int] | None = None
+               ) -> torch.Tensor:
+    """TOPS (beta > 0) or CDPruner (beta = 0): [B, keep] ascending indices. `spatial` > 0 multiplies
+    the similarity by a Gaussian of the tokens' distance on `grid` (default 1 x N)."""
     f, valid = similarity_features(image_features, vision_features)
     r = relevance(image_features, valid, instruction_embeds, instruction_mask, sign)
     w = torch.where(valid, torch.exp(alpha * r), torch.zeros_like(r))
-    order = greedy(conditional_kernel(f, w), valid, min(keep, f.shape[1]), beta)
+    n = f.shape[1]
+    similarity = f @ f.transpose(1, 2)
+    if spatial:
+        similarity = similarity * spatial_factor(n, grid or (1, n), keep, spatial)
+    order = greedy(weighted_kernel(similarity, w), valid, min(keep, n), beta)
     return order.sort(1).values

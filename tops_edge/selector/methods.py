@@ -30,12 +30,27 @@ def _similarity_inputs(params) -> tuple[str, ...]:
 def _dpp_reference(x, keep, p, grid):
     sim = x["vision_features"] if p["similarity"] == "vision" else None
     return dpp_select(x["image_features"], x["instruction_embeds"], x["instruction_mask"], keep,
-                      alpha=p["alpha"], beta=p["beta"], sign=p["relevance_sign"], vision_features=sim)
+                      alpha=p["alpha"], beta=p["beta"], sign=p["relevance_sign"], vision_features=sim,
+                      spatial=_spatial(p), grid=grid)
+
+
+def _spatial(p) -> float:
+    value = float(p["spatial"])
+    if not value >= 0.0 or value == float("inf"):
+        from ..errors import InputError
+
+        raise InputError(f"spatial must be a finite number >= 0 (0 switches the spatial factor off), got {p['spatial']}")
+    return value
+
+
+def _dpp_inputs(p) -> tuple[str, ...]:
+    return INSTRUCTION + _similarity_inputs(p) + ("grid_h", "grid_w")
 
 
 def _dpp_onnx(p, grid):
     vision = p["similarity"] == "vision"
-    constants = {"alpha": ("float32", p["alpha"]), "sign": ("float32", p["relevance_sign"])}
+    constants = {"alpha": ("float32", p["alpha"]), "sign": ("float32", p["relevance_sign"]),
+                 "spatial": ("float32", _spatial(p))}
     if p["beta"] == 0:  # the plain greedy MAP loop: no coverage work at all
         return (F.dpp_map_vision_graph if vision else F.dpp_map_graph), constants
     constants["beta"] = ("float32", p["beta"])
@@ -45,8 +60,8 @@ def _dpp_onnx(p, grid):
 register(SelectorInfo(
     name="tops",
     summary="TOPS: relevance x coverage x diversity greedy on a conditional DPP kernel",
-    params={"alpha": 0.5, "beta": 0.5, "relevance_sign": 1.0, "similarity": "vision"},
-    extra_inputs=lambda p: INSTRUCTION + _similarity_inputs(p),
+    params={"alpha": 0.5, "beta": 0.5, "relevance_sign": 1.0, "similarity": "vision", "spatial": 1.0},
+    extra_inputs=_dpp_inputs,
     reference=_dpp_reference,
     onnx_form=_dpp_onnx,
 ))
@@ -54,8 +69,8 @@ register(SelectorInfo(
 register(SelectorInfo(
     name="cdpruner",
     summary="CDPruner: conditional-DPP greedy MAP (TOPS with beta = 0)",
-    params={"alpha": 0.5, "beta": 0.0, "relevance_sign": -1.0, "similarity": "vision"},
-    extra_inputs=lambda p: INSTRUCTION + _similarity_inputs(p),
+    params={"alpha": 0.5, "beta": 0.0, "relevance_sign": -1.0, "similarity": "vision", "spatial": 0.0},
+    extra_inputs=_dpp_inputs,
     reference=_dpp_reference,
     onnx_form=_dpp_onnx,
 ))

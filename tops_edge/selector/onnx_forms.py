@@ -177,7 +177,7 @@ def _greedy_coverage(kernel: FLOAT["B", "N", "N"], valid: BOOL["B", "N"], keep: 
     keep_d = op.Sub(op.Constant(value_float=1.0), beta)
     twice = op.Constant(value_float=2.0)
     for _ in range(keep):
-        gain = op.Add(op.Mul(keep_d, op.Log(d)), op.Mul(beta, op.Log(c)))
+        gain = op.Add(op.Mul(keep_d, op.Log(d)), op.Mul(beta, op.Log(op.Max(c, op.Mul(d, d)))))  # see dpp.greedy
         j, e = _greedy_pick(flat_kernel, d, floor, penalty, cols, cols_t, offsets, gain)
         re = op.Sub(op.MatMul(e, kernel), op.MatMul(op.MatMul(e, cols_t), cols))  # R e = L e - C^T (C e)
         sq = op.ReduceSumSquare(e, two, keepdims=1)
@@ -187,42 +187,68 @@ def _greedy_coverage(kernel: FLOAT["B", "N", "N"], valid: BOOL["B", "N"], keep: 
 
 
 @script()
+def _spatial_factor(features: FLOAT["B", "N", "D"], keep: INT64, grid_h: INT64, grid_w: INT64, spatial: FLOAT):
+    """G [N,N] = exp(-|p_i - p_j|^2 * K / (2 spatial^2 N)) on the (row, col) grid; all ones for spatial = 0
+    (dpp.spatial_factor)."""
+    n = op.Squeeze(op.Slice(op.Shape(features), op.Constant(value_ints=[1]), op.Constant(value_ints=[2])))
+    k = op.Cast(_budget(features, keep), to=1)
+    idx = op.Range(op.Constant(value_int=0), n, op.Constant(value_int=1))
+    width = op.Reshape(grid_w, op.Constant(value_ints=[]))
+    row = op.Cast(op.Div(idx, width), to=1)
+    col = op.Cast(op.Mod(idx, width), to=1)
+    dr = op.Sub(op.Unsqueeze(row, op.Constant(value_ints=[1])), op.Unsqueeze(row, op.Constant(value_ints=[0])))
+    dc = op.Sub(op.Unsqueeze(col, op.Constant(value_ints=[1])), op.Unsqueeze(col, op.Constant(value_ints=[0])))
+    d2 = op.Add(op.Mul(dr, dr), op.Mul(dc, dc))
+    two = op.Constant(value_float=2.0)
+    scale = op.Div(k, op.Mul(op.Mul(two, op.Mul(spatial, spatial)), op.Cast(n, to=1)))
+    scale = op.Where(op.Greater(spatial, op.Constant(value_float=0.0)), scale, op.Constant(value_float=0.0))
+    return op.Exp(op.Neg(op.Mul(d2, scale)))
+
+
+@script()
 def _conditional_kernel(tokens: FLOAT["B", "N", "D"], inv: FLOAT["B", "N", 1], sim: FLOAT["B", "N", "E"],
                         valid: BOOL["B", "N"], instruction: FLOAT["B", "M", "D"], mask: INT64["B", "M"],
-                        alpha: FLOAT, sign: FLOAT):
-    """L = diag(w) S diag(w), w = exp(alpha * relevance of the raw `tokens`), S = sim sim^T (unit rows)."""
+                        alpha: FLOAT, sign: FLOAT, spatial_factor: FLOAT["N", "N"]):
+    """L = diag(w) (S * G) diag(w), w = exp(alpha * relevance of the raw `tokens`), S = sim sim^T (unit
+    rows), G the spatial factor."""
     r = _relevance(tokens, inv, valid, instruction, mask, sign)
     w = op.Where(valid, op.Exp(op.Mul(alpha, r)), op.Constant(value_float=0.0))
-    s = op.MatMul(sim, op.Transpose(sim, perm=[0, 2, 1]))
+    s = op.Mul(op.MatMul(sim, op.Transpose(sim, perm=[0, 2, 1])), spatial_factor)
     return op.Mul(op.Mul(op.Unsqueeze(w, op.Constant(value_ints=[2])), s), op.Unsqueeze(w, op.Constant(value_ints=[1])))
 
 
 @script()
 def _projected_kernel(image_features: FLOAT["B", "N", "D"], instruction_embeds: FLOAT["B", "M", "D"],
-                      instruction_mask: INT64["B", "M"], alpha: FLOAT, sign: FLOAT):
+                      instruction_mask: INT64["B", "M"], alpha: FLOAT, sign: FLOAT, spatial_factor: FLOAT["N", "N"]):
     """The kernel with similarity on the projected tokens themselves, and token validity."""
     v, inv, valid = _unit_rows(image_features)
-    kernel = _conditional_kernel(image_features, inv, v, valid, instruction_embeds, instruction_mask, alpha, sign)
+    kernel = _conditional_kernel(image_features, inv, v, valid, instruction_embeds, instruction_mask, alpha, sign,
+                                 spatial_factor)
     return kernel, valid
 
 
 @script()
 def _vision_kernel(image_features: FLOAT["B", "N", "D"], instruction_embeds: FLOAT["B", "M", "D"],
-                   instruction_mask: INT64["B", "M"], vision_features: FLOAT["B", "N", "E"], alpha: FLOAT, sign: FLOAT):
+                   instruction_mask: INT64["B", "M"], vision_features: FLOAT["B", "N", "E"], alpha: FLOAT, sign: FLOAT,
+                   spatial_factor: FLOAT["N", "N"]):
     """The kernel with similarity on the vision features (before the projector), and token validity."""
     inv, valid_v = _row_inverse_norms(image_features)
     f, _, valid_f = _unit_rows(vision_features)
     valid = op.And(op.Squeeze(valid_v, op.Constant(value_ints=[-1])), valid_f)
-    kernel = _conditional_kernel(image_features, inv, f, valid, instruction_embeds, instruction_mask, alpha, sign)
+    kernel = _conditional_kernel(image_features, inv, f, valid, instruction_embeds, instruction_mask, alpha, sign,
+                                 spatial_factor)
     return kernel, valid
 
 
 # The four DPP graphs: {similarity on the projected tokens, on the vision features} x {greedy MAP
-# (cdpruner, or tops with beta = 0), greedy with coverage (tops)}.
+# (cdpruner, or tops with beta = 0), greedy with coverage (tops)}. Each takes the token grid (the
+# spatial factor's positions; with spatial = 0 it does not change the kernel).
 @script()
 def dpp_map_graph(image_features: FLOAT["B", "N", "D"], keep: INT64, instruction_embeds: FLOAT["B", "M", "D"],
-                  instruction_mask: INT64["B", "M"], alpha: FLOAT, sign: FLOAT):
-    kernel, valid = _projected_kernel(image_features, instruction_embeds, instruction_mask, alpha, sign)
+                  instruction_mask: INT64["B", "M"], grid_h: INT64, grid_w: INT64, alpha: FLOAT, sign: FLOAT,
+                  spatial: FLOAT):
+    g = _spatial_factor(image_features, keep, grid_h, grid_w, spatial)
+    kernel, valid = _projected_kernel(image_features, instruction_embeds, instruction_mask, alpha, sign, g)
     kept_indices = _greedy_map(kernel, valid, _budget(image_features, keep))
     selected_features = _gathered(kept_indices, image_features)
     return kept_indices, selected_features
@@ -230,8 +256,10 @@ def dpp_map_graph(image_features: FLOAT["B", "N", "D"], keep: INT64, instruction
 
 @script()
 def dpp_coverage_graph(image_features: FLOAT["B", "N", "D"], keep: INT64, instruction_embeds: FLOAT["B", "M", "D"],
-                       instruction_mask: INT64["B", "M"], alpha: FLOAT, beta: FLOAT, sign: FLOAT):
-    kernel, valid = _projected_kernel(image_features, instruction_embeds, instruction_mask, alpha, sign)
+                       instruction_mask: INT64["B", "M"], grid_h: INT64, grid_w: INT64, alpha: FLOAT, beta: FLOAT,
+                       sign: FLOAT, spatial: FLOAT):
+    g = _spatial_factor(image_features, keep, grid_h, grid_w, spatial)
+    kernel, valid = _projected_kernel(image_features, instruction_embeds, instruction_mask, alpha, sign, g)
     kept_indices = _greedy_coverage(kernel, valid, _budget(image_features, keep), beta)
     selected_features = _gathered(kept_indices, image_features)
     return kept_indices, selected_features
@@ -239,8 +267,10 @@ def dpp_coverage_graph(image_features: FLOAT["B", "N", "D"], keep: INT64, instru
 
 @script()
 def dpp_map_vision_graph(image_features: FLOAT["B", "N", "D"], keep: INT64, instruction_embeds: FLOAT["B", "M", "D"],
-                         instruction_mask: INT64["B", "M"], vision_features: FLOAT["B", "N", "E"], alpha: FLOAT, sign: FLOAT):
-    kernel, valid = _vision_kernel(image_features, instruction_embeds, instruction_mask, vision_features, alpha, sign)
+                         instruction_mask: INT64["B", "M"], vision_features: FLOAT["B", "N", "E"], grid_h: INT64,
+                         grid_w: INT64, alpha: FLOAT, sign: FLOAT, spatial: FLOAT):
+    g = _spatial_factor(image_features, keep, grid_h, grid_w, spatial)
+    kernel, valid = _vision_kernel(image_features, instruction_embeds, instruction_mask, vision_features, alpha, sign, g)
     kept_indices = _greedy_map(kernel, valid, _budget(image_features, keep))
     selected_features = _gathered(kept_indices, image_features)
     return kept_indices, selected_features
@@ -248,9 +278,10 @@ def dpp_map_vision_graph(image_features: FLOAT["B", "N", "D"], keep: INT64, inst
 
 @script()
 def dpp_coverage_vision_graph(image_features: FLOAT["B", "N", "D"], keep: INT64, instruction_embeds: FLOAT["B", "M", "D"],
-                              instruction_mask: INT64["B", "M"], vision_features: FLOAT["B", "N", "E"], alpha: FLOAT,
-                              beta: FLOAT, sign: FLOAT):
-    kernel, valid = _vision_kernel(image_features, instruction_embeds, instruction_mask, vision_features, alpha, sign)
+                              instruction_mask: INT64["B", "M"], vision_features: FLOAT["B", "N", "E"], grid_h: INT64,
+                              grid_w: INT64, alpha: FLOAT, beta: FLOAT, sign: FLOAT, spatial: FLOAT):
+    g = _spatial_factor(image_features, keep, grid_h, grid_w, spatial)
+    kernel, valid = _vision_kernel(image_features, instruction_embeds, instruction_mask, vision_features, alpha, sign, g)
     kept_indices = _greedy_coverage(kernel, valid, _budget(image_features, keep), beta)
     selected_features = _gathered(kept_indices, image_features)
     return kept_indices, selected_features

@@ -11,7 +11,7 @@ ShapesVQA *train* pairs (or --calib DIR).
 (`tops_edge.eval.run_eval`); meaningful only for a trained model (--model DIR), not random weights.
 
   python scripts/precision_table.py [--model tiny-llava-medium] [--prompts 64] [--out /tmp/precision]
-                                    [--eval --eval-items 300] [--json FILE]
+                                    [--eval --eval-items 300 --eval-types T,...] [--json FILE]
 """
 
 from __future__ import annotations
@@ -114,12 +114,12 @@ def compare(dirs: dict[str, Path], count: int) -> dict[str, dict]:
     return rows
 
 
-def accuracy(dirs: dict[str, Path], items: int) -> dict[str, dict]:
+def accuracy(dirs: dict[str, Path], items: int, types=None) -> dict[str, dict]:
     from tops_edge.eval import run_eval
 
     out = {}
     for precision, directory in dirs.items():
-        report = run_eval(directory, "shapesvqa", keeps=[576, 64], selectors=["tops"], limit=items)
+        report = run_eval(directory, "shapesvqa", keeps=[576, 64], selectors=["tops"], limit=items, types=types)
         table = report["table"]
         out[precision] = {"576": table["unpruned"]["all"]["accuracy"], "64": table["tops"]["64"]["all"]["accuracy"]}
     return out
@@ -152,17 +152,21 @@ def main(argv=None) -> int:
     p.add_argument("--calib", default=None, help="INT8 calibration folder (default: built-in ShapesVQA train pairs)")
     p.add_argument("--eval", action="store_true", help="add ShapesVQA accuracy deltas at K=576 and K=64")
     p.add_argument("--eval-items", type=int, default=300, help="ShapesVQA items for --eval (default 300)")
+    p.add_argument("--eval-types", default=None,
+                   help="comma-separated ShapesVQA types for --eval (default: all; the README uses the ones the model learned)")
     p.add_argument("--json", default=None, help="also write the numbers here")
     args = p.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     # --eval switches selectors at run time; the tops export is also what the README's K=64 means
     dirs = export_all(args.model, Path(args.out), args.calib, selector="tops")
     rows = compare(dirs, args.prompts)
-    acc = accuracy(dirs, args.eval_items) if args.eval else None
+    types = [t for t in args.eval_types.split(",") if t] if args.eval_types else None
+    acc = accuracy(dirs, args.eval_items, types) if args.eval else None
     print(markdown(rows, acc, args.prompts))
     if args.json:
         Path(args.json).write_text(json.dumps({"model": args.model, "prompts": args.prompts, "rows": rows,
-                                               "accuracy": acc}, indent=2) + "\n")
+                                               "accuracy": acc, "eval_items": args.eval_items if acc else None,
+                                               "eval_types": types}, indent=2) + "\n")
     return 0
 
 

@@ -421,6 +421,9 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--smoke", action="store_true", help="a seconds-long run on a few scenes: machinery only")
     args = p.parse_args(argv)
+    import shlex
+
+    command = "python scripts/train_shapes_llava.py " + shlex.join(sys.argv[1:] if argv is None else argv)
     if args.smoke:
         args.train_scenes, args.val_scenes = 16, 8
         args.vision_minutes = args.lm_minutes = 0.02
@@ -474,10 +477,10 @@ def main(argv=None) -> int:
         saved["lm_steps"] = state.get("lm_steps", 0) + extra_steps
         # every command of a resumed chain, each with the step totals it ended at: together they reproduce it
         saved["history"] = list(state.get("history", [])) + [
-            {"command": COMMAND, "vision_steps": saved.get("vision_steps", 0), "lm_steps": saved["lm_steps"]}]
+            {"command": command, "vision_steps": saved.get("vision_steps", 0), "lm_steps": saved["lm_steps"]}]
         torch.save({"model": model.state_dict(), "state": saved}, out / "checkpoint.pt.tmp")
         os.replace(out / "checkpoint.pt.tmp", out / "checkpoint.pt")
-        save_hf(model, processor, saved, out / "model", args)
+        save_hf(model, processor, saved, out / "model", args, command)
         log(f"checkpoint: {saved.get('vision_steps', 0)} vision, {saved['lm_steps']} lm steps -> {out}")
 
     if args.lm_minutes > 0:
@@ -488,7 +491,7 @@ def main(argv=None) -> int:
     return 0
 
 
-def save_hf(model, processor, state, directory: Path, args) -> None:
+def save_hf(model, processor, state, directory: Path, args, command: str) -> None:
     """The standardisation folded into the projector; weights, config and processor in HF format,
     written beside `directory` and swapped in."""
     import copy
@@ -502,7 +505,7 @@ def save_hf(model, processor, state, directory: Path, args) -> None:
     final.save_pretrained(stage)
     processor.save_pretrained(stage)
     (stage / "TRAINING.json").write_text(json.dumps({
-        "command": COMMAND, "vision_steps": state.get("vision_steps", 0), "lm_steps": state.get("lm_steps", 0),
+        "command": command, "vision_steps": state.get("vision_steps", 0), "lm_steps": state.get("lm_steps", 0),
         "history": state.get("history", []), "args": vars(args),
     }, indent=2) + "\n")
     old = directory.with_name(directory.name + ".old")
@@ -512,8 +515,6 @@ def save_hf(model, processor, state, directory: Path, args) -> None:
     os.replace(stage, directory)
     shutil.rmtree(old, ignore_errors=True)
 
-
-COMMAND = "python scripts/train_shapes_llava.py " + " ".join(sys.argv[1:])
 
 if __name__ == "__main__":
     sys.exit(main())

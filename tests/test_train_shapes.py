@@ -53,10 +53,24 @@ def test_smoke_training_saves_a_model_that_exports_and_evaluates(tmp_path):
     out = export_model(str(model_dir), tmp_path / "export", selector="tops", keep=64, progress=False)
     report = run_eval(out, keeps=[64], selectors=["tops", "uniform"], limit=6, max_new_tokens=2)
     assert report["settings"]["items"] == 6 and report["table"]["tops"]["64"]["all"]["n"] == 6
-    # resuming continues the step count
+    first = json.loads((model_dir / "TRAINING.json").read_text())
+    # resuming continues the step count, stops at --lm-steps, and keeps the chain of commands
     assert train.main(["--smoke", "--out", str(tmp_path / "run"), "--resume", str(tmp_path / "run" / "checkpoint.pt"),
-                       "--threads", "1"]) == 0
-    assert json.loads((model_dir / "TRAINING.json").read_text())["lm_steps"] >= 2
+                       "--threads", "1", "--lm-steps", str(first["lm_steps"] + 1)]) == 0
+    info = json.loads((model_dir / "TRAINING.json").read_text())
+    assert info["lm_steps"] == first["lm_steps"] + 1
+    assert [h["lm_steps"] for h in info["history"]] == [first["lm_steps"], first["lm_steps"] + 1]
+    assert "--resume" not in info["history"][0]["command"] and "--lm-steps" in info["history"][1]["command"]
+    # the training curve reads the log the two runs appended to
+    curves = _plot().curves(tmp_path / "run" / "log.jsonl")
+    assert curves and all(steps == sorted(steps) for steps in ([s for s, _ in v] for v in curves.values()))
+
+
+def _plot():
+    spec = importlib.util.spec_from_file_location("plot_training", SCRIPT.with_name("plot_training.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def test_combined_loss_adds_both_auxiliary_terms():

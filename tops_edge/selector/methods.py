@@ -2,9 +2,11 @@
 
 Defaults: `tops` and `cdpruner` use alpha = 0.5 (CDPruner's theta = 0.5) and compute similarity on the
 vision features before the projector (1024 wide on LLaVA-1.5 instead of 4096: 4x cheaper, see
-scripts/selector_cost.py). `cdpruner` keeps CDPruner's released relevance sign (-1, found for CLIP
-features); `tops` starts at +1. The signs and beta are provisional until the fidelity benchmark
-(ShapesVQA) has measured them.
+scripts/selector_cost.py). `cdpruner` keeps CDPruner's released semantics (relevance sign -1, found
+for CLIP features; no spatial factor). `tops` multiplies the similarity by a Gaussian of grid
+distance, sigma = spatial * sqrt(N/K) (dpp.spatial_factor), with spatial = 1 chosen on ShapesVQA's
+val split (README, "TOPS formulation"); its alpha, beta and sign were left where they were: on that
+split they moved accuracy by less than the noise.
 """
 
 from __future__ import annotations

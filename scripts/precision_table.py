@@ -115,13 +115,18 @@ def compare(dirs: dict[str, Path], count: int) -> dict[str, dict]:
 
 
 def accuracy(dirs: dict[str, Path], items: int, types=None) -> dict[str, dict]:
+    """ShapesVQA accuracy at K=576 and K=64 per precision on ORT CPU, and for int8 also with the Q/DQ
+    reference arithmetic ("int8 ref.", see `_pipelines(reference=True)`)."""
     from tops_edge.eval import run_eval
 
     out = {}
-    for precision, directory in dirs.items():
-        report = run_eval(directory, "shapesvqa", keeps=[576, 64], selectors=["tops"], limit=items, types=types)
+    ref_pipes = _pipelines({"int8": dirs["int8"]}, reference=True) if "int8" in dirs else {}
+    runs = [(p, d, None) for p, d in dirs.items()] + [(f"{p} ref.", dirs[p], pipe) for p, pipe in ref_pipes.items()]
+    for name, directory, pipe in runs:
+        report = run_eval(directory, "shapesvqa", keeps=[576, 64], selectors=["tops"], limit=items, types=types,
+                          pipeline=pipe)
         table = report["table"]
-        out[precision] = {"576": table["unpruned"]["all"]["accuracy"], "64": table["tops"]["64"]["all"]["accuracy"]}
+        out[name] = {"576": table["unpruned"]["all"]["accuracy"], "64": table["tops"]["64"]["all"]["accuracy"]}
     return out
 
 
@@ -134,8 +139,12 @@ def markdown(rows: dict, acc: dict | None, count: int) -> str:
         if acc:
             d576 = f"{100 * (acc[precision]['576'] - acc['fp32']['576']):+.1f} pt"
             d64 = f"{100 * (acc[precision]['64'] - acc['fp32']['64']):+.1f} pt"
+            if f"{precision} ref." in acc:  # ORT CPU / the Q/DQ reference arithmetic
+                ref = acc[f"{precision} ref."]
+                d576 += f" / {100 * (ref['576'] - acc['fp32']['576']):+.1f} pt"
+                d64 += f" / {100 * (ref['64'] - acc['fp32']['64']):+.1f} pt"
         else:
-            d576 = d64 = "pending"
+            d576 = d64 = "-"  # no --eval
         lines.append(f"| {precision} | {r['max_logit_delta']:.4f} / {r['max_logit_delta_qdq']:.4f} "
                      f"| {pct(r['first_token_agreement'])} / {pct(r['first_token_agreement_qdq'])} "
                      f"| {pct(r['all_tokens_agreement'])} / {pct(r['all_tokens_agreement_qdq'])} "

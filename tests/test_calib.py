@@ -219,6 +219,34 @@ def test_prefill_logits_stay_close_to_fp32(exports, images, precision):
     assert np.abs(got - ref).max() <= tolerance * max(np.abs(ref).max(), 1.0)
 
 
+def test_unfused_int8_computes_the_graphs_qdq_arithmetic(exports, images, monkeypatch):
+    """With QDQ fusion off (the default on x86 without VNNI), ORT at full optimization gives the same
+    prefill logits as ORT running Q/DQ as plain ops (basic optimizations only): the graph's own
+    arithmetic, which TensorRT implements. The switch reaches the sessions' options."""
+    import onnxruntime as ort
+
+    from tops_edge.runtime.backend import OrtBackend
+
+    def first_logits(backend):
+        pipe = Pipeline.load(exports["int8"])
+        pipe = Pipeline(pipe.directory, pipe.manifest, backend)
+        seen = []
+        step = pipe.decoder.step
+        pipe.decoder.step = lambda e, p: seen.append(np.array(step(e, p))) or seen[-1]
+        pipe.generate(images["wide"], PROMPTS[1], max_new_tokens=1)
+        return seen[0]
+
+    unfused = OrtBackend(qdq_fusion=False)
+    assert unfused.options.get_session_config_entry("session.disable_quant_qdq") == "1"
+    basic = OrtBackend(qdq_fusion=True)
+    basic.options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    np.testing.assert_allclose(first_logits(unfused), first_logits(basic), atol=1e-4)
+    monkeypatch.setenv("TOPS_EDGE_QDQ_FUSION", "1")
+    assert OrtBackend().qdq_fusion is True
+    monkeypatch.setenv("TOPS_EDGE_QDQ_FUSION", "0")
+    assert OrtBackend().qdq_fusion is False
+
+
 def test_int8_export_runs_through_tops_run_and_tops_bench(exports, tmp_path, capsys):
     assert run_main([str(exports["int8"]), "--image", str(EXAMPLE), "--prompt", "What is here?",
                      "--max-new-tokens", "3", "--json"]) == 0

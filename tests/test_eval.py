@@ -197,6 +197,10 @@ def test_selector_specs_with_parameters_are_rows_of_their_own(tiny_uniform_dir):
     kept = {spec: pipe.use_selector("tops", **params).generate(item.image, item.prompt, max_new_tokens=1, keep=32).kept_indices
             for spec, params in (("default", {}), ("ablation", {"spatial": 0.0, "beta": 0.0}))}
     assert kept["default"] != kept["ablation"]
+    # a caller's own pipeline (other session options, say) is used as given
+    again = run_eval(tiny_uniform_dir, keeps=[32], selectors=["tops"], limit=6, max_new_tokens=1, split="val",
+                     positions="original", pipeline=pipe.use_selector("tops"))
+    assert again["table"]["tops"]["32"]["all"] == report["table"]["tops"]["32"]["all"]
 
 
 def test_val_and_test_splits_ask_about_different_scenes():

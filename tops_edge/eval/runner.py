@@ -92,7 +92,8 @@ def parse_selector_spec(spec: str) -> tuple[str, dict]:
 
 def run_eval(directory, task: str = "shapesvqa", keeps=None, selectors=None, limit: int | None = None,
              max_new_tokens: int = 8, budget: str | None = None, types=None, backend: str = "ort",
-             log=None, progress: bool = False, positions: str | None = None, split: str = "test") -> dict:
+             log=None, progress: bool = False, positions: str | None = None, split: str = "test",
+             pipeline=None) -> dict:
     """Evaluate an export on `task` (`shapesvqa` or a JSONL path) for each selector and budget.
     `selectors` are names or specs with parameters (`tops:alpha=0`, see parse_selector_spec); each spec
     is a row of the report under its own text. `positions` overrides the export's position convention
@@ -112,7 +113,8 @@ def run_eval(directory, task: str = "shapesvqa", keeps=None, selectors=None, lim
             raise InputError(f"selector '{name}' does not prune; the unpruned run is always included")
     if positions is not None and positions not in POSITIONS:
         raise InputError(f"positions must be one of {', '.join(POSITIONS)}, got '{positions}'")
-    pipe = Pipeline.load(directory, backend=backend)
+    # a caller's own Pipeline on this export (e.g. with other session options); else one on `backend`
+    pipe = pipeline if pipeline is not None else Pipeline.load(directory, backend=backend)
     budget = pipe.resolve_budget(budget)
     if positions is not None:
         pipe.positions = positions

@@ -29,6 +29,7 @@ D, E, M = 4096, 1024, 16  # projected width, vision width, instruction tokens
 CASES = [(576, 64), (576, 128), (576, 192), (2880, 640)]
 VARIANTS = [  # (label, method, params)
     ("tops", "tops", {}),
+    ("tops without the spatial factor (v1)", "tops", {"spatial": 0.0}),
     ("tops (similarity on projected)", "tops", {"similarity": "projected"}),
     ("cdpruner", "cdpruner", {}),
     ("divprune", "divprune", {}),
@@ -68,6 +69,8 @@ def main(argv=None) -> int:
             "instruction_mask": np.ones((1, M), np.int64),
             "cls_attention": rng.random((1, n), dtype=np.float32),
             "keep": np.array(k, dtype=np.int64),
+            "grid_h": np.array(layout["grid"][0], dtype=np.int64),
+            "grid_w": np.array(layout["grid"][1], dtype=np.int64),
         }
         for label, method, overrides in VARIANTS:
             params = selector.get(method).resolve_params(overrides)

@@ -35,9 +35,6 @@ class _RecordingDecoder:
     def __getattr__(self, name):
         return getattr(self.inner, name)
 
-    def reset(self):
-        self.inner.reset()
-
     def step(self, inputs_embeds, position_ids):
         if self.inner.length == 0:
             self.prefills.append((np.array(inputs_embeds, dtype=np.float32), np.array(position_ids, dtype=np.int64)))

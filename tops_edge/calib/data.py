@@ -5,7 +5,7 @@ A folder holds images and `prompts.jsonl`, one JSON object a line:
     {"image": "kitchen.jpg", "prompt": "What is on the table?"}
     {"prompt": "Describe the scene."}          # no "image": paired with the folder's images in name order
 
-The set's digest (images' bytes + prompts) keys the calibration cache (calib/cache.py).
+The set's digest (images' bytes + prompts) keys the calibration cache (calib/__init__.py: cache_key).
 """
 
 from __future__ import annotations

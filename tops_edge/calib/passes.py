@@ -144,14 +144,14 @@ def int8_excluded_nodes(model: onnx.ModelProto) -> list[str]:
     return graphs.activation_matmuls(model) + ([head] if head else [])
 
 
-def to_int8(src: Path, dst: Path, make_feeds, cache: Path | None) -> bool:
-    """Static INT8 from the feeds `make_feeds()` returns. Returns True when the ranges came from `cache`."""
+def to_int8(src: Path, dst: Path, make_feeds, cache: Path | None) -> None:
+    """Static INT8 from the feeds `make_feeds()` returns; the ranges are read from `cache` when it
+    exists (then `make_feeds` is never called) and written to it otherwise."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
     model = _load(src)
     kwargs = {}
     supports_cache = "calibration_cache_path" in inspect.signature(quantize_static).parameters
-    hit = supports_cache and cache is not None and cache.is_file()
     if supports_cache and cache is not None:
         cache.parent.mkdir(parents=True, exist_ok=True)
         kwargs["calibration_cache_path"] = cache
@@ -172,4 +172,3 @@ def to_int8(src: Path, dst: Path, make_feeds, cache: Path | None) -> bool:
         root.setLevel(level)
         for f in (named, named.parent / (named.name + ".data")):
             f.unlink(missing_ok=True)
-    return hit

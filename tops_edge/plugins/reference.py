@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from ..selector.dpp import (greedy, instruction_cosine, minmax_relevance, similarity_features, spatial_factor,
+from ..selector.dpp import (greedy, instruction_cosine, minmax_relevance, similarity_features, similarity_matrix,
                              weighted_kernel)
 
 
@@ -28,10 +28,7 @@ def plugin_inputs(image_features, instruction_embeds, instruction_mask, vision_f
     """(similarity, cosine, valid) as the exported graph computes them before the plugin node (the
     spatial factor, when `spatial` > 0, needs the budget `keep` and the token `grid`)."""
     f, valid = similarity_features(image_features, vision_features)
-    similarity = f @ f.transpose(1, 2)
-    if spatial:
-        n = f.shape[1]
-        similarity = similarity * spatial_factor(n, grid or (1, n), keep, spatial)
+    similarity = similarity_matrix(f, keep, spatial, grid)
     cosine = instruction_cosine(image_features, instruction_embeds, instruction_mask)
     return similarity, cosine, valid.to(torch.int32)
 

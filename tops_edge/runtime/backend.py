@@ -9,6 +9,7 @@ loop allocates.
 
 from __future__ import annotations
 
+import functools
 import os
 import time
 from abc import ABC, abstractmethod
@@ -175,6 +176,7 @@ class OrtDecoderRunner(DecoderRunner):
         return self.logits[0, -1]
 
 
+@functools.lru_cache(maxsize=1)
 def cpu_int8_is_exact() -> bool:
     """True unless this is an x86 CPU without VNNI (where ORT's fused u8s8 kernels can saturate)."""
     import platform
@@ -182,7 +184,7 @@ def cpu_int8_is_exact() -> bool:
     if platform.machine().lower() not in ("x86_64", "amd64", "i686", "x86"):
         return True
     try:
-        flags = open("/proc/cpuinfo").read()
+        flags = Path("/proc/cpuinfo").read_text()
     except OSError:
         return False  # x86 and unknown: take the exact path
     return "avx512_vnni" in flags or "avx_vnni" in flags

@@ -148,6 +148,16 @@ def spatial_factor(num_tokens: int, grid: tuple[int, int], keep: int, spatial: f
     return torch.exp(-(d2 * scale))
 
 
+def similarity_matrix(unit_rows: torch.Tensor, keep: int, spatial: float = 0.0, grid=None) -> torch.Tensor:
+    """[B,N,N] S = f f^T of unit rows, times the spatial factor on `grid` (default 1 x N) when
+    `spatial` > 0."""
+    similarity = unit_rows @ unit_rows.transpose(1, 2)
+    if spatial:
+        n = unit_rows.shape[1]
+        similarity = similarity * spatial_factor(n, grid or (1, n), keep, spatial)
+    return similarity
+
+
 def dpp_select(image_features, instruction_embeds, instruction_mask, keep: int, *, alpha: float, beta: float,
                sign: float, vision_features=None, spatial: float = 0.0, grid: tuple[int, int] | None = None
                ) -> torch.Tensor:
@@ -156,9 +166,5 @@ def dpp_select(image_features, instruction_embeds, instruction_mask, keep: int, 
     f, valid = similarity_features(image_features, vision_features)
     r = relevance(image_features, valid, instruction_embeds, instruction_mask, sign)
     w = torch.where(valid, torch.exp(alpha * r), torch.zeros_like(r))
-    n = f.shape[1]
-    similarity = f @ f.transpose(1, 2)
-    if spatial:
-        similarity = similarity * spatial_factor(n, grid or (1, n), keep, spatial)
-    order = greedy(weighted_kernel(similarity, w), valid, min(keep, n), beta)
+    order = greedy(weighted_kernel(similarity_matrix(f, keep, spatial, grid), w), valid, min(keep, f.shape[1]), beta)
     return order.sort(1).values

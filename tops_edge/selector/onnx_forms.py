@@ -188,21 +188,26 @@ def _greedy_coverage(kernel: FLOAT["B", "N", "N"], valid: BOOL["B", "N"], keep: 
 
 @script()
 def _spatial_factor(features: FLOAT["B", "N", "D"], keep: INT64, grid_h: INT64, grid_w: INT64, spatial: FLOAT):
-    """G [N,N] = exp(-|p_i - p_j|^2 * K / (2 spatial^2 N)) on the (row, col) grid; all ones for spatial = 0
-    (dpp.spatial_factor)."""
-    n = op.Squeeze(op.Slice(op.Shape(features), op.Constant(value_ints=[1]), op.Constant(value_ints=[2])))
-    k = op.Cast(_budget(features, keep), to=1)
-    idx = op.Range(op.Constant(value_int=0), n, op.Constant(value_int=1))
-    width = op.Reshape(grid_w, op.Constant(value_ints=[]))
-    row = op.Cast(op.Div(idx, width), to=1)
-    col = op.Cast(op.Mod(idx, width), to=1)
-    dr = op.Sub(op.Unsqueeze(row, op.Constant(value_ints=[1])), op.Unsqueeze(row, op.Constant(value_ints=[0])))
-    dc = op.Sub(op.Unsqueeze(col, op.Constant(value_ints=[1])), op.Unsqueeze(col, op.Constant(value_ints=[0])))
-    d2 = op.Add(op.Mul(dr, dr), op.Mul(dc, dc))
-    two = op.Constant(value_float=2.0)
-    scale = op.Div(k, op.Mul(op.Mul(two, op.Mul(spatial, spatial)), op.Cast(n, to=1)))
-    scale = op.Where(op.Greater(spatial, op.Constant(value_float=0.0)), scale, op.Constant(value_float=0.0))
-    return op.Exp(op.Neg(op.Mul(d2, scale)))
+    """G [N,N] = exp(-|p_i - p_j|^2 * K / (2 spatial^2 N)) on the (row, col) grid (dpp.spatial_factor).
+    For spatial = 0 (cdpruner, the v1 ablation) an If returns a [1,1] one instead, so no N x N work
+    is done; spatial is an initializer, so the branch is fixed per graph."""
+    if op.Greater(spatial, op.Constant(value_float=0.0)):
+        n = op.Squeeze(op.Slice(op.Shape(features), op.Constant(value_ints=[1]), op.Constant(value_ints=[2])))
+        k = op.Cast(_budget(features, keep), to=1)
+        idx = op.Range(op.Constant(value_int=0), n, op.Constant(value_int=1))
+        width = op.Reshape(grid_w, op.Constant(value_ints=[]))
+        row = op.Cast(op.Div(idx, width), to=1)
+        col = op.Cast(op.Mod(idx, width), to=1)
+        dr = op.Sub(op.Unsqueeze(row, op.Constant(value_ints=[1])), op.Unsqueeze(row, op.Constant(value_ints=[0])))
+        dc = op.Sub(op.Unsqueeze(col, op.Constant(value_ints=[1])), op.Unsqueeze(col, op.Constant(value_ints=[0])))
+        d2 = op.Add(op.Mul(dr, dr), op.Mul(dc, dc))
+        two = op.Constant(value_float=2.0)
+        scale = op.Div(k, op.Mul(op.Mul(two, op.Mul(spatial, spatial)), op.Cast(n, to=1)))
+        g = op.Exp(op.Neg(op.Mul(d2, scale)))
+    else:
+        g = op.Constant(value_floats=[1.0])
+        g = op.Reshape(g, op.Constant(value_ints=[1, 1]))
+    return g
 
 
 @script()

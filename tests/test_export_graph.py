@@ -68,3 +68,25 @@ def test_small_graph_stays_one_file_even_beside_an_old_data_file(tmp_path):
     (tmp_path / "part.onnx.data").write_bytes(b"old")
     assert onnx_export.save_graph(tmp_path / "model.onnx", tmp_path / "part.onnx") == ["part.onnx"]
     assert not (tmp_path / "part.onnx.data").exists()
+
+
+def test_decoder_graph_reads_the_kv_cache_without_copies(tiny_none_dir):
+    """Each layer's attention multiplies by its present K (transposed inside the matmul) and V
+    directly: no Expand / Tile (HF's repeat_kv for grouped heads) and no Mul (the SDPA export's scaled
+    copy of K) touches the cache."""
+    import onnx
+
+    graph = onnx.load(str(tiny_none_dir / "decoder.onnx"), load_external_data=False).graph
+    consumers: dict[str, list] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    presents = [o.name for o in graph.output if o.name.startswith("present.")]
+    assert presents
+    for name in presents:
+        ops = {n.op_type for n in consumers.get(name, [])}
+        assert not ops & {"Expand", "Tile", "Mul", "Unsqueeze"}, (name, ops)
+        if name.endswith(".value"):
+            assert ops == {"MatMul"}, (name, ops)
+        else:
+            assert ops <= {"Transpose", "MatMul", "Shape"}, (name, ops)

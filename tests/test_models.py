@@ -59,3 +59,29 @@ def test_unsupported_model_type_is_refused(tmp_path):
     LlamaConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64).save_pretrained(tmp_path)
     with pytest.raises(UnsupportedModelError, match="llama"):
         load(str(tmp_path))
+
+
+def test_export_attention_equals_hf_eager_attention_with_grouped_heads():
+    """The decoder is traced with grouped_attention (no repeated KV); it must compute what HF's
+    eager attention computes, causal mask and padded keys included."""
+    import torch
+    from transformers.models.llama.modeling_llama import eager_attention_forward
+
+    from tops_edge.models.base import additive_causal_mask, grouped_attention
+
+    torch.manual_seed(0)
+    heads, kv_heads, dim, past, seq = 8, 2, 16, 5, 4
+    module = torch.nn.Module()
+    module.num_key_value_groups, module.training = heads // kv_heads, False
+    q = torch.randn(1, heads, seq, dim)
+    k, v = torch.randn(1, kv_heads, past + seq, dim), torch.randn(1, kv_heads, past + seq, dim)
+    padding = torch.ones(1, past + seq, dtype=torch.int64)
+    padding[0, 1] = 0  # a padded key
+    mask = additive_causal_mask(padding, seq)
+    assert mask.shape == (1, 1, seq, past + seq)
+    allowed = mask[0, 0] == 0
+    expected_allowed = torch.tensor([[j <= past + i and j != 1 for j in range(past + seq)] for i in range(seq)])
+    assert torch.equal(allowed, expected_allowed)
+    ours, _ = grouped_attention(module, q, k, v, mask, scaling=dim**-0.5)
+    theirs, _ = eager_attention_forward(module, q, k, v, mask, scaling=dim**-0.5)
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)

@@ -42,16 +42,17 @@ def test_stream_yields_the_same_tokens_and_text_as_generate(pipe_uniform, images
 def test_generation_stops_at_eos(pipe_uniform, images, monkeypatch):
     eos = next(iter(pipe_uniform.eos_ids))
     calls = {"n": 0}
-    real = pipe_uniform.decoder.step
+    real_step, real_token = pipe_uniform.decoder.step, pipe_uniform.decoder.step_token
 
-    def step(embeds, positions):  # force EOS as the third token
-        logits = real(embeds, positions).copy()
+    def forced(logits):  # force EOS as the third token
+        logits = logits.copy()
         calls["n"] += 1
         if calls["n"] == 3:
             logits[eos] = 1e9
         return logits
 
-    monkeypatch.setattr(pipe_uniform.decoder, "step", step)
+    monkeypatch.setattr(pipe_uniform.decoder, "step", lambda embeds, positions: forced(real_step(embeds, positions)))
+    monkeypatch.setattr(pipe_uniform.decoder, "step_token", lambda position: forced(real_token(position)))
     r = pipe_uniform.generate(images["wide"], "Hi", max_new_tokens=20)
     assert r.token_ids[-1] == eos and len(r.token_ids) == 3 and r.finish_reason == "eos"
 
@@ -84,3 +85,47 @@ def test_bad_image_type_is_an_input_error(pipe_uniform):
 def test_trt_backend_without_tensorrt_names_the_package(tiny_uniform_dir):
     with pytest.raises(BackendUnavailableError, match="tensorrt"):
         Pipeline.load(tiny_uniform_dir, backend="trt")
+
+
+def test_decode_step_matches_a_full_step_and_binds_buffers_once(pipe_uniform, images):
+    """step_token (the loop's path: one-token buffers bound once) gives the logits of step() on
+    the same embedding and position, and leaves the cache in the same state."""
+    from tops_edge.runtime.backend import KVLayout
+
+    dec = pipe_uniform.decoder
+    prompt = np.random.default_rng(0).standard_normal((1, 7, dec.hidden_size)).astype(np.float32)
+    token = np.random.default_rng(1).standard_normal((1, 1, dec.hidden_size)).astype(np.float32)
+    outputs = []
+    for fast in (False, True):
+        dec.reserve(16)
+        dec.reset()
+        dec.step(prompt, np.arange(7)[None])
+        logits = []
+        for position in (7, 8, 9):
+            if fast:
+                dec.token_embeds[...] = token * position
+                logits.append(dec.step_token(position).copy())
+            else:
+                logits.append(dec.step(token * position, np.array([[position]])).copy())
+        outputs.append((np.stack(logits), dec.length))
+    np.testing.assert_allclose(outputs[0][0], outputs[1][0], rtol=0, atol=1e-5)
+    assert outputs[0][1] == outputs[1][1] == 10
+    assert isinstance(dec.layout, KVLayout)
+
+
+def test_bound_session_run_equals_run_and_sees_rewritten_inputs(pipe_uniform):
+    from tops_edge.runtime.backend import Session
+
+    embed = pipe_uniform.embed
+    ids = np.zeros((1, 1), dtype=np.int64)
+    out = np.zeros((1, 1, pipe_uniform.decoder.hidden_size), dtype=np.float32)
+    run_bound = embed.bind({"input_ids": ids}, {"inputs_embeds": out})
+    # the base class's default (used by backends without IO binding) against ORT's bound run
+    generic = Session.bind(embed, {"input_ids": ids}, {"inputs_embeds": (out_generic := np.zeros_like(out))})
+    for token in (5, 17, 5):
+        ids[0, 0] = token
+        run_bound()
+        generic()
+        expected = embed.run({"input_ids": np.array([[token]])})["inputs_embeds"]
+        np.testing.assert_array_equal(out, expected)
+        np.testing.assert_array_equal(out_generic, expected)

@@ -74,11 +74,57 @@ class EmbedTokens(nn.Module):
         return self.embedding(input_ids)
 
 
+#: the attention implementation the decoder graph is traced with (registered with transformers below)
+EXPORT_ATTENTION = "tops_edge_export"
+
+
+def additive_causal_mask(attention_mask: torch.Tensor, query_length: int, dtype=torch.float32) -> torch.Tensor:
+    """[B, T] padding mask (1 = attend) -> [B, 1, S, T] additive mask (0 or the dtype's minimum) for
+    the last S = query_length positions of T: causal over sequence index, padded keys masked.
+    Built once per graph; HF's own mask builders trace into a subgraph per layer on some paths."""
+    total = attention_mask.shape[-1]
+    key_idx = torch.arange(total, device=attention_mask.device)
+    query_idx = torch.arange(query_length, device=attention_mask.device) + (total - query_length)
+    allowed = (key_idx[None, :] <= query_idx[:, None])[None, None] & attention_mask[:, None, None, :].bool()
+    zero = torch.zeros((), dtype=dtype, device=attention_mask.device)
+    return torch.where(allowed, zero, torch.tensor(torch.finfo(dtype).min, dtype=dtype))
+
+
+def grouped_attention(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
+    """Attention with grouped KV heads that never copies the KV: the G query heads sharing a KV head
+    are folded into the query length ([B, KVH, G*S, D] x [B, KVH, D, T]) instead of repeating K and V
+    G times (HF's eager `repeat_kv` and the SDPA export both materialise [B, H, T, D] copies of every
+    layer's cache at every decode step). Same arithmetic as HF's eager attention otherwise:
+    softmax(q k^T * scale + mask) v, with `attention_mask` the additive [B, 1, S, T] mask."""
+    batch, heads, seq, dim = query.shape
+    kv_heads = key.shape[1]
+    groups = heads // kv_heads
+    q = (query * scaling).reshape(batch, kv_heads, groups * seq, dim)
+    scores = torch.matmul(q, key.transpose(2, 3))  # [B, KVH, G*S, T]
+    if attention_mask is not None:
+        scores = (scores.reshape(batch, kv_heads, groups, seq, -1) + attention_mask[:, :, None]).reshape(
+            batch, kv_heads, groups * seq, -1)
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    out = torch.matmul(probs, value)  # [B, KVH, G*S, D]
+    return out.reshape(batch, heads, seq, dim).transpose(1, 2), None
+
+
+def _register_export_attention() -> None:
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(EXPORT_ATTENTION, grouped_attention)
+
+
 class CausalDecoder(nn.Module):
     """The LLM on inputs_embeds with an explicit KV cache; returns the last position's logits.
 
     Only the last position's logits leave the graph: prefill never needs the others, and the lm_head
     over a 600-token prefill would be a large share of its cost at 7B.
+
+    The graph is traced with `grouped_attention` and one additive mask built here (the HF model's own
+    attention setting is restored after each call): measured on tiny-llava-medium's decoder, the SDPA
+    export spent more time copying the cache (repeat_kv, a transposed and a scaled copy of K per
+    layer) than in the attention's matmuls.
     """
 
     def __init__(self, language_model: nn.Module, lm_head: nn.Module, num_layers: int):
@@ -90,14 +136,22 @@ class CausalDecoder(nn.Module):
     def forward(self, inputs_embeds, attention_mask, position_ids, *past):
         from transformers import DynamicCache
 
+        _register_export_attention()
         cache = DynamicCache(ddp_cache_data=[(past[2 * i], past[2 * i + 1]) for i in range(self.num_layers)])
-        out = self.language_model(
-            inputs_embeds=inputs_embeds,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            past_key_values=cache,
-            use_cache=True,
-        )
+        mask = additive_causal_mask(attention_mask, inputs_embeds.shape[1], inputs_embeds.dtype)
+        config = self.language_model.config
+        before = config._attn_implementation
+        config._attn_implementation = EXPORT_ATTENTION
+        try:
+            out = self.language_model(
+                inputs_embeds=inputs_embeds,
+                attention_mask=mask,
+                position_ids=position_ids,
+                past_key_values=cache,
+                use_cache=True,
+            )
+        finally:
+            config._attn_implementation = before
         logits = self.lm_head(out.last_hidden_state[:, -1:, :])
         present = []
         for layer in out.past_key_values.layers:

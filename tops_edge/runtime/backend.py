@@ -44,12 +44,25 @@ class Session(ABC):
     @abstractmethod
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]: ...
 
+    def bind(self, inputs: dict[str, np.ndarray], outputs: dict[str, np.ndarray]):
+        """A run over fixed buffers, for per-token loops: returns a function of no arguments that runs
+        the session on the current contents of `inputs` and writes into `outputs` in place. The
+        caller keeps the arrays (C-contiguous, of the graph's dtypes and shapes) and overwrites them
+        between calls. This default copies through `run`; backends bind the memory once instead."""
+
+        def run_bound() -> None:
+            result = self.run(inputs)
+            for name, buffer in outputs.items():
+                buffer[...] = result[name]
+        return run_bound
+
 
 class DecoderRunner(ABC):
     """Prefill and decode steps over a KV cache that lives inside the runner."""
 
-    def __init__(self, layout: KVLayout):
+    def __init__(self, layout: KVLayout, hidden_size: int):
         self.layout = layout
+        self.hidden_size = hidden_size
         self.length = 0  # tokens now in the cache
         self.busy_ms = 0.0  # as Session.busy_ms
 
@@ -60,6 +73,19 @@ class DecoderRunner(ABC):
     @abstractmethod
     def step(self, inputs_embeds: np.ndarray, position_ids: np.ndarray) -> np.ndarray:
         """Feed [1, S, D] embeddings at the given positions; returns the last position's logits [V]."""
+
+    @property
+    def token_embeds(self) -> np.ndarray:
+        """The [1, 1, D] float32 buffer `step_token` reads: write (or `Session.bind`) the next token's
+        embedding into it."""
+        if getattr(self, "_token_embeds", None) is None:
+            self._token_embeds = np.zeros((1, 1, self.hidden_size), dtype=np.float32)
+        return self._token_embeds
+
+    def step_token(self, position: int) -> np.ndarray:
+        """One decode step on `token_embeds` at `position`; returns the logits [V]. Same result as
+        `step(token_embeds, [[position]])`; backends skip rebinding what did not change."""
+        return self.step(self.token_embeds, np.array([[position]], dtype=np.int64))
 
     def reset(self) -> None:
         self.length = 0
@@ -93,10 +119,24 @@ class OrtSession(Session):
         self.busy_ms += (time.perf_counter() - t) * 1e3
         return dict(zip(self.output_names, outputs))
 
+    def bind(self, inputs, outputs):
+        binding = self.sess.io_binding()
+        for name, buffer in inputs.items():
+            binding.bind_input(name, "cpu", 0, buffer.dtype, list(buffer.shape), buffer.ctypes.data)
+        for name, buffer in outputs.items():
+            binding.bind_output(name, "cpu", 0, buffer.dtype, list(buffer.shape), buffer.ctypes.data)
+        run, clock = self.sess.run_with_iobinding, time.perf_counter
+
+        def run_bound() -> None:
+            t = clock()
+            run(binding)
+            self.busy_ms += (clock() - t) * 1e3
+        return run_bound
+
 
 class OrtDecoderRunner(DecoderRunner):
     def __init__(self, sess, layout: KVLayout, device: str):
-        super().__init__(layout)
+        super().__init__(layout, int(next(i for i in sess.get_inputs() if i.name == "inputs_embeds").shape[-1]))
         import onnxruntime as ort
 
         self._ort = ort
@@ -118,7 +158,9 @@ class OrtDecoderRunner(DecoderRunner):
         self._src: list[int] = []  # pointers: past is read from these ...
         self._dst: list[int] = []  # ... and present written to these; they swap each step
         self._mask = np.ones((1, 0), dtype=np.int64)
-        self._bind_kv = self._kv_binder(ort)
+        self._position = np.zeros((1, 1), dtype=np.int64)
+        self._token_bound = False  # whether inputs_embeds / position_ids are bound to the one-token buffers
+        self._bind_kv, self._bind_mask = self._kv_binder(ort)
 
     def reserve(self, capacity: int) -> None:
         if capacity <= self.capacity:
@@ -148,23 +190,45 @@ class OrtDecoderRunner(DecoderRunner):
             def bind_public(past, present, past_shape, total_shape, src, dst):
                 b.bind_input(past, self.device, 0, self.kv_dtype, past_shape, src)
                 b.bind_output(present, self.device, 0, self.kv_dtype, total_shape, dst)
-            return bind_public
+
+            def mask_public(total):
+                b.bind_cpu_input("attention_mask", self._mask[:, :total])
+            return bind_public, mask_public
+
+        cpu = device if self.device == "cpu" else ort.OrtDevice.make("cpu", 0)._get_c_device()
 
         def bind_native(past, present, past_shape, total_shape, src, dst):
             native.bind_input(past, device, self.kv_dtype, past_shape, src)
             native.bind_output(present, device, self.kv_dtype, total_shape, dst)
-        return bind_native
+
+        def mask_native(total):  # the mask buffer is all ones and outlives the binding (see reserve)
+            native.bind_input("attention_mask", cpu, np.int64, [1, total], self._mask.ctypes.data)
+        return bind_native, mask_native
 
     def step(self, inputs_embeds, position_ids):
-        seq = inputs_embeds.shape[1]
+        b = self.binding
+        b.bind_cpu_input("inputs_embeds", np.ascontiguousarray(inputs_embeds, dtype=np.float32))
+        b.bind_cpu_input("position_ids", np.ascontiguousarray(position_ids, dtype=np.int64))
+        self._token_bound = False
+        return self._run(inputs_embeds.shape[1])
+
+    def step_token(self, position):
+        """The decode loop's step: the one-token buffers are bound once, so per token only the
+        position is written and the mask and KV rebound (their lengths change)."""
+        if not self._token_bound:
+            self.binding.bind_cpu_input("inputs_embeds", self.token_embeds)
+            self.binding.bind_cpu_input("position_ids", self._position)
+            self._token_bound = True
+        self._position[0, 0] = position
+        return self._run(1)
+
+    def _run(self, seq: int) -> np.ndarray:
         past, total = self.length, self.length + seq
         if total > self.capacity:
             raise RuntimeError(f"KV cache holds {self.capacity} tokens, step needs {total}")  # a bug, not user input
         b = self.binding
         h, d = self.layout.num_kv_heads, self.layout.head_dim
-        b.bind_cpu_input("inputs_embeds", np.ascontiguousarray(inputs_embeds, dtype=np.float32))
-        b.bind_cpu_input("attention_mask", self._mask[:, :total])
-        b.bind_cpu_input("position_ids", np.ascontiguousarray(position_ids, dtype=np.int64))
+        self._bind_mask(total)
         past_shape, total_shape = [1, h, past, d], [1, h, total, d]
         for name, out_name, src, dst in zip(self.past_names, self.present_names, self._src, self._dst):
             self._bind_kv(name, out_name, past_shape, total_shape, src, dst)

@@ -84,7 +84,7 @@ class TrtSession(Session):
 
 class TrtDecoderRunner(DecoderRunner):
     def __init__(self, engine: _Engine, layout: KVLayout):
-        super().__init__(layout)
+        super().__init__(layout, int(engine.engine.get_tensor_shape("inputs_embeds")[-1]))
         self.e = engine
         self.past_names = [n for n in engine.input_names if n.startswith("past_key_values.")]
         self.present_names = [n.replace("past_key_values.", "present.") for n in self.past_names]

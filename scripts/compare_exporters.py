@@ -60,6 +60,7 @@ def cases(adapter, seq: int):
     def decoder(past: int, s: int):
         feeds = {"inputs_embeds": f32(1, s, e),
                  "attention_mask": np.ones((1, past + s), np.int64),
+                 "attention_bias": np.zeros((1, past + s), np.float32),
                  "position_ids": np.arange(past, past + s, dtype=np.int64)[None]}
         feeds.update({name: f32(1, h, past, d) for name in kv})
         return feeds

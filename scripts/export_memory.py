@@ -100,6 +100,7 @@ def decode_feeds(num_layers: int, heads: int, head_dim: int, hidden: int) -> dic
     feeds = {
         "inputs_embeds": rng.standard_normal((1, DECODE_SEQ, hidden), dtype=np.float32) * 0.02,
         "attention_mask": np.ones((1, DECODE_PAST + DECODE_SEQ), np.int64),
+        "attention_bias": np.zeros((1, DECODE_PAST + DECODE_SEQ), np.float32),
         "position_ids": np.arange(DECODE_PAST, DECODE_PAST + DECODE_SEQ, dtype=np.int64)[None],
     }
     for i in range(num_layers):

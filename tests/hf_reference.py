@@ -70,3 +70,61 @@ def hf_greedy_with_positions(model, inputs_embeds: torch.Tensor, positions: torc
         logits = model(inputs_embeds=emb, position_ids=torch.tensor([[next_pos]]), past_key_values=cache, use_cache=True).logits
         next_pos += 1
     return out
+
+
+@torch.no_grad()
+def merged_reference(features: torch.Tensor, kept: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The documented merge rule, written independently of tops_edge: each dropped token joins the
+    kept token of highest cosine similarity, a kept token is the mean of its group, -> (merged [K, D],
+    group sizes [K])."""
+    kept_t = torch.tensor(kept)
+    unit = torch.nn.functional.normalize(features.float(), dim=-1)
+    owner = (unit @ unit[kept_t].T).argmax(dim=1)
+    owner[kept_t] = torch.arange(len(kept))
+    sizes = torch.bincount(owner, minlength=len(kept))
+    sums = torch.zeros(len(kept), features.shape[1]).index_add_(0, owner, features.float())
+    return sums / sizes[:, None], sizes
+
+
+@torch.no_grad()
+def hf_merged_inputs(model, processor, image, prompt: str, kept: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(inputs_embeds, attention bias [L]) of the prompt with the merged image features at `kept`
+    (a LLaVA-1.5 image: one selection group) and log(group size) on those positions."""
+    cfg = model.config
+    ids = processor.tokenizer(chat_text(processor, prompt), return_tensors="pt").input_ids
+    merged, sizes = merged_reference(hf_image_sequence(model, processor, image), kept)
+    slot = int((ids[0] == cfg.image_token_id).nonzero()[0, 0])
+    text = model.get_input_embeddings()(ids)
+    embeds = torch.cat([text[:, :slot], merged.unsqueeze(0), text[:, slot + 1 :]], dim=1)
+    bias = torch.zeros(embeds.shape[1])
+    bias[slot : slot + len(kept)] = torch.log(sizes.float())
+    return embeds, bias
+
+
+@torch.no_grad()
+def hf_greedy_with_bias(model, inputs_embeds: torch.Tensor, bias: torch.Tensor, max_new_tokens: int,
+                        positions: torch.Tensor | None = None, eos_token_id: int | None = None) -> list[int]:
+    """Greedy decoding with HF's forward and cache, fed a 4D additive mask: causal, plus `bias` [L]
+    on the prompt's key positions (0 on every new token). HF uses a prepared 4D mask as given."""
+    from transformers import DynamicCache
+
+    length = inputs_embeds.shape[1]
+    positions = torch.arange(length) if positions is None else positions
+    low = torch.finfo(torch.float32).min
+    causal = torch.triu(torch.full((length, length), low), diagonal=1)
+    cache = DynamicCache()
+    logits = model(inputs_embeds=inputs_embeds, attention_mask=(causal + bias[None, :])[None, None],
+                   position_ids=positions[None], past_key_values=cache, use_cache=True).logits
+    keys_bias, next_pos = bias.clone(), int(positions[-1]) + 1
+    out: list[int] = []
+    for _ in range(max_new_tokens):
+        tok = int(logits[0, -1].argmax())
+        out.append(tok)
+        if tok == eos_token_id:
+            break
+        keys_bias = torch.cat([keys_bias, torch.zeros(1)])
+        emb = model.get_input_embeddings()(torch.tensor([[tok]]))
+        logits = model(inputs_embeds=emb, attention_mask=keys_bias[None, None, None, :],
+                       position_ids=torch.tensor([[next_pos]]), past_key_values=cache, use_cache=True).logits
+        next_pos += 1
+    return out

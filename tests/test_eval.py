@@ -203,6 +203,25 @@ def test_selector_specs_with_parameters_are_rows_of_their_own(tiny_uniform_dir):
     assert again["table"]["tops"]["32"]["all"] == report["table"]["tops"]["32"]["all"]
 
 
+def test_merge_in_a_spec_sets_that_rows_token_merging(tiny_uniform_dir):
+    """`tops:merge=none` is a row of selection only; the other rows keep the run's merging, and the
+    row's answers are those of a pipeline with merge none."""
+    from tops_edge.runtime import Pipeline
+
+    report = run_eval(tiny_uniform_dir, keeps=[32], selectors=["tops", "tops:merge=none"], limit=8,
+                      max_new_tokens=4, split="val", merge="mean")
+    assert report["settings"]["merge"] == "mean"
+    pipe = Pipeline.load(tiny_uniform_dir).use_selector("tops")
+    items = load_task("shapesvqa", limit=8, split="val")
+    answers = {}
+    for merge in ("mean", "none"):
+        pipe.merge = merge
+        answers[merge] = [pipe.generate(i.image, i.prompt, max_new_tokens=4, keep=32).text.strip() for i in items]
+    shown = [e["tops@32"] for e in report["examples"]], [e["tops:merge=none@32"] for e in report["examples"]]
+    assert shown == (answers["mean"], answers["none"])
+    assert answers["mean"] != answers["none"]
+
+
 def test_val_and_test_splits_ask_about_different_scenes():
     val, test = load_task("shapesvqa", limit=12, split="val"), load_task("shapesvqa", limit=12, split="test")
     assert all(v.image.tobytes() != t.image.tobytes() for v, t in zip(val, test))
@@ -212,6 +231,7 @@ def test_val_and_test_splits_ask_about_different_scenes():
     (["--selector", "tops:alpha"], "key=value"),
     (["--selector", "tops:gamma=1"], "no parameter 'gamma'"),
     (["--selector", "tops:spatial=-1"], "spatial must be"),
+    (["--selector", "tops:merge=max"], "merge is one of"),
     (["--keep", "0"], "--keep 0"),
     (["--keep", "700"], "out of range"),
     (["--selector", "none"], "does not prune"),

@@ -46,7 +46,7 @@ def next_none(tmp_path_factory, next_tiny):
 def next_dirs(tmp_path_factory, next_tiny):
     root = tmp_path_factory.mktemp("next")
     return {
-        method: export_model(next_tiny, root / method, selector=method, keep_ratio=0.222, progress=False)
+        method: export_model(next_tiny, root / method, selector=method, keep_ratio=0.222, merge="none", progress=False)
         for method in ("tops", "uniform")
     }
 
@@ -246,7 +246,8 @@ def test_bench_counts_the_bench_images_tokens_and_compares_with_hf(next_dirs):
 def test_every_selector_prunes_next_images_in_both_budget_modes(tmp_path, next_tiny, next_images, method):
     """The inputs each method reads (vision features, [CLS] attention, the instruction) are gathered
     per segment; the result keeps K patch tokens plus every newline, and equals HF fed those tokens."""
-    pipe = Pipeline.load(export_model(next_tiny, tmp_path / method, selector=method, keep=200, progress=False))
+    pipe = Pipeline.load(export_model(next_tiny, tmp_path / method, selector=method, keep=200, merge="none",
+                                      progress=False))
     image, prompt = next_images["tall"], "What colour is it?"
     token_map = pipe.layout.token_map(pipe.pre.image_inputs(image)[1])
     for budget in ("proportional", "global"):
@@ -293,3 +294,22 @@ def test_tensorrt_profiles_cover_every_next_image(next_dirs):
     assert (lo[1], hi[1]) == (1, 2880)
     assert profiles["selector"]["keep"][2] == (2880,)
     assert profiles["decoder"]["inputs_embeds"][2][1] >= 2928
+
+
+def test_merge_stays_within_each_crops_share_and_accounts_for_every_token(tmp_path, next_tiny, next_images):
+    """merge=mean on an anyres image: each kept token stands for a group of its own crop (proportional)
+    or of the whole image (global); together the groups cover every selectable token once, and the
+    newlines stand for themselves."""
+    pipe = Pipeline.load(export_model(next_tiny, tmp_path / "merge", selector="tops", keep=200, progress=False))
+    assert pipe.merge == "mean"
+    image = next_images["tall"]
+    token_map = pipe.layout.token_map(pipe.pre.image_inputs(image)[1])
+    for budget in ("proportional", "global"):
+        r = pipe.generate(image, "What colour is it?", max_new_tokens=2, budget=budget)
+        sizes = dict(zip(r.kept_indices, r.kept_sizes))
+        assert sum(sizes.values()) == len(token_map)
+        assert all(sizes[int(i)] == 1 for i in token_map.newlines)
+        if budget == "proportional":
+            for s in range(len(token_map.grids)):
+                members = set(np.flatnonzero(token_map.segment == s).tolist())
+                assert sum(n for i, n in sizes.items() if i in members) == len(members)

@@ -8,7 +8,8 @@ import pytest
 import torch
 from transformers import DynamicCache
 
-from hf_reference import chat_text, hf_generate, hf_generate_from_embeds, hf_pruned_inputs_embeds
+from hf_reference import (chat_text, hf_generate, hf_generate_from_embeds, hf_greedy_with_bias, hf_merged_inputs,
+                          hf_pruned_inputs_embeds)
 from tops_edge.export import export_model
 from tops_edge.models import load
 from tops_edge.models.tiny import build_tiny_llava
@@ -77,6 +78,7 @@ def test_decoder_logits_within_1e4_of_hf_at_prefill_and_decode(tiny, tiny_none_d
         feeds = {
             "inputs_embeds": step_embeds.numpy(),
             "attention_mask": np.ones((1, pos + seq), np.int64),
+            "attention_bias": np.zeros((1, pos + seq), np.float32),
             "position_ids": np.arange(pos, pos + seq, dtype=np.int64)[None],
         }
         feeds.update({f"past_key_values.{i // 2}.{('key', 'value')[i % 2]}": t for i, t in enumerate(past)})
@@ -91,17 +93,30 @@ def test_decoder_logits_within_1e4_of_hf_at_prefill_and_decode(tiny, tiny_none_d
     assert worst < 1e-4
 
 
+@pytest.mark.parametrize("merge", ["none", "mean"])
 @pytest.mark.parametrize("image_name", ["wide", "square"])
-def test_uniform_k64_pipeline_equals_hf_fed_the_same_pruned_embeds(pipe_uniform, tiny, images, image_name):
+def test_uniform_k64_pipeline_equals_hf_fed_the_same_pruned_embeds(pipe_uniform, tiny, images, image_name, merge):
+    """merge=none: HF generate on the kept tokens. merge=mean: HF's forward on the merged tokens with
+    log(group size) added to their attention logits (a 4D mask HF takes as given)."""
     from tops_edge.selector.uniform import UniformGrid
 
     prompt = "What is in the picture?"
-    ours = pipe_uniform.generate(images[image_name], prompt, max_new_tokens=NEW_TOKENS, keep=64)
+    before, pipe_uniform.merge = pipe_uniform.merge, merge
+    try:
+        ours = pipe_uniform.generate(images[image_name], prompt, max_new_tokens=NEW_TOKENS, keep=64)
+    finally:
+        pipe_uniform.merge = before
     expected_kept = UniformGrid(24, 24).indices(torch.tensor(64)).tolist()
     assert ours.kept_indices == expected_kept
-    embeds = hf_pruned_inputs_embeds(tiny.model, tiny.processor, images[image_name], prompt, ours.kept_indices)
-    assert ours.prompt_tokens == embeds.shape[1]
-    ref = hf_generate_from_embeds(tiny.model, embeds, NEW_TOKENS)
+    plain = hf_pruned_inputs_embeds(tiny.model, tiny.processor, images[image_name], prompt, ours.kept_indices)
+    assert ours.prompt_tokens == plain.shape[1]
+    if merge == "none":
+        ref = hf_generate_from_embeds(tiny.model, plain, NEW_TOKENS)
+    else:
+        embeds, bias = hf_merged_inputs(tiny.model, tiny.processor, images[image_name], prompt, ours.kept_indices)
+        assert bias.max() > 1.5  # uniform K=64 of 576: groups of about 9 tokens
+        ref = hf_greedy_with_bias(tiny.model, embeds, bias, NEW_TOKENS)
+        assert ref != hf_generate_from_embeds(tiny.model, plain, NEW_TOKENS)  # merging changed the answer
     assert len(ours.token_ids) >= 12
     assert ours.token_ids == ref
 

@@ -10,7 +10,8 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from hf_reference import chat_text, hf_generate_from_embeds, hf_greedy_with_positions, hf_pruned_inputs_embeds
+from hf_reference import (chat_text, hf_generate_from_embeds, hf_greedy_with_bias, hf_greedy_with_positions, hf_merged_inputs,
+                          hf_pruned_inputs_embeds)
 from tops_edge.cli import run_main
 from tops_edge.export import export_model
 from tops_edge.runtime import Pipeline
@@ -35,20 +36,32 @@ def test_tops_run_json_k64_equals_hf_fed_the_same_kept_tokens(tops_dir, tiny, ca
     kept = ours["kept_indices"]
     assert len(kept) == 64 and kept == sorted(set(kept))
     image = Image.open(EXAMPLE)
-    embeds = hf_pruned_inputs_embeds(tiny.model, tiny.processor, image, prompt, kept)
-    positions = json.loads((tops_dir / "manifest.json").read_text())["selector"]["positions"]
-    if positions == "compact":
-        ref = hf_generate_from_embeds(tiny.model, embeds, NEW_TOKENS)
+    selector = json.loads((tops_dir / "manifest.json").read_text())["selector"]
+    assert selector["merge"] == "mean"  # the default: the kept tokens carry their merged groups
+    embeds, bias = hf_merged_inputs(tiny.model, tiny.processor, image, prompt, kept)
+    eos = tiny.eos_token_ids[0]
+    if selector["positions"] == "compact":
+        ref = hf_greedy_with_bias(tiny.model, embeds, bias, NEW_TOKENS, eos_token_id=eos)
     else:
         ids = tiny.processor.tokenizer(chat_text(tiny.processor, prompt)).input_ids
         slot = ids.index(tiny.config.image_token_id)
         after = len(ids) - slot - 1
         pos = torch.cat([torch.arange(slot), slot + torch.tensor(kept), slot + 576 + torch.arange(after)])
-        ref = hf_greedy_with_positions(tiny.model, embeds, pos, NEW_TOKENS, tiny.eos_token_ids[0])
+        ref = hf_greedy_with_bias(tiny.model, embeds, bias, NEW_TOKENS, positions=pos, eos_token_id=eos)
         # and the two conventions really differ on this model and prompt
-        assert ref != hf_generate_from_embeds(tiny.model, embeds, NEW_TOKENS)
+        assert ref != hf_greedy_with_bias(tiny.model, embeds, bias, NEW_TOKENS, eos_token_id=eos)
     assert len(ours["token_ids"]) >= 12
     assert ours["token_ids"] == ref
+    # selection only (merge none): HF's own generate on the kept tokens, unmerged
+    pipe = Pipeline.load(tops_dir)
+    pipe.merge = "none"
+    plain = pipe.generate(image, prompt, max_new_tokens=NEW_TOKENS, keep=64)
+    assert plain.kept_indices == kept
+    embeds = hf_pruned_inputs_embeds(tiny.model, tiny.processor, image, prompt, kept)
+    if selector["positions"] == "compact":
+        assert plain.token_ids == hf_generate_from_embeds(tiny.model, embeds, NEW_TOKENS)
+    else:
+        assert plain.token_ids == hf_greedy_with_positions(tiny.model, embeds, pos, NEW_TOKENS, eos)
 
 
 def test_tops_kept_tokens_follow_the_instruction(tops_dir, images):

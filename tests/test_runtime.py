@@ -51,7 +51,7 @@ def test_generation_stops_at_eos(pipe_uniform, images, monkeypatch):
             logits[eos] = 1e9
         return logits
 
-    monkeypatch.setattr(pipe_uniform.decoder, "step", lambda embeds, positions: forced(real_step(embeds, positions)))
+    monkeypatch.setattr(pipe_uniform.decoder, "step", lambda embeds, positions, bias=None: forced(real_step(embeds, positions, bias)))
     monkeypatch.setattr(pipe_uniform.decoder, "step_token", lambda position: forced(real_token(position)))
     r = pipe_uniform.generate(images["wide"], "Hi", max_new_tokens=20)
     assert r.token_ids[-1] == eos and len(r.token_ids) == 3 and r.finish_reason == "eos"

@@ -350,3 +350,24 @@ def test_random_depends_on_the_seed_only():
     assert np.array_equal(reference("random", x, 10, {"seed": 3}), reference("random", y, 10, {"seed": 3}))
     assert not np.array_equal(reference("random", x, 10, {"seed": 3}), reference("random", x, 10, {"seed": 4}))
     assert np.array_equal(onnx_select("random", x, 10, {"seed": 4})[0], reference("random", x, 10, {"seed": 4}))
+
+
+def test_merge_dropped_groups_every_token_with_its_most_similar_kept_one():
+    from tops_edge.selector.merge import merge_dropped
+
+    rng = np.random.default_rng(0)
+    features = rng.standard_normal((40, 8)).astype(np.float32)
+    kept = np.array([2, 7, 19, 33])
+    merged, sizes = merge_dropped(features, kept)
+    assert merged.shape == (4, 8) and sizes.dtype == np.int64
+    assert sizes.sum() == 40 and (sizes >= 1).all()
+    unit = features / np.linalg.norm(features, axis=1, keepdims=True)
+    owner = np.argmax(unit @ unit[kept].T, axis=1)
+    owner[kept] = np.arange(4)  # a kept token is in its own group even if another is closer
+    for j in range(4):
+        np.testing.assert_allclose(merged[j], features[owner == j].mean(axis=0), rtol=1e-5, atol=1e-6)
+        assert sizes[j] == (owner == j).sum()
+    # nothing dropped: every group is the token itself
+    merged_all, sizes_all = merge_dropped(features, np.arange(40))
+    np.testing.assert_array_equal(merged_all, features)
+    assert (sizes_all == 1).all()

@@ -45,6 +45,7 @@ def _run_cli(prog: str, fn, argv) -> int:
 def export_parser() -> argparse.ArgumentParser:
     from . import selector
     from .export.exporter import DEFAULT_EXPORTER, POSITIONS, PRECISIONS, TARGETS
+    from .selector.merge import MERGES
     from .export.onnx_export import EXPORTERS
     from .models import aliases, builtin_models
     from .runtime.layout import BUDGETS
@@ -82,6 +83,9 @@ def export_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, choices=tuple(PRESETS), help="plan memory for this device and refuse a model that does not fit it")
     p.add_argument("--dry-run", action="store_true", help="with --device: print the memory plan and export nothing (needs no weights)")
     p.add_argument("--positions", default="compact", choices=POSITIONS, help="position ids after pruning: compact renumbers the kept tokens, original keeps theirs (default: compact)")
+    p.add_argument("--merge", default="mean", choices=MERGES,
+                   help="what the dropped visual tokens leave: mean = each joins its most similar kept token, which "
+                        "becomes the group's mean and weighs as its size in attention; none = selection only (default: mean)")
     p.add_argument("--exporter", default=DEFAULT_EXPORTER, choices=EXPORTERS, help=f"torch.onnx exporter (default: {DEFAULT_EXPORTER}, chosen on measured ORT speed)")
     p.add_argument("--opset", type=int, default=None, help="ONNX opset (default: 18)")
     p.add_argument("--quiet", action="store_true", help="no progress bar (it only shows on a terminal anyway)")
@@ -100,7 +104,7 @@ def _export(argv) -> int:
         args.model, args.out, selector=args.selector, keep=args.keep, keep_ratio=args.keep_ratio,
         budget=args.budget, precision=args.precision,
         target=args.target, exporter=args.exporter, opset=args.opset, positions=args.positions,
-        selector_params={k: v for k, v in params.items() if v is not None},
+        merge=args.merge, selector_params={k: v for k, v in params.items() if v is not None},
         progress=not args.quiet and sys.stderr.isatty(), device=args.device, calib=args.calib,
     )
     if not args.quiet:
@@ -141,6 +145,8 @@ def run_parser() -> argparse.ArgumentParser:
     budget.add_argument("--keep", type=int, default=None, help="visual tokens to keep (default: the export's budget)")
     budget.add_argument("--keep-ratio", type=float, default=None, metavar="R", help="keep ceil(R*N) of the image's N visual tokens")
     p.add_argument("--budget", default=None, choices=BUDGETS, help="LLaVA-NeXT: how K is split over the crops (default: the export's)")
+    p.add_argument("--merge", default=None, choices=("mean", "none"),
+                   help="merge the dropped visual tokens into the kept ones (mean) or only select (none); default: the export's")
     p.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate at most (default: 64)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default: 1.0)")
@@ -148,7 +154,7 @@ def run_parser() -> argparse.ArgumentParser:
     p.add_argument("--ignore-eos", action="store_true", help="generate exactly --max-new-tokens tokens (benchmarking)")
     p.add_argument("--backend", default="ort", choices=BACKENDS, help="inference backend (default: ort)")
     p.add_argument("--json", action="store_true", help="print one JSON object: text, token_ids, kept_indices, timings_ms, "
-                                                      "kv_cache_bytes, num_visual_tokens, keep")
+                                                      "kv_cache_bytes, num_visual_tokens, keep, kept_sizes")
     return p
 
 
@@ -157,6 +163,8 @@ def _run(argv) -> int:
     from .runtime import Pipeline
 
     pipe = Pipeline.load(args.dir, backend=args.backend)
+    if args.merge is not None:
+        pipe.merge = args.merge
     options = dict(
         max_new_tokens=args.max_new_tokens, keep=args.keep, keep_ratio=args.keep_ratio, budget=args.budget,
         temperature=args.temperature,
@@ -264,11 +272,13 @@ def eval_parser() -> argparse.ArgumentParser:
     p.add_argument("--selector", default=None,
                    help=f"comma-separated selectors, switched at run time without re-export (default: the export's); "
                         f"any of {', '.join(pruning)}, each optionally with parameters as name:key=value[:key=value] "
-                        f"(e.g. tops:alpha=0 or tops:beta=0 for the ablations)")
+                        f"(e.g. tops:alpha=0 or tops:beta=0 for the ablations; merge=none|mean sets that row's token merging)")
     p.add_argument("--split", default="test", choices=("test", "val"),
                    help="ShapesVQA split: test (default; report these) or val (tune selector parameters on it)")
     p.add_argument("--positions", default=None, choices=("compact", "original"),
                    help="position ids of the kept visual tokens for this run (default: the export's)")
+    p.add_argument("--merge", default=None, choices=("mean", "none"),
+                   help="token merging for this run, for rows that do not set merge=... (default: the export's)")
     p.add_argument("--limit", type=int, default=None, help="items to evaluate (ShapesVQA default: 1000; JSONL: all)")
     p.add_argument("--types", default=None, help=f"ShapesVQA question types to ask (default: all: {', '.join(QUESTION_TYPES)})")
     p.add_argument("--max-new-tokens", type=int, default=8, help="answer length limit (default: 8)")
@@ -297,7 +307,7 @@ def _eval(argv) -> int:
         args.dir, task=args.task, keeps=parse_keeps(args.keep), selectors=split(args.selector), limit=args.limit,
         max_new_tokens=args.max_new_tokens, budget=args.budget, types=split(args.types), backend=args.backend,
         log=log, progress=not args.quiet and sys.stderr.isatty(), positions=args.positions,
-        split=args.split,
+        split=args.split, merge=args.merge,
     )
     print(format_table(report))
     for path, write in ((args.json, write_json), (args.plot, write_plot)):

@@ -35,10 +35,12 @@ class _RecordingDecoder:
     def __getattr__(self, name):
         return getattr(self.inner, name)
 
-    def step(self, inputs_embeds, position_ids):
+    def step(self, inputs_embeds, position_ids, attention_bias=None):
         if self.inner.length == 0:
-            self.prefills.append((np.array(inputs_embeds, dtype=np.float32), np.array(position_ids, dtype=np.int64)))
-        return self.inner.step(inputs_embeds, position_ids)
+            bias = np.zeros(position_ids.shape, np.float32) if attention_bias is None else attention_bias
+            self.prefills.append((np.array(inputs_embeds, dtype=np.float32), np.array(position_ids, dtype=np.int64),
+                                  np.array(bias, dtype=np.float32)))
+        return self.inner.step(inputs_embeds, position_ids, attention_bias)
 
 
 def _pipeline(directory: Path, manifest: dict):
@@ -72,6 +74,6 @@ def capture(directory: Path, manifest: dict, calib: CalibrationSet, progress: bo
     empty = np.zeros((1, dec["num_kv_heads"], 0, dec["head_dim"]), dtype=np.float32)
     past = [s["name"] for s in manifest["parts"]["decoder"]["inputs"] if s["name"].startswith("past_key_values.")]
     prefills = [dict({"inputs_embeds": embeds, "attention_mask": np.ones((1, embeds.shape[1]), dtype=np.int64),
-                      "position_ids": positions}, **{name: empty for name in past})
-                for embeds, positions in decoder.prefills]
+                      "position_ids": positions, "attention_bias": bias}, **{name: empty for name in past})
+                for embeds, positions, bias in decoder.prefills]
     return {"vision": vision.feeds, "decoder": prefills}

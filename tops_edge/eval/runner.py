@@ -73,35 +73,47 @@ def parse_selector_spec(spec: str) -> tuple[str, dict]:
     (name, params); names and parameters are checked against the selector registry."""
     from .. import selector as selector_registry
 
+    from ..selector.merge import MERGES
+
     name, *pairs = [part.strip() for part in spec.split(":")]
     info = selector_registry.get(name)
     params = {}
+    merge = None
     for pair in pairs:
         key, eq, value = pair.partition("=")
         if not eq or not key.strip() or not value.strip():
             raise InputError(f"selector '{spec}': parameters are key=value, got '{pair}'")
-        params[key.strip().replace("-", "_")] = value.strip()
+        key, value = key.strip().replace("-", "_"), value.strip()
+        if key == "merge":  # not a selector parameter: the runtime's token merging for this row
+            if value not in MERGES:
+                raise InputError(f"selector '{spec}': merge is one of {', '.join(MERGES)}, got '{value}'")
+            merge = value
+            continue
+        params[key] = value
     try:
         info.resolve_params(params)
     except ValueError as exc:
         if isinstance(exc, InputError):
             raise
         raise InputError(f"selector '{spec}': {exc}") from None
-    return name, params
+    return name, (params if merge is None else dict(params, merge=merge))
 
 
 def run_eval(directory, task: str = "shapesvqa", keeps=None, selectors=None, limit: int | None = None,
              max_new_tokens: int = 8, budget: str | None = None, types=None, backend: str = "ort",
              log=None, progress: bool = False, positions: str | None = None, split: str = "test",
-             pipeline=None) -> dict:
+             pipeline=None, merge: str | None = None) -> dict:
     """Evaluate an export on `task` (`shapesvqa` or a JSONL path) for each selector and budget.
     `selectors` are names or specs with parameters (`tops:alpha=0`, see parse_selector_spec); each spec
-    is a row of the report under its own text. `positions` overrides the export's position convention
-    (`compact` or `original`) for this run. Returns the report (schema `tops-eval/1`, see report.py)."""
+    is a row of the report under its own text; `merge=none|mean` in a spec sets that row's token
+    merging (e.g. `tops:merge=none`). `positions` overrides the export's position convention
+    (`compact` or `original`) for this run, `merge` the export's token merging for rows that do not
+    set their own. Returns the report (schema `tops-eval/1`, see report.py)."""
     from tqdm.auto import tqdm
 
     from .. import selector as selector_registry
     from ..runtime import Pipeline
+    from ..selector.merge import MERGES
 
     log = log or (lambda msg: None)
     if not Path(directory).is_dir():
@@ -118,6 +130,9 @@ def run_eval(directory, task: str = "shapesvqa", keeps=None, selectors=None, lim
     budget = pipe.resolve_budget(budget)
     if positions is not None:
         pipe.positions = positions
+    if merge is not None and merge not in MERGES:
+        raise InputError(f"merge must be one of {', '.join(MERGES)}, got '{merge}'")
+    merge = pipe.merge if merge is None else merge
     if not selectors:
         selectors = [pipe.selector_method]
         specs = {pipe.selector_method: (pipe.selector_method, {})}
@@ -145,12 +160,12 @@ def run_eval(directory, task: str = "shapesvqa", keeps=None, selectors=None, lim
         return np.array([score(item, p) for item, p in zip(items, preds)], dtype=np.int64)
 
     try:
-        _use(pipe, specs[selectors[0]])
+        _use(pipe, specs[selectors[0]], merge)
         full_keep = pipe.max_selectable
         full = answer_all(("unpruned", full_keep), None)
         runs = {}
         for method in selectors:
-            _use(pipe, specs[method])
+            _use(pipe, specs[method], merge)
             for keep in keeps:
                 if keep >= full_keep:
                     runs[(method, keep)] = full
@@ -169,7 +184,7 @@ def run_eval(directory, task: str = "shapesvqa", keeps=None, selectors=None, lim
         "model_source": str(pipe.manifest["model"]["source"]),
         "task": task,
         "settings": {"keeps": keeps, "selectors": selectors, "items": len(items), "max_new_tokens": max_new_tokens,
-                     "budget": budget, "positions": pipe.positions,
+                     "budget": budget, "positions": pipe.positions, "merge": merge,
                      "split": split if task == "shapesvqa" else None, "num_visual_tokens": pipe.max_selectable},
         "elapsed_s": round(time.perf_counter() - t0, 1),
         **summary,
@@ -181,8 +196,10 @@ def run_eval(directory, task: str = "shapesvqa", keeps=None, selectors=None, lim
     }
 
 
-def _use(pipe, spec):
+def _use(pipe, spec, merge: str):
     name, params = spec
+    params = dict(params)
+    pipe.merge = params.pop("merge", merge)  # a row's own merge=..., else the run's
     pipe.use_selector(name, **params)
 
 

@@ -15,6 +15,7 @@ from ..errors import ExportError, InputError
 from ..models import ModelAdapter, PartSpec, TensorSpec, load
 from ..models.base import config_sha256
 from ..runtime.layout import BUDGETS
+from ..selector.merge import MERGES
 from .atomic import staged_directory
 from .manifest import SCHEMA_VERSION, file_record, write_manifest
 from .onnx_export import EXPORTERS, export_part, opset_default
@@ -79,6 +80,7 @@ def export_model(
     exporter: str = DEFAULT_EXPORTER,
     opset: int | None = None,
     positions: str = "compact",
+    merge: str = "mean",
     selector_params: dict[str, Any] | None = None,
     progress: bool = True,
     device: str | None = None,
@@ -91,6 +93,8 @@ def export_model(
     `budget` splits it over an anyres image's crops: `proportional` (per crop, in proportion to its
     tokens) or `global` (one selection over the whole image). `selector_params` override the
     method's defaults (e.g. alpha, beta, relevance_sign, similarity for tops; seed for random).
+    `merge` is recorded for the runtime: `mean` merges each dropped visual token into its most
+    similar kept one (proportional attention, selector/merge.py), `none` only selects.
     `device` (a plan/devices.py preset) refuses, before any export work, a model that would not fit
     that device at `precision`. `calib` (int8 only): a folder of images + prompts.jsonl, or a
     calib.CalibrationSet; default: the built-in ShapesVQA pairs.
@@ -104,6 +108,7 @@ def export_model(
         calib = calibration_set(calib)  # a bad folder fails here, before any export work
     _check_choice("target", target, TARGETS)
     _check_choice("positions", positions, POSITIONS)
+    _check_choice("merge", merge, MERGES)
     _check_choice("exporter", exporter, EXPORTERS)
     _check_choice("budget", budget, BUDGETS)
     if keep is not None and keep_ratio is not None:
@@ -167,7 +172,7 @@ def export_model(
                 arrays[name] = file_record(stage, f"{name}.npy")
             budget_spec = {"default_keep": keep, "default_keep_ratio": keep_ratio, "budget": budget}
             manifest = _manifest(adapter, layout, records, arrays, selector, params, budget_spec, precision, opset,
-                                 exporter, positions)
+                                 exporter, positions, merge)
             manifest["target"] = target
             manifest["footprint"] = footprint.to_json()  # the memory planner's input (tops-build)
             write_manifest(stage, manifest)
@@ -193,7 +198,7 @@ def _check_choice(flag: str, value: str, allowed, later: str = "") -> None:
 
 
 def _manifest(adapter, layout, records, arrays, selector, params, budget_spec, precision, opset, exporter,
-              positions) -> dict[str, Any]:
+              positions, merge) -> dict[str, Any]:
     import onnx
     import transformers
 
@@ -214,7 +219,7 @@ def _manifest(adapter, layout, records, arrays, selector, params, budget_spec, p
             "config_sha256": config_sha256(adapter.config),
         },
         "visual": layout,
-        "selector": {"method": selector, "params": params, **budget_spec, "positions": positions},
+        "selector": {"method": selector, "params": params, **budget_spec, "positions": positions, "merge": merge},
         "decoder": {
             "num_layers": adapter.num_layers,
             "num_kv_heads": adapter.num_kv_heads,

@@ -14,7 +14,8 @@ from typing import Any
 
 from ..errors import ManifestError
 
-SCHEMA_VERSION = 3  # 2: visual layouts (single | anyres), arrays, keep ratio and budget split; 3: parts' precision
+SCHEMA_VERSION = 4  # 2: visual layouts (single | anyres), arrays, keep ratio and budget split; 3: parts' precision;
+# 4: the decoder's attention_bias input and selector.merge
 MANIFEST_NAME = "manifest.json"
 
 # key -> type the loader insists on; nested parts are checked separately
@@ -34,7 +35,7 @@ _REQUIRED = {
 }
 _REQUIRED_PARTS = ("vision", "embed", "decoder")
 _REQUIRED_VISUAL = ("layout", "tokens_per_crop", "max_tokens", "max_selectable", "grid", "image_token_id")
-_REQUIRED_SELECTOR = ("method", "params", "default_keep", "default_keep_ratio", "budget", "positions")
+_REQUIRED_SELECTOR = ("method", "params", "default_keep", "default_keep_ratio", "budget", "positions", "merge")
 PART_PRECISIONS = ("fp32", "fp16", "int8", "int8-wo")  # a graph's precision (calib/__init__.py: which part gets which)
 _REQUIRED_DECODER = ("num_layers", "num_kv_heads", "head_dim", "hidden_size", "vocab_size", "max_context", "eos_token_ids")
 

@@ -121,6 +121,10 @@ class CausalDecoder(nn.Module):
     Only the last position's logits leave the graph: prefill never needs the others, and the lm_head
     over a 600-token prefill would be a large share of its cost at 7B.
 
+    `attention_bias` [B, T] is added to the logits of every query for key position t: 0 reproduces
+    the HF model exactly; log(n) makes one cached token count as n identical ones (the runtime's token
+    merging, see selector/merge.py).
+
     The graph is traced with `grouped_attention` and one additive mask built here (the HF model's own
     attention setting is restored after each call): measured on tiny-llava-medium's decoder, the SDPA
     export spent more time copying the cache (repeat_kv, a transposed and a scaled copy of K per
@@ -133,12 +137,15 @@ class CausalDecoder(nn.Module):
         self.lm_head = lm_head
         self.num_layers = num_layers
 
-    def forward(self, inputs_embeds, attention_mask, position_ids, *past):
+    def forward(self, inputs_embeds, attention_mask, position_ids, attention_bias, *past):
         from transformers import DynamicCache
 
         _register_export_attention()
         cache = DynamicCache(ddp_cache_data=[(past[2 * i], past[2 * i + 1]) for i in range(self.num_layers)])
         mask = additive_causal_mask(attention_mask, inputs_embeds.shape[1], inputs_embeds.dtype)
+        # per key position, added to every layer's and head's attention logits: log(size) of a kept
+        # token that stands for merged tokens (proportional attention), 0 elsewhere
+        mask = mask + attention_bias[:, None, None, :].to(mask.dtype)
         config = self.language_model.config
         before = config._attn_implementation
         config._attn_implementation = EXPORT_ATTENTION
@@ -242,6 +249,7 @@ class ModelAdapter(ABC):
                 torch.randn(1, seq, e),
                 torch.ones(1, past_len + seq, dtype=torch.int64),
                 torch.arange(past_len, past_len + seq).unsqueeze(0),
+                torch.zeros(1, past_len + seq),
                 *past,
             )
 
@@ -252,6 +260,7 @@ class ModelAdapter(ABC):
                 TensorSpec("inputs_embeds", "float32", ("batch", "sequence", e)),
                 TensorSpec("attention_mask", "int64", ("batch", "total_sequence")),
                 TensorSpec("position_ids", "int64", ("batch", "sequence")),
+                TensorSpec("attention_bias", "float32", ("batch", "total_sequence")),
                 *kv_in,
             ],
             outputs=[TensorSpec("logits", "float32", ("batch", 1, self.text_config.vocab_size)), *kv_out],

@@ -71,8 +71,11 @@ class DecoderRunner(ABC):
         """Make room for `capacity` cached tokens; allocates only when it grows."""
 
     @abstractmethod
-    def step(self, inputs_embeds: np.ndarray, position_ids: np.ndarray) -> np.ndarray:
-        """Feed [1, S, D] embeddings at the given positions; returns the last position's logits [V]."""
+    def step(self, inputs_embeds: np.ndarray, position_ids: np.ndarray,
+             attention_bias: np.ndarray | None = None) -> np.ndarray:
+        """Feed [1, S, D] embeddings at the given positions; returns the last position's logits [V].
+        `attention_bias` [1, S] (default 0) is added to every later attention logit on these tokens:
+        log(n) for a token that stands for n merged ones. It stays with the cached tokens."""
 
     @property
     def token_embeds(self) -> np.ndarray:
@@ -158,6 +161,7 @@ class OrtDecoderRunner(DecoderRunner):
         self._src: list[int] = []  # pointers: past is read from these ...
         self._dst: list[int] = []  # ... and present written to these; they swap each step
         self._mask = np.ones((1, 0), dtype=np.int64)
+        self._bias = np.zeros((1, 0), dtype=np.float32)  # attention_bias of the cached tokens
         self._position = np.zeros((1, 1), dtype=np.int64)
         self._token_bound = False  # whether inputs_embeds / position_ids are bound to the one-token buffers
         self._bind_kv, self._bind_mask = self._kv_binder(ort)
@@ -171,6 +175,7 @@ class OrtDecoderRunner(DecoderRunner):
         ptrs = [buf.data_ptr() for buf in self._buffers]  # fixed for the buffers' lifetime
         self._src, self._dst = ptrs[: len(self.past_names)], ptrs[len(self.past_names) :]
         self._mask = np.ones((1, capacity), dtype=np.int64)
+        self._bias = np.zeros((1, capacity), dtype=np.float32)
         self.capacity = capacity
         self.length = 0
 
@@ -193,6 +198,7 @@ class OrtDecoderRunner(DecoderRunner):
 
             def mask_public(total):
                 b.bind_cpu_input("attention_mask", self._mask[:, :total])
+                b.bind_cpu_input("attention_bias", self._bias[:, :total])
             return bind_public, mask_public
 
         cpu = device if self.device == "cpu" else ort.OrtDevice.make("cpu", 0)._get_c_device()
@@ -201,16 +207,20 @@ class OrtDecoderRunner(DecoderRunner):
             native.bind_input(past, device, self.kv_dtype, past_shape, src)
             native.bind_output(present, device, self.kv_dtype, total_shape, dst)
 
-        def mask_native(total):  # the mask buffer is all ones and outlives the binding (see reserve)
+        def mask_native(total):  # the mask (all ones) and bias buffers outlive the binding (see reserve)
             native.bind_input("attention_mask", cpu, np.int64, [1, total], self._mask.ctypes.data)
+            native.bind_input("attention_bias", cpu, np.float32, [1, total], self._bias.ctypes.data)
         return bind_native, mask_native
 
-    def step(self, inputs_embeds, position_ids):
+    def step(self, inputs_embeds, position_ids, attention_bias=None):
         b = self.binding
+        seq = inputs_embeds.shape[1]
         b.bind_cpu_input("inputs_embeds", np.ascontiguousarray(inputs_embeds, dtype=np.float32))
         b.bind_cpu_input("position_ids", np.ascontiguousarray(position_ids, dtype=np.int64))
         self._token_bound = False
-        return self._run(inputs_embeds.shape[1])
+        if self.length + seq <= self.capacity:
+            self._bias[0, self.length : self.length + seq] = 0.0 if attention_bias is None else attention_bias[0]
+        return self._run(seq)
 
     def step_token(self, position):
         """The decode loop's step: the one-token buffers are bound once, so per token only the
@@ -220,6 +230,8 @@ class OrtDecoderRunner(DecoderRunner):
             self.binding.bind_cpu_input("position_ids", self._position)
             self._token_bound = True
         self._position[0, 0] = position
+        if self.length < self.capacity:
+            self._bias[0, self.length] = 0.0
         return self._run(1)
 
     def _run(self, seq: int) -> np.ndarray:

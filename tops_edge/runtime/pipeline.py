@@ -18,12 +18,14 @@ import numpy as np
 from ..errors import ContextLengthError, InputError
 from ..export.manifest import load_manifest
 from ..selector.base import check_keep, keep_from_ratio
+from ..selector.merge import MERGES, merge_dropped
 from .backend import KVLayout, get_backend
 from .layout import BUDGETS, TokenMap, layout_for, split_budget
 from .preprocess import Preprocessor
 from .sampling import check_sampling, next_token
 
-JSON_KEYS = ("text", "token_ids", "kept_indices", "timings_ms", "kv_cache_bytes", "num_visual_tokens", "keep")
+JSON_KEYS = ("text", "token_ids", "kept_indices", "timings_ms", "kv_cache_bytes", "num_visual_tokens", "keep",
+             "kept_sizes")
 
 
 @dataclass
@@ -37,6 +39,8 @@ class GenerationResult:
     finish_reason: str = "length"  # "eos" or "length"
     num_visual_tokens: int = 0  # the image's visual tokens before pruning (LLaVA-NeXT: varies per image)
     keep: int = 0  # the budget K used (selectable tokens kept; NeXT's newlines come on top)
+    #: per kept index, the visual tokens it stands for (merge "mean": its group's size; else all 1)
+    kept_sizes: list[int] = field(default_factory=list)
 
     def to_json(self) -> dict:
         return {k: v for k, v in asdict(self).items() if k in JSON_KEYS}
@@ -105,6 +109,9 @@ class Pipeline:
         self.default_keep_ratio = sel["default_keep_ratio"]
         self.budget = sel["budget"]
         self.positions = sel["positions"]
+        #: "mean": dropped tokens are merged into their most similar kept token, which then counts as
+        #: its group's size in attention (selector/merge.py); "none": selection only
+        self.merge = sel["merge"]
         self.max_context = int(dec["max_context"])
         self.eos_ids = set(dec["eos_token_ids"])
         self.pre = Preprocessor(directory, int(visual["image_token_id"]))
@@ -247,10 +254,13 @@ class Pipeline:
     # --- stages --------------------------------------------------------------------------------
     def _select(self, vision: dict, token_map: TokenMap, instruction: np.ndarray | None, keep: int, budget: str):
         """Kept positions in the image's visual sequence (ascending; tokens that no selector sees,
-        such as NeXT's newlines, always kept) and the sequence's features [T, D]."""
+        such as NeXT's newlines, always kept), the sequence's features [T, D] (with `merge = "mean"`
+        a kept token's row is its group's mean) and the kept tokens' group sizes [K'] (1 unmerged)."""
+        if self.merge not in MERGES:
+            raise InputError(f"merge must be one of {', '.join(MERGES)}, got '{self.merge}'")
         features = token_map.gather(vision["image_features"], self.image_newline)
         if self.selector is None or keep >= token_map.selectable:
-            return np.arange(len(token_map)), features
+            return np.arange(len(token_map)), features, np.ones(len(token_map), dtype=np.int64)
         gathered = {"image_features": features}
         for name in ("vision_features", "cls_attention"):
             if name in self.selector.input_names:
@@ -267,6 +277,8 @@ class Pipeline:
             grids = list(token_map.grids)
         shares = split_budget(keep, [len(m) for m in members])
         kept = [token_map.newlines]
+        sizes = np.ones(len(token_map), dtype=np.int64)
+        merged_features = features.copy() if self.merge == "mean" else features
         for idx, share, grid in zip(members, shares, grids):
             if share >= len(idx):
                 kept.append(idx)
@@ -276,8 +288,12 @@ class Pipeline:
                 for name, value in gathered.items():
                     feeds[name] = value[idx][None]
                 out = self.selector.run({name: feeds[name] for name in self.selector.input_names})
-                kept.append(idx[out["kept_indices"][0]])
-        return np.sort(np.concatenate(kept)).astype(np.int64), features
+                chosen = np.sort(out["kept_indices"][0])
+                kept.append(idx[chosen])
+                if self.merge == "mean":  # within the group the budget was split over
+                    merged_features[idx[chosen]], sizes[idx[chosen]] = merge_dropped(features[idx], chosen)
+        kept = np.sort(np.concatenate(kept)).astype(np.int64)
+        return kept, merged_features, sizes[kept]
 
     def _token_embedder(self):
         """The decode loop's embedding lookup: the embed graph run over fixed buffers (bound once),
@@ -322,7 +338,7 @@ class Pipeline:
 
         vision = self.vision.run({"pixel_values": pixels[: token_map.num_crops]})
         t = clock.add("vision", t)
-        kept, features = self._select(vision, token_map, instruction, keep, budget)
+        kept, features, sizes = self._select(vision, token_map, instruction, keep, budget)
         visual = features[kept][None]
         t = clock.add("select", t)
 
@@ -332,7 +348,9 @@ class Pipeline:
         next_position = int(positions[-1]) + 1
         self.decoder.reserve(prompt_len + max_new_tokens - 1)  # the last token is never fed back
         self.decoder.reset()
-        logits = self.decoder.step(embeds, positions[None])
+        bias = np.zeros((1, prompt_len), dtype=np.float32)  # log(group size) on merged visual tokens
+        bias[0, len(before) : len(before) + len(kept)] = np.log(sizes)
+        logits = self.decoder.step(embeds, positions[None], bias)
         t = clock.add("prefill", t)
 
         rng = np.random.default_rng(seed)
@@ -364,6 +382,7 @@ class Pipeline:
             text=self.pre.decode(token_ids),
             token_ids=token_ids,
             kept_indices=[int(i) for i in kept],
+            kept_sizes=[int(n) for n in sizes],
             timings_ms={k: round(v, 3) for k, v in timings.items()},
             kv_cache_bytes=self.decoder.bytes_used,
             prompt_tokens=prompt_len,

@@ -92,7 +92,7 @@ class TrtDecoderRunner(DecoderRunner):
         self.capacity = 0
         self._src: list = []
         self._dst: list = []
-        self._mask = self._logits = None
+        self._mask = self._bias = self._logits = None
 
     def reserve(self, capacity: int) -> None:
         if capacity <= self.capacity:
@@ -102,12 +102,13 @@ class TrtDecoderRunner(DecoderRunner):
         buffers = [torch.empty(per, dtype=self.kv_dtype, device="cuda") for _ in range(2 * len(self.past_names))]
         self._src, self._dst = buffers[: len(self.past_names)], buffers[len(self.past_names):]
         self._mask = torch.ones((1, capacity), dtype=self.e.dtypes["attention_mask"], device="cuda")
+        self._bias = torch.zeros((1, capacity), dtype=self.e.dtypes["attention_bias"], device="cuda")
         vocab = self.e.engine.get_tensor_shape("logits")[-1]
         self._logits = torch.empty((1, 1, vocab), dtype=torch.float32, device="cuda")
         self.capacity = capacity
         self.length = 0
 
-    def step(self, inputs_embeds, position_ids):
+    def step(self, inputs_embeds, position_ids, attention_bias=None):
         torch, ctx = self.e.torch, self.e.context
         seq = inputs_embeds.shape[1]
         past, total = self.length, self.length + seq
@@ -120,6 +121,10 @@ class TrtDecoderRunner(DecoderRunner):
             self.e.bind_input("inputs_embeds", inputs_embeds, alive)
             ctx.set_input_shape("attention_mask", (1, total))  # a prefix of the all-ones buffer
             ctx.set_tensor_address("attention_mask", self._mask.data_ptr())
+            new_bias = 0.0 if attention_bias is None else torch.as_tensor(np.asarray(attention_bias[0], np.float32))
+            self._bias[0, past:total] = new_bias  # the cached tokens' bias stays in the buffer
+            ctx.set_input_shape("attention_bias", (1, total))
+            ctx.set_tensor_address("attention_bias", self._bias.data_ptr())
             self.e.bind_input("position_ids", position_ids, alive)
             for name, out_name, src, dst in zip(self.past_names, self.present_names, self._src, self._dst):
                 ctx.set_input_shape(name, (1, h, past, d))  # packed [1,h,past,d] at the start of the buffer

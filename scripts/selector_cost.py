@@ -24,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tops_edge import selector  # noqa: E402
 from tops_edge.export.exporter import selector_part  # noqa: E402
+from tops_edge.selector.merge import merge_dropped  # noqa: E402
 
 D, E, M = 4096, 1024, 16  # projected width, vision width, instruction tokens
 CASES = [(576, 64), (576, 128), (576, 192), (2880, 640)]
@@ -87,6 +88,16 @@ def main(argv=None) -> int:
             row = dict(method=label, n=n, k=k, ms=statistics.median(times), gflop=gflop(method, params, n, k))
             rows.append(row)
             print(f"  {label:32s} N={n:5d} K={k:4d} {row['ms']:9.2f} ms  {row['gflop']:7.2f} GFLOP", file=sys.stderr, flush=True)
+        # the runtime's token merge after any selection (numpy, selector/merge.py), on the same features
+        chosen = np.sort(rng.choice(n, k, replace=False))
+        merge_dropped(feeds["image_features"][0], chosen)
+        times = []
+        for _ in range(args.runs if n <= 576 else 3):
+            t = time.perf_counter()
+            merge_dropped(feeds["image_features"][0], chosen)
+            times.append((time.perf_counter() - t) * 1e3)
+        rows.append(dict(method="token merge (numpy, any selector)", n=n, k=k, ms=statistics.median(times),
+                         gflop=round(2 * n * k * D * 2 / 1e9, 2)))
     print(f"| method | N | K | ms (ORT CPU, median of {args.runs}) | GFLOP |\n|---|---:|---:|---:|---:|")
     for r in rows:
         print(f"| {r['method']} | {r['n']} | {r['k']} | {r['ms']:.2f} | {r['gflop']:.2f} |")

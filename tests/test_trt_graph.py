@@ -83,11 +83,13 @@ def test_trt_selector_graph_around_the_plugin_equals_the_reference(trt_export, o
         "grid_h": np.array(24, dtype=np.int64), "grid_w": np.array(24, dtype=np.int64),
     }
     run = ReferenceEvaluator(model, new_ops=[Select, GatherElements])
+    spatial = json.loads((trt_export / "manifest.json").read_text())["selector"]["params"]["spatial"]
+    assert spatial > 0  # the export's default: the graph builds the spatial factor before the plugin
     t = {k: torch.from_numpy(v) for k, v in feeds.items() if k not in ("grid_h", "grid_w")}
     for keep in (1, 64, 576):
         kept, selected = run.run(None, dict(feeds, keep=np.array(keep, dtype=np.int64)))
         expected = dpp_select(t["image_features"], t["instruction_embeds"], t["instruction_mask"], keep, alpha=0.75,
-                              beta=0.25, sign=1.0, vision_features=t["vision_features"], spatial=1.0, grid=(24, 24))
+                              beta=0.25, sign=1.0, vision_features=t["vision_features"], spatial=spatial, grid=(24, 24))
         assert np.array_equal(kept, expected.numpy())
         assert np.array_equal(selected, feeds["image_features"][:, kept[0]])
 

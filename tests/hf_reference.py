@@ -55,21 +55,7 @@ def hf_greedy_with_positions(model, inputs_embeds: torch.Tensor, positions: torc
                              eos_token_id: int | None = None) -> list[int]:
     """Greedy decoding with HF's forward and cache, fed explicit position ids (the `original`
     convention); each new token takes the position after the previous one."""
-    from transformers import DynamicCache
-
-    cache = DynamicCache()
-    logits = model(inputs_embeds=inputs_embeds, position_ids=positions[None], past_key_values=cache, use_cache=True).logits
-    next_pos = int(positions[-1]) + 1
-    out: list[int] = []
-    for _ in range(max_new_tokens):
-        tok = int(logits[0, -1].argmax())
-        out.append(tok)
-        if tok == eos_token_id:
-            break
-        emb = model.get_input_embeddings()(torch.tensor([[tok]]))
-        logits = model(inputs_embeds=emb, position_ids=torch.tensor([[next_pos]]), past_key_values=cache, use_cache=True).logits
-        next_pos += 1
-    return out
+    return hf_greedy_with_bias(model, inputs_embeds, None, max_new_tokens, positions, eos_token_id)
 
 
 @torch.no_grad()
@@ -102,29 +88,33 @@ def hf_merged_inputs(model, processor, image, prompt: str, kept: list[int]) -> t
 
 
 @torch.no_grad()
-def hf_greedy_with_bias(model, inputs_embeds: torch.Tensor, bias: torch.Tensor, max_new_tokens: int,
+def hf_greedy_with_bias(model, inputs_embeds: torch.Tensor, bias: torch.Tensor | None, max_new_tokens: int,
                         positions: torch.Tensor | None = None, eos_token_id: int | None = None) -> list[int]:
-    """Greedy decoding with HF's forward and cache, fed a 4D additive mask: causal, plus `bias` [L]
-    on the prompt's key positions (0 on every new token). HF uses a prepared 4D mask as given."""
+    """Greedy decoding with HF's forward and cache. With `bias` [L], fed a 4D additive mask: causal,
+    plus the bias on the prompt's key positions (0 on every new token); HF uses a prepared 4D mask as
+    given. Without, HF builds its own causal mask."""
     from transformers import DynamicCache
 
     length = inputs_embeds.shape[1]
     positions = torch.arange(length) if positions is None else positions
-    low = torch.finfo(torch.float32).min
-    causal = torch.triu(torch.full((length, length), low), diagonal=1)
+    mask = None
+    if bias is not None:
+        causal = torch.triu(torch.full((length, length), torch.finfo(torch.float32).min), diagonal=1)
+        mask = (causal + bias[None, :])[None, None]
     cache = DynamicCache()
-    logits = model(inputs_embeds=inputs_embeds, attention_mask=(causal + bias[None, :])[None, None],
-                   position_ids=positions[None], past_key_values=cache, use_cache=True).logits
-    keys_bias, next_pos = bias.clone(), int(positions[-1]) + 1
+    logits = model(inputs_embeds=inputs_embeds, attention_mask=mask, position_ids=positions[None],
+                   past_key_values=cache, use_cache=True).logits
+    keys_bias, next_pos = bias, int(positions[-1]) + 1
     out: list[int] = []
     for _ in range(max_new_tokens):
         tok = int(logits[0, -1].argmax())
         out.append(tok)
         if tok == eos_token_id:
             break
-        keys_bias = torch.cat([keys_bias, torch.zeros(1)])
         emb = model.get_input_embeddings()(torch.tensor([[tok]]))
-        logits = model(inputs_embeds=emb, attention_mask=keys_bias[None, None, None, :],
+        if keys_bias is not None:
+            keys_bias = torch.cat([keys_bias, torch.zeros(1)])
+        logits = model(inputs_embeds=emb, attention_mask=None if keys_bias is None else keys_bias[None, None, None, :],
                        position_ids=torch.tensor([[next_pos]]), past_key_values=cache, use_cache=True).logits
         next_pos += 1
     return out

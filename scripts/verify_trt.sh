@@ -87,8 +87,10 @@ for keep in (1, 64, 576):
     feeds["keep"] = np.array(keep, dtype=np.int64)
     with OnnxrtRunner(SessionFromOnnx(f"{out}/ort/selector.onnx")) as ort, TrtRunner(EngineFromBytes(BytesFromPath(f"{out}/trt/{engine}"))) as trt:
         a, b = ort.infer(feeds), trt.infer(feeds)
-        same = np.array_equal(a["kept_indices"], b["kept_indices"]) and np.allclose(a["selected_features"], b["selected_features"])
-        print(f"K={keep}: kept indices equal: {same}")
+        same = (np.array_equal(a["kept_indices"], b["kept_indices"]) and np.allclose(a["selected_features"], b["selected_features"])
+                and np.array_equal(a["kept_sizes"], b["kept_sizes"])
+                and np.allclose(a["merged_features"], b["merged_features"], atol=1e-4, rtol=1e-4))
+        print(f"K={keep}: kept indices, sizes and merged features equal: {same}")
         ok &= same
 sys.exit(0 if ok else 1)
 PY

@@ -71,7 +71,7 @@ def onnx_select(method: str, x: dict, keep: int, params: dict | None = None) -> 
     sess = _session(method, n, hidden, x["vision_features"].shape[-1], tuple(sorted((params or {}).items())))
     gh, gw = grid_for(n)
     feeds = dict(x, keep=np.array(keep, dtype=np.int64), grid_h=np.array(gh), grid_w=np.array(gw))
-    idx, sel = sess.run(None, {i.name: feeds[i.name] for i in sess.get_inputs()})
+    idx, sel = sess.run(["kept_indices", "selected_features"], {i.name: feeds[i.name] for i in sess.get_inputs()})
     return idx, sel
 
 
@@ -371,3 +371,28 @@ def test_merge_dropped_groups_every_token_with_its_most_similar_kept_one():
     merged_all, sizes_all = merge_dropped(features, np.arange(40))
     np.testing.assert_array_equal(merged_all, features)
     assert (sizes_all == 1).all()
+
+
+@pytest.mark.parametrize("method", ["tops", "cdpruner", "divprune", "attention", "uniform", "random"])
+def test_every_selector_graph_merges_as_the_numpy_reference(method):
+    """The merge tail of each exported selector graph (merged_features, kept_sizes) equals
+    merge_dropped on the graph's own selection, at several budgets, duplicate tokens included."""
+    from tops_edge.selector.merge import merge_dropped
+
+    rng = np.random.default_rng(7)
+    x = {"image_features": rng.standard_normal((1, 64, 16), dtype=np.float32),
+         "vision_features": rng.standard_normal((1, 64, 8), dtype=np.float32),
+         "instruction_embeds": rng.standard_normal((1, 5, 16), dtype=np.float32),
+         "instruction_mask": np.ones((1, 5), np.int64),
+         "cls_attention": rng.random((1, 64), dtype=np.float32)}
+    x["image_features"][0, 10] = x["image_features"][0, 3]  # a duplicate: ties go to the first kept
+    sess = _session(method, 64, 16, 8, ())
+    gh, gw = grid_for(64)
+    for keep in (1, 7, 32, 64):
+        feeds = dict(x, keep=np.array(keep, dtype=np.int64), grid_h=np.array(gh), grid_w=np.array(gw))
+        kept, merged, sizes = sess.run(["kept_indices", "merged_features", "kept_sizes"],
+                                       {i.name: feeds[i.name] for i in sess.get_inputs()})
+        ref_merged, ref_sizes = merge_dropped(x["image_features"][0], kept[0])
+        assert sizes.dtype == np.int64 and sizes.sum() == 64
+        np.testing.assert_array_equal(sizes[0], ref_sizes)
+        np.testing.assert_allclose(merged[0], ref_merged, rtol=1e-5, atol=1e-5)

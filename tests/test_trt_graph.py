@@ -16,6 +16,7 @@ from tops_edge.export import export_model
 from tops_edge.plugins.onnx_form import plugin_nodes
 from tops_edge.plugins.reference import select_order
 from tops_edge.selector.dpp import dpp_select
+from tops_edge.selector.merge import merge_dropped
 from cli_helpers import EXAMPLE, one_line_error
 
 try:
@@ -43,7 +44,7 @@ def test_trt_selector_graph_has_the_plugin_node_and_its_attributes(trt_export):
     assert {"tops": 1}.items() <= {o.domain: o.version for o in model.opset_import}.items()
     assert [i.name for i in model.graph.input] == ["image_features", "keep", "instruction_embeds", "instruction_mask",
                                                    "vision_features", "grid_h", "grid_w"]
-    assert [o.name for o in model.graph.output] == ["kept_indices", "selected_features"]
+    assert [o.name for o in model.graph.output] == ["kept_indices", "selected_features", "merged_features", "kept_sizes"]
     manifest = json.loads((trt_export / "manifest.json").read_text())
     assert manifest["target"] == "trt" and manifest["footprint"]["tokens_per_image"] == 576
 
@@ -87,11 +88,14 @@ def test_trt_selector_graph_around_the_plugin_equals_the_reference(trt_export, o
     assert spatial > 0  # the export's default: the graph builds the spatial factor before the plugin
     t = {k: torch.from_numpy(v) for k, v in feeds.items() if k not in ("grid_h", "grid_w")}
     for keep in (1, 64, 576):
-        kept, selected = run.run(None, dict(feeds, keep=np.array(keep, dtype=np.int64)))
+        kept, selected, merged, sizes = run.run(None, dict(feeds, keep=np.array(keep, dtype=np.int64)))
         expected = dpp_select(t["image_features"], t["instruction_embeds"], t["instruction_mask"], keep, alpha=0.75,
                               beta=0.25, sign=1.0, vision_features=t["vision_features"], spatial=spatial, grid=(24, 24))
         assert np.array_equal(kept, expected.numpy())
         assert np.array_equal(selected, feeds["image_features"][:, kept[0]])
+        ref_merged, ref_sizes = merge_dropped(feeds["image_features"][0], kept[0])  # the merge tail after the plugin
+        assert np.array_equal(sizes[0], ref_sizes)
+        np.testing.assert_allclose(merged[0], ref_merged, rtol=1e-5, atol=1e-5)
 
 
 @no_trt

@@ -15,7 +15,7 @@ from ..errors import ExportError, InputError
 from ..models import ModelAdapter, PartSpec, TensorSpec, load
 from ..models.base import config_sha256
 from ..runtime.layout import BUDGETS
-from ..selector.merge import MERGES
+from ..selector.merge import MERGES, add_merge_outputs
 from .atomic import staged_directory
 from .manifest import SCHEMA_VERSION, file_record, write_manifest
 from .onnx_export import EXPORTERS, export_part, opset_default
@@ -28,9 +28,10 @@ DEFAULT_EXPORTER = "legacy"  # measured: see README "Exporter choice"
 
 
 def selector_part(method: str, params: dict[str, Any], layout: dict[str, Any], hidden: int, vision_width: int,
-                  target: str = "ort") -> PartSpec | None:
+                  target: str = "ort", merge_outputs: bool = True) -> PartSpec | None:
     """The selector graph for `method` from its registered ONNX form (with `target` trt, the plugin
-    form for PLUGIN_METHODS); None for `none`.
+    form for PLUGIN_METHODS); None for `none`. It also outputs the token merge of its selection
+    (`merged_features`, `kept_sizes`; selector/merge.py) unless `merge_outputs` is False (timing).
 
     The graph selects within one segment: a whole image (`single` layout, N fixed) or one crop or the
     whole of an anyres image (N dynamic). Spatial methods get the segment's grid as inputs.
@@ -59,13 +60,18 @@ def selector_part(method: str, params: dict[str, Any], layout: dict[str, Any], h
         TensorSpec("kept_indices", "int64", ("num_images", "kept")),
         TensorSpec("selected_features", "float32", ("num_images", "kept", hidden)),
     ]
+    # every selector graph also merges (the runtime reads these with merge "mean"; selector/merge.py)
+    merged = [TensorSpec("merged_features", "float32", ("num_images", "kept", hidden)),
+              TensorSpec("kept_sizes", "int64", ("num_images", "kept"))] if merge_outputs else []
+    tail = add_merge_outputs if merge_outputs else (lambda model: model)
     if target == "trt" and method in PLUGIN_METHODS:
         from ..plugins.onnx_form import plugin_model
 
-        return PartSpec(name="selector", inputs=inputs, outputs=outputs, onnx_model=lambda: plugin_model(params, inputs, outputs))
+        return PartSpec(name="selector", inputs=inputs, outputs=outputs + merged,
+                        onnx_model=lambda: tail(plugin_model(params, inputs, outputs)))
     fn, constants = info.onnx_form(params, grid)
-    return PartSpec(name="selector", inputs=inputs, outputs=outputs,
-                    onnx_model=lambda: build_graph(fn, constants, inputs, outputs))
+    return PartSpec(name="selector", inputs=inputs, outputs=outputs + merged,
+                    onnx_model=lambda: tail(build_graph(fn, constants, inputs, outputs)))
 
 
 def export_model(

@@ -18,7 +18,7 @@ import numpy as np
 from ..errors import ContextLengthError, InputError
 from ..export.manifest import load_manifest
 from ..selector.base import check_keep, keep_from_ratio
-from ..selector.merge import MERGES, merge_dropped
+from ..selector.merge import MERGES
 from .backend import KVLayout, get_backend
 from .layout import BUDGETS, TokenMap, layout_for, split_budget
 from .preprocess import Preprocessor
@@ -288,10 +288,12 @@ class Pipeline:
                 for name, value in gathered.items():
                     feeds[name] = value[idx][None]
                 out = self.selector.run({name: feeds[name] for name in self.selector.input_names})
-                chosen = np.sort(out["kept_indices"][0])
+                order = np.argsort(out["kept_indices"][0], kind="stable")  # ascending already, by contract
+                chosen = out["kept_indices"][0][order]
                 kept.append(idx[chosen])
-                if self.merge == "mean":  # within the group the budget was split over
-                    merged_features[idx[chosen]], sizes[idx[chosen]] = merge_dropped(features[idx], chosen)
+                if self.merge == "mean":  # the graph merged within the group the budget was split over
+                    merged_features[idx[chosen]] = out["merged_features"][0][order]
+                    sizes[idx[chosen]] = out["kept_sizes"][0][order]
         kept = np.sort(np.concatenate(kept)).astype(np.int64)
         return kept, merged_features, sizes[kept]
 

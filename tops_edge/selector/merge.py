@@ -43,4 +43,58 @@ def merge_dropped(features: np.ndarray, kept: np.ndarray) -> tuple[np.ndarray, n
     return merged.astype(np.float32, copy=False), sizes.astype(np.int64)
 
 
-__all__ = ["MERGES", "merge_dropped"]
+
+def add_merge_outputs(model):
+    """Append `merged_features [B,K,D]` and `kept_sizes [B,K]` (int64) to a selector graph: the same
+    rule as `merge_dropped`, in standard ONNX ops after whichever selection (TensorRT runs them too).
+    Reads the graph's `image_features` input and its `kept_indices` / `selected_features` outputs;
+    a kept token's group follows the first maximum of cos similarity, as numpy's argmax does."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    graph = model.graph
+    feats = next(i for i in graph.input if i.name == "image_features")
+    hidden = feats.type.tensor_type.shape.dim[2]
+    batch = feats.type.tensor_type.shape.dim[0]
+    const = lambda name, value, dtype=TensorProto.INT64: graph.initializer.append(  # noqa: E731
+        helper.make_tensor(name, dtype, [len(value)] if isinstance(value, list) else [], value))
+    const("merge/axis_last", [-1])
+    const("merge/axis_one", [1])
+    const("merge/zero", 0)
+    const("merge/one", 1)
+    const("merge/onehot_values", [0.0, 1.0], TensorProto.FLOAT)
+    const("merge/eps", 1e-12, TensorProto.FLOAT)
+    n = lambda op, ins, outs, **kw: helper.make_node(op, ins, outs, name=f"merge/{outs[0]}", **kw)  # noqa: E731
+    nodes = [
+        # cos(i, kept j) up to the factor 1/|f_i|, which does not move the argmax over j
+        n("ReduceL2", ["selected_features", "merge/axis_last"], ["merge/kept_norm"], keepdims=0),
+        n("Max", ["merge/kept_norm", "merge/eps"], ["merge/kept_norm_safe"]),
+        n("Unsqueeze", ["merge/kept_norm_safe", "merge/axis_one"], ["merge/kept_norm_row"]),
+        n("Transpose", ["selected_features"], ["merge/kept_t"], perm=[0, 2, 1]),
+        n("MatMul", ["image_features", "merge/kept_t"], ["merge/dots"]),
+        n("Div", ["merge/dots", "merge/kept_norm_row"], ["merge/scores"]),
+        n("ArgMax", ["merge/scores"], ["merge/nearest"], axis=2, keepdims=0, select_last_index=0),
+        # a kept token is in its own group
+        n("Shape", ["kept_indices"], ["merge/kept_shape"]),
+        n("Gather", ["merge/kept_shape", "merge/one"], ["merge/k"], axis=0),
+        n("Range", ["merge/zero", "merge/k", "merge/one"], ["merge/slots"]),
+        n("Expand", ["merge/slots", "merge/kept_shape"], ["merge/slots_b"]),
+        n("ScatterElements", ["merge/nearest", "kept_indices", "merge/slots_b"], ["merge/owner"], axis=1),
+        n("OneHot", ["merge/owner", "merge/k", "merge/onehot_values"], ["merge/assign"], axis=-1),
+        n("ReduceSum", ["merge/assign", "merge/axis_one"], ["merge/sizes_f"], keepdims=0),
+        n("Transpose", ["merge/assign"], ["merge/assign_t"], perm=[0, 2, 1]),
+        n("MatMul", ["merge/assign_t", "image_features"], ["merge/sums"]),
+        n("Unsqueeze", ["merge/sizes_f", "merge/axis_last"], ["merge/sizes_col"]),
+        n("Div", ["merge/sums", "merge/sizes_col"], ["merged_features"]),
+        n("Cast", ["merge/sizes_f"], ["kept_sizes"], to=TensorProto.INT64),
+    ]
+    graph.node.extend(nodes)
+    kept = graph.output[0].type.tensor_type.shape.dim[1]
+    dims = lambda *ds: [d.dim_param or d.dim_value for d in ds]  # noqa: E731
+    graph.output.append(helper.make_tensor_value_info("merged_features", TensorProto.FLOAT, dims(batch, kept, hidden)))
+    graph.output.append(helper.make_tensor_value_info("kept_sizes", TensorProto.INT64, dims(batch, kept)))
+    onnx.checker.check_model(model)
+    return model
+
+
+__all__ = ["MERGES", "add_merge_outputs", "merge_dropped"]

@@ -7,6 +7,10 @@ logits of that cached token in every layer and head (its `attention_bias` input)
 weighs in every softmax as n identical tokens would: proportional attention, as in ToMe (Bolya et
 al., 2023) for ViTs. The KV cache still holds K tokens.
 
+Every exported selector graph computes the merge after its selection (`add_merge_outputs`: standard
+ONNX ops, so it runs after the TensorRT plugin too); `merge_dropped` is its numpy reference. The
+runtime reads the graph's `merged_features` / `kept_sizes` when its merge setting is "mean".
+
 Why: a pruned sequence changes the share of attention each kind of content gets, and a model that
 counts by area (the ShapesVQA model does) then miscounts. First probe (test split, K = 64, TOPS with
 spatial 1, 40-50 count questions a run): counting at 48% with selection alone, 72% with the log-size

@@ -57,12 +57,13 @@ def cases(adapter, seq: int):
     kv = [f"past_key_values.{i}.{k}" for i in range(n) for k in ("key", "value")]
     f32 = lambda *s: rng.standard_normal(s, dtype=np.float32)  # noqa: E731
 
-    def decoder(past: int, s: int):
+    def decoder(past: int, s: int):  # a fixed-size cache of exactly past + s slots
         feeds = {"inputs_embeds": f32(1, s, e),
                  "attention_mask": np.ones((1, past + s), np.int64),
                  "attention_bias": np.zeros((1, past + s), np.float32),
-                 "position_ids": np.arange(past, past + s, dtype=np.int64)[None]}
-        feeds.update({name: f32(1, h, past, d) for name in kv})
+                 "position_ids": np.arange(past, past + s, dtype=np.int64)[None],
+                 "cache_position": np.arange(past, past + s, dtype=np.int64)}
+        feeds.update({name: f32(1, h, past + s, d) for name in kv})
         return feeds
 
     return [

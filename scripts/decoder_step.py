@@ -19,13 +19,18 @@ import numpy as np
 
 
 def feeds_for(sess, past: int, seq: int, seed: int) -> dict:
+    """A step of `seq` tokens after `past` cached ones. Graphs with `cache_position` (schema 5 and later)
+    take a fixed-size cache: here exactly past + seq slots, so both kinds do the same work."""
     rng = np.random.default_rng(seed)
+    fixed = any(spec.name == "cache_position" for spec in sess.get_inputs())
+    cache = past + seq if fixed else past
     feeds = {}
     for spec in sess.get_inputs():
         name = spec.name
         if name.startswith("past_key_values."):
             heads, dim = spec.shape[1], spec.shape[3]
-            feeds[name] = rng.standard_normal((1, heads, past, dim), dtype=np.float32)
+            feeds[name] = np.zeros((1, heads, cache, dim), np.float32)
+            feeds[name][:, :, :past] = rng.standard_normal((1, heads, past, dim), dtype=np.float32)
         elif name == "inputs_embeds":
             feeds[name] = rng.standard_normal((1, seq, spec.shape[-1]), dtype=np.float32)
         elif name == "attention_mask":
@@ -34,6 +39,8 @@ def feeds_for(sess, past: int, seq: int, seed: int) -> dict:
             feeds[name] = np.zeros((1, past + seq), np.float32)
         elif name == "position_ids":
             feeds[name] = np.arange(past, past + seq, dtype=np.int64)[None]
+        elif name == "cache_position":
+            feeds[name] = np.arange(past, past + seq, dtype=np.int64)
         else:
             raise SystemExit(f"decoder_step: unknown decoder input '{name}'")
     return feeds

@@ -42,7 +42,7 @@ import numpy as np
 from polygraphy.json import save_json
 out = sys.argv[1]
 m = json.load(open(f"{out}/trt/manifest.json"))
-sizes = {"num_images": 1, "batch": 1, "instruction": 8, "sequence": 8, "past_sequence": 0, "total_sequence": 8}
+sizes = {"num_images": 1, "batch": 1, "instruction": 8, "sequence": 8, "cache_sequence": 8}  # a prefill filling the cache
 g = np.random.default_rng(0)
 for part, rec in m["parts"].items():
     feeds = {}
@@ -54,6 +54,8 @@ for part, rec in m["parts"].items():
             feeds[spec["name"]] = (np.ones(shape) if "mask" in spec["name"] else g.integers(5, 200, shape)).astype(np.int64)
             if spec["name"] == "position_ids":
                 feeds[spec["name"]] = np.arange(shape[-1], dtype=np.int64)[None]
+            if spec["name"] == "cache_position":
+                feeds[spec["name"]] = np.arange(shape[-1], dtype=np.int64)
         else:
             feeds[spec["name"]] = g.standard_normal(shape).astype(np.float32)
     save_json([feeds], f"{out}/inputs_{part}.json")

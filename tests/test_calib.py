@@ -294,7 +294,8 @@ def test_decoder_calibration_sees_the_pruned_prefill(exports, small_calib):
         result = pipe.generate(image, prompt, max_new_tokens=1)
         assert prefill["inputs_embeds"].shape[1] == result.prompt_tokens  # K=64 visual tokens, not 576
         assert result.prompt_tokens < 576
-        assert prefill["past_key_values.0.key"].shape[2] == 0
+        assert prefill["past_key_values.0.key"].shape[2] == result.prompt_tokens  # an empty cache of its size
+        assert prefill["cache_position"].tolist() == list(range(result.prompt_tokens))
     assert feeds["vision"][0]["pixel_values"].shape[-2:] == (336, 336)
 
 

@@ -69,17 +69,21 @@ def test_decoder_logits_within_1e4_of_hf_at_prefill_and_decode(tiny, tiny_none_d
     embeds = hf_pruned_inputs_embeds(model, processor, images["square"], "What is in the picture?", list(range(576)))
     sess = ort.InferenceSession(str(tiny_none_dir / "decoder.onnx"), providers=["CPUExecutionProvider"])
     n_layers, h, d = tiny.num_layers, tiny.num_kv_heads, tiny.head_dim
-    past = [np.zeros((1, h, 0, d), np.float32) for _ in range(2 * n_layers)]
+    capacity = embeds.shape[1] + 3 + 5  # a fixed-size cache with slots to spare (masked out)
+    past = [np.zeros((1, h, capacity, d), np.float32) for _ in range(2 * n_layers)]
     cache = DynamicCache()
     step_embeds, pos = embeds, 0
     worst = 0.0
     for _ in range(4):  # prefill, then three decode steps on the greedy token
         seq = step_embeds.shape[1]
+        filled = np.zeros((1, capacity), np.int64)
+        filled[0, : pos + seq] = 1
         feeds = {
             "inputs_embeds": step_embeds.numpy(),
-            "attention_mask": np.ones((1, pos + seq), np.int64),
-            "attention_bias": np.zeros((1, pos + seq), np.float32),
+            "attention_mask": filled,
+            "attention_bias": np.zeros((1, capacity), np.float32),
             "position_ids": np.arange(pos, pos + seq, dtype=np.int64)[None],
+            "cache_position": np.arange(pos, pos + seq, dtype=np.int64),
         }
         feeds.update({f"past_key_values.{i // 2}.{('key', 'value')[i % 2]}": t for i, t in enumerate(past)})
         logits, *past = sess.run(None, feeds)

@@ -140,16 +140,18 @@ def test_profiles_follow_the_manifest_and_the_preset():
         "parts": {
             "selector": {"inputs": [{"name": "image_features", "shape": ["num_images", 576, 4096]}, {"name": "keep", "shape": []}]},
             "decoder": {"inputs": [{"name": "inputs_embeds", "shape": ["batch", "sequence", 4096]},
-                                   {"name": "attention_mask", "shape": ["batch", "total_sequence"]},
-                                   {"name": "past_key_values.0.key", "shape": ["batch", 32, "past_sequence", 128]}]},
+                                   {"name": "attention_mask", "shape": ["batch", "cache_sequence"]},
+                                   {"name": "cache_position", "shape": ["sequence"]},
+                                   {"name": "past_key_values.0.key", "shape": ["batch", 32, "cache_sequence", 128]}]},
         },
     }
     p = optimization_profiles(manifest, get_preset("orin-nano"))  # context 2048 on this preset
     assert p["selector"]["image_features"] == ((1, 576, 4096),) * 3
     assert p["selector"]["keep"] == ((1,), (128,), (576,))
     assert p["decoder"]["inputs_embeds"] == ((1, 1, 4096), (1, 1, 4096), (1, 576 + 512, 4096))
-    assert p["decoder"]["attention_mask"] == ((1, 1), (1, 1025), (1, 2048))
-    assert p["decoder"]["past_key_values.0.key"] == ((1, 32, 0, 128), (1, 32, 1024, 128), (1, 32, 2047, 128))
+    assert p["decoder"]["attention_mask"] == ((1, 1), (1, 1024), (1, 2048))
+    assert p["decoder"]["cache_position"] == ((1,), (1,), (576 + 512,))
+    assert p["decoder"]["past_key_values.0.key"] == ((1, 32, 1, 128), (1, 32, 1024, 128), (1, 32, 2048, 128))
 
 
 def test_build_plans_the_kv_cache_at_the_exports_kv_dtype(llava7b):

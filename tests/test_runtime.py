@@ -60,10 +60,26 @@ def test_generation_stops_at_eos(pipe_uniform, images, monkeypatch):
 def test_kv_cache_is_allocated_once_and_reused_across_calls(pipe_uniform, images):
     pipe_uniform.generate(images["wide"], "Hi", max_new_tokens=16)
     dec = pipe_uniform.decoder
-    buffers, pointers = [id(b) for b in dec._buffers], sorted(dec._src + dec._dst)
+    buffers, pointers = [id(b) for b in dec._buffers], [b.data_ptr() for b in dec._buffers]
     pipe_uniform.generate(images["wide"], "Hi again", max_new_tokens=8, keep=32)
     assert [id(b) for b in dec._buffers] == buffers  # no new allocation: the same OrtValues ...
-    assert sorted(dec._src + dec._dst) == pointers  # ... and the same memory
+    assert [b.data_ptr() for b in dec._buffers] == pointers  # ... and the same memory
+
+
+def test_decode_loop_binds_nothing_per_token(pipe_uniform, images):
+    """The fixed-size cache keeps every decode step's shapes, so a generation's bindings are made
+    once: a second generation of the same size binds only its prefill inputs and, once, the
+    one-token inputs of the binding the prefill used, however many tokens it decodes."""
+    pipe_uniform.generate(images["wide"], "Hi", max_new_tokens=16, ignore_eos=True)
+    dec = pipe_uniform.decoder
+    calls = []
+    for binding in dec._bindings:
+        for method in ("bind_input", "bind_cpu_input", "bind_output", "bind_ortvalue_input"):
+            real = getattr(binding, method)
+            setattr(binding, method, lambda *a, _real=real, _m=method, **k: (calls.append(_m), _real(*a, **k))[1])
+    r = pipe_uniform.generate(images["wide"], "Hi", max_new_tokens=16, ignore_eos=True)
+    assert len(r.token_ids) == 16 and dec.length == r.prompt_tokens + 15
+    assert len(calls) == 6, calls  # prefill: embeds, positions, slots; then the token buffers once
 
 
 def test_context_limit_is_a_clear_error(pipe_uniform, images):

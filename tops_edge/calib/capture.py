@@ -71,9 +71,13 @@ def capture(directory: Path, manifest: dict, calib: CalibrationSet, progress: bo
                               unit="pair", disable=not progress, leave=False):
         pipe.generate(image, prompt, max_new_tokens=1)
     dec = manifest["decoder"]
-    empty = np.zeros((1, dec["num_kv_heads"], 0, dec["head_dim"]), dtype=np.float32)
     past = [s["name"] for s in manifest["parts"]["decoder"]["inputs"] if s["name"].startswith("past_key_values.")]
-    prefills = [dict({"inputs_embeds": embeds, "attention_mask": np.ones((1, embeds.shape[1]), dtype=np.int64),
-                      "position_ids": positions, "attention_bias": bias}, **{name: empty for name in past})
-                for embeds, positions, bias in decoder.prefills]
+
+    def prefill(embeds, positions, bias):  # an empty cache of exactly the prompt's size
+        n = embeds.shape[1]
+        empty = np.zeros((1, dec["num_kv_heads"], n, dec["head_dim"]), dtype=np.float32)
+        return dict({"inputs_embeds": embeds, "attention_mask": np.ones((1, n), dtype=np.int64),
+                     "position_ids": positions, "attention_bias": bias,
+                     "cache_position": np.arange(n, dtype=np.int64)}, **{name: empty for name in past})
+    prefills = [prefill(*args) for args in decoder.prefills]
     return {"vision": vision.feeds, "decoder": prefills}

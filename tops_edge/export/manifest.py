@@ -14,8 +14,8 @@ from typing import Any
 
 from ..errors import ManifestError
 
-SCHEMA_VERSION = 4  # 2: visual layouts (single | anyres), arrays, keep ratio and budget split; 3: parts' precision;
-# 4: the decoder's attention_bias input and selector.merge
+SCHEMA_VERSION = 5  # 2: visual layouts (single | anyres), arrays, keep ratio and budget split; 3: parts' precision;
+# 4: the decoder's attention_bias input and selector.merge; 5: the decoder's fixed-size KV cache (cache_position)
 MANIFEST_NAME = "manifest.json"
 
 # key -> type the loader insists on; nested parts are checked separately

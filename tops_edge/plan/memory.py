@@ -2,8 +2,8 @@
 
     weights      parameters x bytes per precision (below), per part
     KV cache     2 buffers x 2 (K, V) x layers x kv_heads x head_dim x kv bytes x context tokens
-                 (two buffers: the decoder writes present = past + new into the other one; see
-                 runtime/backend.py; context = min(device preset, model))
+                 (two fixed-size buffers: the decoder writes present = past with the new slots
+                 into the other one; see runtime/backend.py; context = min(device preset, model))
     activations  the decoder's largest prefill: tokens x (4 hidden + 2 intermediate) x bytes, plus
                  the fp32 logits row; tokens = the visual tokens per image + MAX_PROMPT_TEXT_TOKENS
                  (the engines' optimization profile, see profiles.py)

@@ -6,7 +6,7 @@ value decides output shapes), so its entry gives values, not a shape. Ranges:
   visual     N tokens per image (static in LLaVA-1.5's graphs); NeXT's selector segments 1 .. max_selectable
   prompt     1 .. MAX_PROMPT_TEXT_TOKENS text tokens (instruction, embed calls)
   prefill    1 .. N + MAX_PROMPT_TEXT_TOKENS tokens in one decoder step (opt 1: decode dominates)
-  KV length  0 .. context - 1 past tokens, context = min(preset, model)
+  KV cache   1 .. context slots (the fixed-size cache of a generation), context = min(preset, model)
 """
 
 from __future__ import annotations
@@ -42,8 +42,7 @@ def optimization_profiles(manifest: dict, device: DevicePreset) -> dict[str, dic
         "num_crops": (1, min(3, crops), crops), "tokens": (1, per_crop, selectable),
         "instruction": (1, 32, prompt),
         "sequence": (1, 1, prefill),
-        "past_sequence": (0, context // 2, context - 1),
-        "total_sequence": (1, context // 2 + 1, context),
+        "cache_sequence": (1, context // 2, context),
     }
     profiles = {}
     for part, record in manifest["parts"].items():

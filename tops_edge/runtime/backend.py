@@ -1,10 +1,13 @@
 """Backends behind one small interface: sessions with named inputs and outputs, and a decoder runner
 whose KV cache is allocated once and fed through IO binding.
 
-The decoder follows optimum's IO (`past_key_values.{i}.key` in, `present.{i}.key` = past + new out).
-Its KV cache is two buffers per tensor, allocated once for the whole generation: each step reads the
-past from one and ORT writes `present` straight into the other, then they swap. Nothing in the decode
-loop allocates.
+The decoder follows optimum's IO names over a fixed-size cache (`past_key_values.{i}.key` in,
+`present.{i}.key` out, both [1, H, C, D]; `cache_position` names the slots a step writes; see
+models/base.py `CausalDecoder`). Its KV cache is two buffers per tensor, allocated once: each step
+reads the past from one and ORT writes `present` straight into the other, then they swap. Every
+decode step has the same shapes, so both directions are bound once per generation: per token the
+loop writes a position and a slot into bound buffers and runs. Nothing in the decode loop allocates
+or binds.
 """
 
 from __future__ import annotations
@@ -68,7 +71,8 @@ class DecoderRunner(ABC):
 
     @abstractmethod
     def reserve(self, capacity: int) -> None:
-        """Make room for `capacity` cached tokens; allocates only when it grows."""
+        """Size the cache for the next generation (`capacity` tokens) and empty it; allocates only
+        when it grows."""
 
     @abstractmethod
     def step(self, inputs_embeds: np.ndarray, position_ids: np.ndarray,
@@ -153,103 +157,114 @@ class OrtDecoderRunner(DecoderRunner):
         self.present_names = [n.replace("past_key_values.", "present.") for n in self.past_names]
         vocab = sess.get_outputs()[0].shape[-1]
         self.logits = np.empty((1, 1, vocab), dtype=np.float32)
-        self.binding = sess.io_binding()
-        # the logits buffer never changes: bound once; only the per-step inputs and KV are rebound
-        self.binding.bind_output("logits", "cpu", 0, np.float32, list(self.logits.shape), self.logits.ctypes.data)
-        self.capacity = 0
-        self._buffers: list = []  # the OrtValues that own the KV memory
-        self._src: list[int] = []  # pointers: past is read from these ...
-        self._dst: list[int] = []  # ... and present written to these; they swap each step
-        self._mask = np.ones((1, 0), dtype=np.int64)
+        self.capacity = 0  # tokens the allocated buffers hold
+        self.window = 0  # the cache size C this generation's steps see (<= capacity; see reserve)
+        self._buffers: list = []  # the OrtValues that own the KV memory: [A..., B...]
+        # two bindings, one per direction (past A -> present B, and B -> A); `_turn` is the next one
+        self._bindings: list = []
+        self._token_bound = [False, False]  # whether a binding's step inputs are the one-token buffers
+        self._turn = 0
+        self._mask = np.zeros((1, 0), dtype=np.int64)
         self._bias = np.zeros((1, 0), dtype=np.float32)  # attention_bias of the cached tokens
         self._position = np.zeros((1, 1), dtype=np.int64)
-        self._token_bound = False  # whether inputs_embeds / position_ids are bound to the one-token buffers
-        self._bind_kv, self._bind_mask = self._kv_binder(ort)
+        self._slot = np.zeros((1,), dtype=np.int64)
 
     def reserve(self, capacity: int) -> None:
-        if capacity <= self.capacity:
-            return
-        per = self.layout.num_kv_heads * self.layout.head_dim * capacity
-        alloc = self._ort.OrtValue.ortvalue_from_shape_and_type
-        self._buffers = [alloc([per], self.kv_dtype, self.device, 0) for _ in range(2 * len(self.past_names))]
-        ptrs = [buf.data_ptr() for buf in self._buffers]  # fixed for the buffers' lifetime
-        self._src, self._dst = ptrs[: len(self.past_names)], ptrs[len(self.past_names) :]
-        self._mask = np.ones((1, capacity), dtype=np.int64)
-        self._bias = np.zeros((1, capacity), dtype=np.float32)
-        self.capacity = capacity
-        self.length = 0
+        """Make the cache `capacity` slots for the next generation. Memory is allocated (zeroed: empty
+        slots must be finite, see CausalDecoder) only when it grows; a smaller generation binds a
+        [1, H, capacity, D] view of the same buffers, so its attention spans its own length only."""
+        if capacity > self.capacity:
+            per = self.layout.num_kv_heads * self.layout.head_dim * capacity
+            # on the CPU an OrtValue from numpy wraps the array's memory: one array per buffer
+            make = self._ort.OrtValue.ortvalue_from_numpy
+            self._buffers = [make(_aligned_zeros(per, self.kv_dtype), self.device, 0)
+                             for _ in range(2 * len(self.past_names))]
+            self.capacity = capacity
+            self.window = 0
+        if capacity != self.window:
+            self._mask = np.zeros((1, capacity), dtype=np.int64)
+            self._bias = np.zeros((1, capacity), dtype=np.float32)
+            self._bindings = [self._bind_direction(d, capacity) for d in (0, 1)]
+            self._token_bound = [False, False]
+            self.window = capacity
+        self.reset()
 
-    def _kv_binder(self, ort):
-        """Binds one layer's past (input) and present (output) to raw device buffers.
+    def _bind_direction(self, direction: int, window: int):
+        """An IO binding that reads the past from one buffer set and writes present into the other."""
+        n = len(self.past_names)
+        ptrs = [buf.data_ptr() for buf in self._buffers]
+        src, dst = (ptrs[:n], ptrs[n:]) if direction == 0 else (ptrs[n:], ptrs[:n])
+        shape = [1, self.layout.num_kv_heads, window, self.layout.head_dim]
+        b = self.sess.io_binding()
+        for name, out_name, s, d in zip(self.past_names, self.present_names, src, dst):
+            b.bind_input(name, self.device, 0, self.kv_dtype, shape, s)
+            b.bind_output(out_name, self.device, 0, self.kv_dtype, shape, d)
+        for name, buffer in (("attention_mask", self._mask), ("attention_bias", self._bias)):
+            _bind_buffer(b, name, buffer)
+        b.bind_output("logits", "cpu", 0, np.float32, list(self.logits.shape), self.logits.ctypes.data)
+        return b
 
-        16 of a step's 19 bindings are KV (at 4 layers); the public IOBinding methods rebuild the
-        device descriptor on every call, which was most of the decode loop's time outside ORT. The
-        native binder with one cached descriptor does the same; any other onnxruntime falls back."""
-        b = self.binding
-        native = getattr(b, "_iobinding", None)
-        try:
-            device = ort.OrtDevice.make(self.device, 0)._get_c_device()
-        except Exception:
-            native = None
-        if native is None or not hasattr(native, "bind_input") or not hasattr(native, "bind_output"):
-            def bind_public(past, present, past_shape, total_shape, src, dst):
-                b.bind_input(past, self.device, 0, self.kv_dtype, past_shape, src)
-                b.bind_output(present, self.device, 0, self.kv_dtype, total_shape, dst)
-
-            def mask_public(total):
-                b.bind_cpu_input("attention_mask", self._mask[:, :total])
-                b.bind_cpu_input("attention_bias", self._bias[:, :total])
-            return bind_public, mask_public
-
-        cpu = device if self.device == "cpu" else ort.OrtDevice.make("cpu", 0)._get_c_device()
-
-        def bind_native(past, present, past_shape, total_shape, src, dst):
-            native.bind_input(past, device, self.kv_dtype, past_shape, src)
-            native.bind_output(present, device, self.kv_dtype, total_shape, dst)
-
-        def mask_native(total):  # the mask (all ones) and bias buffers outlive the binding (see reserve)
-            native.bind_input("attention_mask", cpu, np.int64, [1, total], self._mask.ctypes.data)
-            native.bind_input("attention_bias", cpu, np.float32, [1, total], self._bias.ctypes.data)
-        return bind_native, mask_native
+    def reset(self) -> None:
+        super().reset()
+        self._mask[...] = 0  # the bias of a slot is written when it is filled
+        self._turn = 0
 
     def step(self, inputs_embeds, position_ids, attention_bias=None):
-        b = self.binding
         seq = inputs_embeds.shape[1]
+        past, total = self._check_room(seq)
+        b = self._bindings[self._turn]
         b.bind_cpu_input("inputs_embeds", np.ascontiguousarray(inputs_embeds, dtype=np.float32))
         b.bind_cpu_input("position_ids", np.ascontiguousarray(position_ids, dtype=np.int64))
-        self._token_bound = False
-        if self.length + seq <= self.capacity:
-            self._bias[0, self.length : self.length + seq] = 0.0 if attention_bias is None else attention_bias[0]
-        return self._run(seq)
+        b.bind_cpu_input("cache_position", np.arange(past, total, dtype=np.int64))
+        self._token_bound[self._turn] = False
+        self._mask[0, past:total] = 1
+        self._bias[0, past:total] = 0.0 if attention_bias is None else attention_bias[0]
+        return self._run(b, total)
 
     def step_token(self, position):
-        """The decode loop's step: the one-token buffers are bound once, so per token only the
-        position is written and the mask and KV rebound (their lengths change)."""
-        if not self._token_bound:
-            self.binding.bind_cpu_input("inputs_embeds", self.token_embeds)
-            self.binding.bind_cpu_input("position_ids", self._position)
-            self._token_bound = True
+        """The decode loop's step: everything is bound, so per token it writes the position, the slot
+        and the slot's mask and bias entries, and runs."""
+        past, total = self._check_room(1)
+        turn = self._turn
+        b = self._bindings[turn]
+        if not self._token_bound[turn]:
+            for name, buffer in (("inputs_embeds", self.token_embeds), ("position_ids", self._position),
+                                 ("cache_position", self._slot)):
+                _bind_buffer(b, name, buffer)
+            self._token_bound[turn] = True
         self._position[0, 0] = position
-        if self.length < self.capacity:
-            self._bias[0, self.length] = 0.0
-        return self._run(1)
+        self._slot[0] = past
+        self._mask[0, past] = 1
+        self._bias[0, past] = 0.0
+        return self._run(b, total)
 
-    def _run(self, seq: int) -> np.ndarray:
+    def _check_room(self, seq: int) -> tuple[int, int]:
         past, total = self.length, self.length + seq
-        if total > self.capacity:
-            raise RuntimeError(f"KV cache holds {self.capacity} tokens, step needs {total}")  # a bug, not user input
-        b = self.binding
-        h, d = self.layout.num_kv_heads, self.layout.head_dim
-        self._bind_mask(total)
-        past_shape, total_shape = [1, h, past, d], [1, h, total, d]
-        for name, out_name, src, dst in zip(self.past_names, self.present_names, self._src, self._dst):
-            self._bind_kv(name, out_name, past_shape, total_shape, src, dst)
+        if total > self.window:
+            raise RuntimeError(f"KV cache holds {self.window} tokens, step needs {total}")  # a bug, not user input
+        return past, total
+
+    def _run(self, binding, total: int) -> np.ndarray:
         t = time.perf_counter()
-        self.sess.run_with_iobinding(b)
+        self.sess.run_with_iobinding(binding)
         self.busy_ms += (time.perf_counter() - t) * 1e3
-        self._src, self._dst = self._dst, self._src
+        self._turn ^= 1
         self.length = total
         return self.logits[0, -1]
+
+
+def _aligned_zeros(n: int, dtype, alignment: int = 64) -> np.ndarray:
+    """n zeros whose first element sits on an `alignment`-byte boundary, as ORT's own allocator
+    places its buffers (numpy guarantees 16)."""
+    itemsize = np.dtype(dtype).itemsize
+    raw = np.zeros(n + alignment // itemsize, dtype=dtype)
+    start = (-raw.ctypes.data % alignment) // itemsize
+    return raw[start : start + n]
+
+
+def _bind_buffer(binding, name: str, buffer: np.ndarray) -> None:
+    """Binds a host array by address: the run reads what the array holds at run time."""
+    binding.bind_input(name, "cpu", 0, buffer.dtype, list(buffer.shape), buffer.ctypes.data)
 
 
 @functools.lru_cache(maxsize=1)

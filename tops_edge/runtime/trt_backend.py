@@ -1,10 +1,11 @@
 """The TensorRT backend: the Backend / Session / DecoderRunner interface over engines from tops-build.
 
 Engines and IO buffers live in torch CUDA tensors on one stream. The decoder's KV cache, attention
-mask and logits are allocated once (`reserve`): two KV buffers per tensor, as in the ORT backend, so
-each step binds past to one and present (= past + new, optimum's IO) to the other, then they swap.
-Per step only the new tokens' embeddings and positions are copied in and the logits row out (the
-Session interface is numpy, like ORT's). The pipeline opens parts by their .onnx path; the backend runs the engine that
+mask and logits are allocated once (`reserve`): two fixed-size KV buffers per tensor, as in the ORT
+backend, so each step binds past to one and present (the past with this step's slots written) to
+the other, then they swap. The shapes are set once per generation; per step the new tokens'
+embeddings, positions and slots are copied in and the logits row out (the Session interface is
+numpy, like ORT's). The pipeline opens parts by their .onnx path; the backend runs the engine that
 engines.json (written by tops-build) records for that part.
 
 NOT verified here (no TensorRT, no GPU on the development machines): scripts/verify_trt.sh runs it
@@ -89,48 +90,59 @@ class TrtDecoderRunner(DecoderRunner):
         self.past_names = [n for n in engine.input_names if n.startswith("past_key_values.")]
         self.present_names = [n.replace("past_key_values.", "present.") for n in self.past_names]
         self.kv_dtype = engine.dtypes[self.past_names[0]]
-        self.capacity = 0
+        self.capacity = 0  # slots the allocated buffers hold
+        self.window = 0  # the cache size C of this generation (see OrtDecoderRunner.reserve)
         self._src: list = []
         self._dst: list = []
         self._mask = self._bias = self._logits = None
 
     def reserve(self, capacity: int) -> None:
-        if capacity <= self.capacity:
-            return
-        torch = self.e.torch
-        per = self.layout.num_kv_heads * self.layout.head_dim * capacity
-        buffers = [torch.empty(per, dtype=self.kv_dtype, device="cuda") for _ in range(2 * len(self.past_names))]
-        self._src, self._dst = buffers[: len(self.past_names)], buffers[len(self.past_names):]
-        self._mask = torch.ones((1, capacity), dtype=self.e.dtypes["attention_mask"], device="cuda")
-        self._bias = torch.zeros((1, capacity), dtype=self.e.dtypes["attention_bias"], device="cuda")
-        vocab = self.e.engine.get_tensor_shape("logits")[-1]
-        self._logits = torch.empty((1, 1, vocab), dtype=torch.float32, device="cuda")
-        self.capacity = capacity
-        self.length = 0
+        torch, ctx = self.e.torch, self.e.context
+        if capacity > self.capacity:
+            per = self.layout.num_kv_heads * self.layout.head_dim * capacity
+            # zeroed: empty slots are masked out but must hold finite values (models/base.py CausalDecoder)
+            buffers = [torch.zeros(per, dtype=self.kv_dtype, device="cuda") for _ in range(2 * len(self.past_names))]
+            self._src, self._dst = buffers[: len(self.past_names)], buffers[len(self.past_names):]
+            vocab = self.e.engine.get_tensor_shape("logits")[-1]
+            self._logits = torch.empty((1, 1, vocab), dtype=torch.float32, device="cuda")
+            self.capacity = capacity
+            self.window = 0
+        if capacity != self.window:
+            self._mask = torch.zeros((1, capacity), dtype=self.e.dtypes["attention_mask"], device="cuda")
+            self._bias = torch.zeros((1, capacity), dtype=self.e.dtypes["attention_bias"], device="cuda")
+            h, d = self.layout.num_kv_heads, self.layout.head_dim
+            for name in self.past_names:
+                ctx.set_input_shape(name, (1, h, capacity, d))  # a [1,h,C,d] view of the buffer's start
+            for name, buffer in (("attention_mask", self._mask), ("attention_bias", self._bias)):
+                ctx.set_input_shape(name, (1, capacity))
+                ctx.set_tensor_address(name, buffer.data_ptr())
+            ctx.set_tensor_address("logits", self._logits.data_ptr())
+            self.window = capacity
+        self.reset()
+
+    def reset(self) -> None:
+        super().reset()
+        if self._mask is not None:
+            self._mask.zero_()
 
     def step(self, inputs_embeds, position_ids, attention_bias=None):
         torch, ctx = self.e.torch, self.e.context
         seq = inputs_embeds.shape[1]
         past, total = self.length, self.length + seq
-        if total > self.capacity:
-            raise RuntimeError(f"KV cache holds {self.capacity} tokens, step needs {total}")  # a bug, not user input
-        h, d = self.layout.num_kv_heads, self.layout.head_dim
+        if total > self.window:
+            raise RuntimeError(f"KV cache holds {self.window} tokens, step needs {total}")  # a bug, not user input
         t = time.perf_counter()
         alive: list = []
         with torch.cuda.stream(self.e.stream):
             self.e.bind_input("inputs_embeds", inputs_embeds, alive)
-            ctx.set_input_shape("attention_mask", (1, total))  # a prefix of the all-ones buffer
-            ctx.set_tensor_address("attention_mask", self._mask.data_ptr())
+            self.e.bind_input("position_ids", position_ids, alive)
+            self.e.bind_input("cache_position", np.arange(past, total, dtype=np.int64), alive)
+            self._mask[0, past:total] = 1
             new_bias = 0.0 if attention_bias is None else torch.as_tensor(np.asarray(attention_bias[0], np.float32))
             self._bias[0, past:total] = new_bias  # the cached tokens' bias stays in the buffer
-            ctx.set_input_shape("attention_bias", (1, total))
-            ctx.set_tensor_address("attention_bias", self._bias.data_ptr())
-            self.e.bind_input("position_ids", position_ids, alive)
             for name, out_name, src, dst in zip(self.past_names, self.present_names, self._src, self._dst):
-                ctx.set_input_shape(name, (1, h, past, d))  # packed [1,h,past,d] at the start of the buffer
                 ctx.set_tensor_address(name, src.data_ptr())
                 ctx.set_tensor_address(out_name, dst.data_ptr())
-            ctx.set_tensor_address("logits", self._logits.data_ptr())
             self.e.execute()
             result = self._logits.cpu().numpy()
         self.busy_ms += (time.perf_counter() - t) * 1e3

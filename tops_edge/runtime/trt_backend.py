@@ -118,12 +118,14 @@ class TrtDecoderRunner(DecoderRunner):
                 ctx.set_tensor_address(name, buffer.data_ptr())
             ctx.set_tensor_address("logits", self._logits.data_ptr())
             self.window = capacity
+        self.e.stream.wait_stream(torch.cuda.current_stream())  # the zero fills above, before any step
         self.reset()
 
     def reset(self) -> None:
         super().reset()
         if self._mask is not None:
-            self._mask.zero_()
+            with self.e.torch.cuda.stream(self.e.stream):  # ordered with the steps' writes and runs
+                self._mask.zero_()
 
     def step(self, inputs_embeds, position_ids, attention_bias=None):
         torch, ctx = self.e.torch, self.e.context

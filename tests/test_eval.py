@@ -11,8 +11,8 @@ import pytest
 from cli_helpers import one_line_error
 from tops_edge.cli import eval_main
 from tops_edge.errors import InputError
-from tops_edge.eval import shapes
-from tops_edge.eval.runner import relative_interval, run_eval, summarize, wilson
+from tops_edge.eval import format_table, shapes
+from tops_edge.eval.runner import mcnemar_p, paired_difference, relative_interval, run_eval, summarize, versus, wilson
 from tops_edge.eval.tasks import Item, choice_letter, load_jsonl, load_task, normalize_short, score, yes_no
 
 EXAMPLE_TASK = Path(__file__).resolve().parents[1] / "examples" / "task_example.jsonl"
@@ -130,6 +130,39 @@ def test_wilson_and_bootstrap_intervals():
     assert relative_interval(pruned, np.zeros(100, dtype=np.int64)) is None
 
 
+def test_mcnemar_exact_p_values():
+    assert mcnemar_p(0, 0) == 1.0
+    assert mcnemar_p(10, 0) == pytest.approx(2 / 1024)  # all 10 discordant items one way
+    assert mcnemar_p(0, 10) == mcnemar_p(10, 0)
+    assert mcnemar_p(5, 5) == 1.0 and mcnemar_p(1, 0) == 1.0
+    assert mcnemar_p(8, 2) == pytest.approx(2 * (1 + 10 + 45) / 1024)
+
+
+def test_paired_difference_counts_discordant_items():
+    rng = np.random.default_rng(0)
+    b = (rng.random(200) < 0.7).astype(np.int64)
+    same = paired_difference(b, b)
+    assert same["diff"] == 0.0 and same["diff_ci95"] == [0.0, 0.0] and same["p_mcnemar"] == 1.0
+    a = b.copy()
+    wrong = np.flatnonzero(b == 0)[:30]
+    a[wrong] = 1  # a gets 30 more items right ...
+    a[np.flatnonzero(b == 1)[:4]] = 0  # ... and 4 fewer
+    d = paired_difference(a, b)
+    assert (d["wins"], d["losses"]) == (30, 4)
+    assert d["diff"] == pytest.approx(26 / 200)
+    assert 0 < d["diff_ci95"][0] < d["diff"] < d["diff_ci95"][1]
+    assert d["p_mcnemar"] < 1e-4
+    assert paired_difference(b, a)["diff"] == pytest.approx(-26 / 200)
+
+
+def test_versus_pairs_the_reference_with_every_other_selector_per_budget():
+    ref, other = np.array([1, 1, 0, 1]), np.array([1, 0, 0, 0])
+    out = versus({("tops", 64): ref, ("cdpruner", 64): other, ("cdpruner", 32): other, ("tops", 32): other}, "tops")
+    assert set(out) == {"cdpruner"} and set(out["cdpruner"]) == {"64", "32"}
+    assert (out["cdpruner"]["64"]["wins"], out["cdpruner"]["64"]["losses"]) == (2, 0)
+    assert out["cdpruner"]["32"]["diff"] == 0.0
+
+
 def test_summarize_per_category_and_relative():
     cats = ["a", "a", "b", "b"]
     full = np.array([1, 1, 1, 0])
@@ -168,6 +201,13 @@ def test_run_eval_reports_every_selector_budget_and_type(tiny_uniform_dir):
     # K = N is the unpruned run itself
     assert report["table"]["tops"]["576"]["all"]["correct"] == report["table"]["unpruned"]["all"]["correct"]
     assert {"question", "answer", "unpruned@576", "tops@64"} <= set(report["examples"][0])
+    # the first selector against the others, pruned budgets only, from the same answers as the table
+    assert report["versus"]["reference"] == "uniform" and set(report["versus"]["against"]) == {"tops"}
+    d = report["versus"]["against"]["tops"]["64"]
+    assert set(report["versus"]["against"]["tops"]) == {"64"}
+    table = report["table"]
+    assert d["wins"] - d["losses"] == table["uniform"]["64"]["all"]["correct"] - table["tops"]["64"]["all"]["correct"]
+    assert "uniform against each selector" in format_table(report)
 
 
 def test_cli_eval_on_a_jsonl_task_writes_json_and_png(tiny_uniform_dir, tmp_path, capsys):

@@ -17,6 +17,10 @@ and relative_ci95 [lo, hi]|null (paired bootstrap, 1000 resamples):
     categories    [str]          question types (ShapesVQA) or the JSONL's categories
     table         {"unpruned": {"all": Cell, <category>: Cell, ...},
                    <selector>: {"<keep>": {"all": Cell, <category>: Cell, ...}, ...}, ...}
+    versus        {reference str (the first selector), against {<selector>: {"<keep>": {diff float
+                   (reference accuracy - this selector's, all items), diff_ci95 [lo, hi] (paired
+                   bootstrap), wins int (items the reference got right and this one wrong), losses
+                   int (the reverse), p_mcnemar float (exact, two-sided)}}}}; pruned budgets only
     examples      [{question, answer [str], category, "<selector>@<keep>": prediction, ...}] (first 20)
 """
 
@@ -50,6 +54,16 @@ def format_table(report: dict) -> str:
                 text = f"{100 * row[c]['accuracy']:.1f} ({'-' if rel is None else f'{100 * rel:.0f}'})"
                 cells.append(f"{text:>{width}}")
             lines.append(f"{method:<{name}} {keep:>5}  " + "  ".join(cells))
+    against = (report.get("versus") or {}).get("against") or {}
+    if against:
+        ref = report["versus"]["reference"]
+        lines.append(f"{ref} against each selector on all items: accuracy difference in points [95% CI], "
+                     f"items only {ref} / only the other got right, McNemar p")
+        for method, per_keep in against.items():
+            for keep, d in per_keep.items():
+                lo, hi = d["diff_ci95"]
+                lines.append(f"  {method:<{name}} {keep:>5}  {100 * d['diff']:+5.1f} [{100 * lo:+5.1f}, {100 * hi:+5.1f}]"
+                             f"  {d['wins']:>4} / {d['losses']:<4}  p = {d['p_mcnemar']:.3g}")
     return "\n".join(lines)
 
 

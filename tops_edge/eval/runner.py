@@ -47,6 +47,41 @@ def relative_interval(pruned: np.ndarray, full: np.ndarray, seed: int = 0) -> tu
     return (float(lo), float(hi))
 
 
+def mcnemar_p(wins: int, losses: int) -> float:
+    """Exact two-sided McNemar test on the discordant items (one selector right, the other wrong):
+    the binomial probability, under "both are as good", of a split at least this uneven."""
+    n = wins + losses
+    if n == 0:
+        return 1.0
+    k = min(wins, losses)
+    tail = sum(math.comb(n, i) for i in range(k + 1)) / 2**n
+    return min(1.0, 2 * tail)
+
+
+def paired_difference(a: np.ndarray, b: np.ndarray, seed: int = 0) -> dict:
+    """a against b on the same items (1 = right): the accuracy difference a - b with its 95% paired
+    bootstrap interval, the discordant counts (`wins`: a right and b wrong; `losses`: the reverse)
+    and McNemar's exact p-value."""
+    n = len(a)
+    wins, losses = int(((a == 1) & (b == 0)).sum()), int(((a == 0) & (b == 1)).sum())
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, n, size=(BOOTSTRAP, n))
+    diffs = (a[idx] - b[idx]).mean(1)
+    lo, hi = np.percentile(diffs, [2.5, 97.5])
+    return {"diff": (wins - losses) / n if n else 0.0, "diff_ci95": [float(lo), float(hi)],
+            "wins": wins, "losses": losses, "p_mcnemar": mcnemar_p(wins, losses)}
+
+
+def versus(runs: dict, reference: str) -> dict:
+    """The first selector of a run against each other one, per budget, on all items:
+    {other: {"<keep>": paired_difference(reference, other)}}."""
+    out: dict = {}
+    for (method, keep), correct in runs.items():
+        if method != reference and (reference, keep) in runs:
+            out.setdefault(method, {})[str(keep)] = paired_difference(runs[(reference, keep)], correct)
+    return out
+
+
 def _cell(correct: np.ndarray, full: np.ndarray | None) -> dict:
     n, c = len(correct), int(correct.sum())
     cell = {"n": n, "correct": c, "accuracy": c / n if n else 0.0, "accuracy_ci95": list(wilson(c, n))}
@@ -177,6 +212,7 @@ def run_eval(directory, task: str = "shapesvqa", keeps=None, selectors=None, lim
         bar.close()
     categories = [item.category for item in items]
     summary = summarize(categories, full, runs)
+    pruned = {(m, k): c for (m, k), c in runs.items() if k < full_keep}
     return {
         "schema": SCHEMA,
         "created_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -188,6 +224,7 @@ def run_eval(directory, task: str = "shapesvqa", keeps=None, selectors=None, lim
                      "split": split if task == "shapesvqa" else None, "num_visual_tokens": pipe.max_selectable},
         "elapsed_s": round(time.perf_counter() - t0, 1),
         **summary,
+        "versus": {"reference": selectors[0], "against": versus(pruned, selectors[0])},
         "examples": [
             {"question": item.question, "answer": list(item.answer), "category": item.category,
              **{f"{k[0]}@{k[1]}": answers[k][i] for k in answers}}
@@ -203,4 +240,5 @@ def _use(pipe, spec, merge: str):
     pipe.use_selector(name, **params)
 
 
-__all__ = ["Item", "run_eval", "parse_selector_spec", "summarize", "wilson", "relative_interval", "SCHEMA"]
+__all__ = ["Item", "run_eval", "parse_selector_spec", "summarize", "wilson", "relative_interval", "paired_difference",
+           "mcnemar_p", "versus", "SCHEMA"]

@@ -34,13 +34,17 @@ def wilson(correct: int, n: int) -> tuple[float, float]:
     return (max(0.0, centre - half), min(1.0, centre + half))
 
 
+def _resamples(n: int, seed: int) -> np.ndarray:
+    """[BOOTSTRAP, n] item indices, drawn with replacement: the paired bootstrap's resamples."""
+    return np.random.default_rng(seed).integers(0, n, size=(BOOTSTRAP, n))
+
+
 def relative_interval(pruned: np.ndarray, full: np.ndarray, seed: int = 0) -> tuple[float, float] | None:
     """95% paired-bootstrap interval of sum(pruned) / sum(full) over the same items; None if the
     unpruned model gets none right."""
     if full.sum() == 0:
         return None
-    rng = np.random.default_rng(seed)
-    idx = rng.integers(0, len(full), size=(BOOTSTRAP, len(full)))
+    idx = _resamples(len(full), seed)
     f, p = full[idx].sum(1), pruned[idx].sum(1)
     ratios = p[f > 0] / f[f > 0]
     lo, hi = np.percentile(ratios, [2.5, 97.5])
@@ -64,10 +68,10 @@ def paired_difference(a: np.ndarray, b: np.ndarray, seed: int = 0) -> dict:
     and McNemar's exact p-value."""
     n = len(a)
     wins, losses = int(((a == 1) & (b == 0)).sum()), int(((a == 0) & (b == 1)).sum())
-    rng = np.random.default_rng(seed)
-    idx = rng.integers(0, n, size=(BOOTSTRAP, n))
-    diffs = (a[idx] - b[idx]).mean(1)
-    lo, hi = np.percentile(diffs, [2.5, 97.5])
+    lo = hi = 0.0
+    if n:
+        idx = _resamples(n, seed)
+        lo, hi = np.percentile((a[idx] - b[idx]).mean(1), [2.5, 97.5])
     return {"diff": (wins - losses) / n if n else 0.0, "diff_ci95": [float(lo), float(hi)],
             "wins": wins, "losses": losses, "p_mcnemar": mcnemar_p(wins, losses)}
 

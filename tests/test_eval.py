@@ -12,7 +12,19 @@ from cli_helpers import one_line_error
 from tops_edge.cli import eval_main
 from tops_edge.errors import InputError
 from tops_edge.eval import format_table, shapes
-from tops_edge.eval.runner import mcnemar_p, paired_difference, relative_interval, run_eval, summarize, versus, wilson
+from tops_edge.eval.runner import (
+    agreement_cell,
+    kl_divergence,
+    log_softmax,
+    mcnemar_p,
+    mean_interval,
+    paired_difference,
+    relative_interval,
+    run_eval,
+    summarize,
+    versus,
+    wilson,
+)
 from tops_edge.eval.tasks import Item, choice_letter, load_jsonl, load_task, normalize_short, score, yes_no
 
 EXAMPLE_TASK = Path(__file__).resolve().parents[1] / "examples" / "task_example.jsonl"
@@ -163,6 +175,29 @@ def test_versus_pairs_the_reference_with_every_other_selector_per_budget():
     assert out["cdpruner"]["32"]["diff"] == 0.0
 
 
+def test_kl_of_the_first_answer_token():
+    p = log_softmax(np.log([[0.5, 0.5], [0.2, 0.8]]) + 3.0)  # a shift of the logits changes nothing
+    q = log_softmax(np.log([[0.9, 0.1], [0.2, 0.8]]))
+    np.testing.assert_allclose(np.exp(p), [[0.5, 0.5], [0.2, 0.8]])
+    kl = kl_divergence(p, q)
+    assert kl[0] == pytest.approx(0.5 * np.log(0.5 / 0.9) + 0.5 * np.log(0.5 / 0.1))
+    assert kl[1] == pytest.approx(0.0, abs=1e-12) and (kl_divergence(q, p) >= 0).all()
+    cell = agreement_cell(np.array([0.0, 0.2, 0.4, 0.2]), np.array([1, 1, 0, 1]))
+    assert cell["top1"] == 0.75 and cell["kl"] == pytest.approx(0.2)
+    lo, hi = cell["kl_ci95"]
+    assert 0.0 <= lo < 0.2 < hi <= 0.4
+    assert mean_interval(np.zeros(0)) == (0.0, 0.0)
+
+
+def test_versus_with_kls_reports_the_mean_difference_and_who_is_closer():
+    ref, other = np.array([1, 1, 0, 1]), np.array([1, 0, 0, 1])
+    kls = {("tops", 64): np.array([0.1, 0.0, 0.3, 0.2]), ("cdpruner", 64): np.array([0.2, 0.4, 0.1, 0.6])}
+    d = versus({("tops", 64): ref, ("cdpruner", 64): other}, "tops", kls)["cdpruner"]["64"]
+    assert d["kl_diff"] == pytest.approx((0.6 - 1.3) / 4) and d["kl_lower"] == 0.75
+    assert d["kl_diff_ci95"][0] <= d["kl_diff"] <= d["kl_diff_ci95"][1]
+    assert "kl_diff" not in versus({("tops", 64): ref, ("cdpruner", 64): other}, "tops")["cdpruner"]["64"]
+
+
 def test_summarize_per_category_and_relative():
     cats = ["a", "a", "b", "b"]
     full = np.array([1, 1, 1, 0])
@@ -208,6 +243,31 @@ def test_run_eval_reports_every_selector_budget_and_type(tiny_uniform_dir):
     table = report["table"]
     assert d["wins"] - d["losses"] == table["uniform"]["64"]["all"]["correct"] - table["tops"]["64"]["all"]["correct"]
     assert "uniform against each selector" in format_table(report)
+    # agreement with the unpruned model, per pruned budget, and the KL difference from the same numbers
+    agree = report["agreement"]
+    assert set(agree) == {"uniform", "tops"} and all(set(v) == {"64"} for v in agree.values())
+    for cell in (agree["uniform"]["64"], agree["tops"]["64"]):
+        assert cell["n"] == 18 and 0.0 <= cell["top1"] <= 1.0 and cell["kl"] >= 0.0
+    assert d["kl_diff"] == pytest.approx(agree["uniform"]["64"]["kl"] - agree["tops"]["64"]["kl"])
+    assert "agreement with the unpruned model" in format_table(report)
+
+
+def test_run_eval_kl_is_that_of_the_pipelines_own_answers(tiny_uniform_dir):
+    """The report's mean KL and top-1 agreement, recomputed item by item from generate(output_logits=True)."""
+    from tops_edge.runtime import Pipeline
+
+    report = run_eval(tiny_uniform_dir, keeps=[32], selectors=["uniform"], limit=4, max_new_tokens=2)
+    pipe = Pipeline.load(tiny_uniform_dir)
+    kls, same = [], []
+    for item in load_task("shapesvqa", limit=4):
+        full = pipe.generate(item.image, item.prompt, max_new_tokens=2, keep=576, output_logits=True).logits[0]
+        pruned = pipe.generate(item.image, item.prompt, max_new_tokens=2, keep=32, output_logits=True).logits[0]
+        p, q = np.exp(log_softmax(full)), log_softmax(pruned)
+        kls.append(float((p * (np.log(p) - q)).sum()))
+        same.append(int(full.argmax() == pruned.argmax()))
+    cell = report["agreement"]["uniform"]["32"]
+    assert cell["kl"] == pytest.approx(np.mean(kls), rel=1e-4, abs=1e-7) and cell["top1"] == np.mean(same)
+    assert max(kls) > 0  # 32 of 576 tokens moves a random model's distribution
 
 
 def test_cli_eval_on_a_jsonl_task_writes_json_and_png(tiny_uniform_dir, tmp_path, capsys):

@@ -22,6 +22,16 @@ def test_greedy_is_the_default_and_ignores_the_seed(pipe_uniform, images):
     assert a.token_ids == b.token_ids
 
 
+def test_output_logits_are_what_each_token_was_chosen_from(pipe_uniform, images):
+    plain = pipe_uniform.generate(images["wide"], "Hi", max_new_tokens=6, ignore_eos=True)
+    r = pipe_uniform.generate(images["wide"], "Hi", max_new_tokens=6, ignore_eos=True, output_logits=True)
+    assert plain.logits is None and r.token_ids == plain.token_ids
+    assert len(r.logits) == 6 and all(s.shape == r.logits[0].shape and s.dtype == np.float32 for s in r.logits)
+    assert [int(np.argmax(s)) for s in r.logits] == r.token_ids  # greedy: each token is its logits' argmax
+    assert not np.array_equal(r.logits[0], r.logits[1])  # copies, not the backend's reused buffer
+    assert "logits" not in r.to_json() and set(r.to_json()) == set(plain.to_json())
+
+
 def test_top_p_keeps_only_the_nucleus():
     logits = np.log(np.array([0.6, 0.3, 0.05, 0.05]))
     rng = np.random.default_rng(0)

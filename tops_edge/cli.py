@@ -264,7 +264,9 @@ def eval_parser() -> argparse.ArgumentParser:
         prog="tops-eval",
         description="Accuracy of an exported model per selector and visual-token budget, through the ONNX pipeline: "
                     "a table (absolute and relative to unpruned, per question type, 95%% intervals in the JSON), "
-                    "JSON and a PNG of relative accuracy against kept tokens.",
+                    "agreement with the unpruned model (top-1 and mean KL of the first answer token), the first "
+                    "selector against each other one on the same items, JSON and a PNG of relative accuracy "
+                    "against kept tokens.",
     )
     p.add_argument("dir", help="a tops-export output directory")
     p.add_argument("--task", default="shapesvqa", help="shapesvqa (built in, test split) or a JSONL file (see README)")

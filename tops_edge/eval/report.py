@@ -17,10 +17,17 @@ and relative_ci95 [lo, hi]|null (paired bootstrap, 1000 resamples):
     categories    [str]          question types (ShapesVQA) or the JSONL's categories
     table         {"unpruned": {"all": Cell, <category>: Cell, ...},
                    <selector>: {"<keep>": {"all": Cell, <category>: Cell, ...}, ...}, ...}
+    agreement     {<selector>: {"<keep>": {n int, top1 float (share of items whose most likely first
+                   answer token is the unpruned run's), top1_ci95 [lo, hi] (Wilson), kl float (mean
+                   over items of KL(unpruned || pruned) of the first answer token's distribution, in
+                   nats), kl_ci95 [lo, hi] (bootstrap)}}}; pruned budgets only, all items
     versus        {reference str (the first selector), against {<selector>: {"<keep>": {diff float
                    (reference accuracy - this selector's, all items), diff_ci95 [lo, hi] (paired
                    bootstrap), wins int (items the reference got right and this one wrong), losses
-                   int (the reverse), p_mcnemar float (exact, two-sided)}}}}; pruned budgets only
+                   int (the reverse), p_mcnemar float (exact, two-sided), kl_diff float (reference
+                   mean KL - this selector's; < 0: the reference is closer to unpruned), kl_diff_ci95
+                   [lo, hi] (paired bootstrap), kl_lower float (share of items where the reference's
+                   KL is the lower)}}}}; pruned budgets only
     examples      [{question, answer [str], category, "<selector>@<keep>": prediction, ...}] (first 20)
 """
 
@@ -54,16 +61,30 @@ def format_table(report: dict) -> str:
                 text = f"{100 * row[c]['accuracy']:.1f} ({'-' if rel is None else f'{100 * rel:.0f}'})"
                 cells.append(f"{text:>{width}}")
             lines.append(f"{method:<{name}} {keep:>5}  " + "  ".join(cells))
+    agreement = report.get("agreement") or {}
+    if agreement:
+        lines.append("agreement with the unpruned model on the first answer token, all items: "
+                     "top-1 agreement %, mean KL(unpruned || pruned) in nats [95% CI]")
+        for method, per_keep in agreement.items():
+            for keep, a in per_keep.items():
+                lo, hi = a["kl_ci95"]
+                lines.append(f"  {method:<{name}} {keep:>5}  {100 * a['top1']:5.1f}  {a['kl']:.4f} [{lo:.4f}, {hi:.4f}]")
     against = (report.get("versus") or {}).get("against") or {}
     if against:
         ref = report["versus"]["reference"]
+        kl = any("kl_diff" in d for per_keep in against.values() for d in per_keep.values())
         lines.append(f"{ref} against each selector on all items: accuracy difference in points [95% CI], "
-                     f"items only {ref} / only the other got right, McNemar p")
+                     f"items only {ref} / only the other got right, McNemar p"
+                     + (f"; mean KL difference [95% CI], share of items where {ref}'s KL is lower" if kl else ""))
         for method, per_keep in against.items():
             for keep, d in per_keep.items():
                 lo, hi = d["diff_ci95"]
-                lines.append(f"  {method:<{name}} {keep:>5}  {100 * d['diff']:+5.1f} [{100 * lo:+5.1f}, {100 * hi:+5.1f}]"
-                             f"  {d['wins']:>4} / {d['losses']:<4}  p = {d['p_mcnemar']:.3g}")
+                line = (f"  {method:<{name}} {keep:>5}  {100 * d['diff']:+5.1f} [{100 * lo:+5.1f}, {100 * hi:+5.1f}]"
+                        f"  {d['wins']:>4} / {d['losses']:<4}  p = {d['p_mcnemar']:<9.3g}")
+                if "kl_diff" in d:
+                    klo, khi = d["kl_diff_ci95"]
+                    line += f"  KL {d['kl_diff']:+.4f} [{klo:+.4f}, {khi:+.4f}]  lower on {100 * d['kl_lower']:.0f}%"
+                lines.append(line.rstrip())
     return "\n".join(lines)
 
 

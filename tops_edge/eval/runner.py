@@ -3,6 +3,11 @@
 Every item is answered once unpruned (all visual tokens; the selector is skipped, so this is the
 same for every method) and once per (selector, budget). Relative accuracy is pruned / unpruned on
 the same items; its 95% interval is a paired bootstrap over items, the absolute one a Wilson interval.
+
+Agreement with the unpruned model is measured on the same runs, per item, on the distribution of the
+first answer token (the whole answer for one-word answers): top-1 agreement (the same most likely
+token) and KL(unpruned || pruned). Accuracy only moves when an answer flips; the KL also sees how far
+a pruned sequence moved the model's belief, so it separates selectors whose accuracies tie.
 """
 
 from __future__ import annotations
@@ -76,13 +81,50 @@ def paired_difference(a: np.ndarray, b: np.ndarray, seed: int = 0) -> dict:
             "wins": wins, "losses": losses, "p_mcnemar": mcnemar_p(wins, losses)}
 
 
-def versus(runs: dict, reference: str) -> dict:
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    """float64 log-probabilities of logits [..., V]."""
+    z = np.asarray(logits, dtype=np.float64)
+    z = z - z.max(-1, keepdims=True)
+    return z - np.log(np.exp(z).sum(-1, keepdims=True))
+
+
+def kl_divergence(reference: np.ndarray, other: np.ndarray) -> np.ndarray:
+    """KL(P || Q) per row from log-probabilities [..., V] (P: the unpruned model's), in nats; >= 0."""
+    reference, other = np.asarray(reference, dtype=np.float64), np.asarray(other, dtype=np.float64)
+    return np.maximum((np.exp(reference) * (reference - other)).sum(-1), 0.0)
+
+
+def mean_interval(values: np.ndarray, seed: int = 0) -> tuple[float, float]:
+    """95% bootstrap interval of the mean of `values` over items (zero width for no items)."""
+    if len(values) == 0:
+        return (0.0, 0.0)
+    lo, hi = np.percentile(values[_resamples(len(values), seed)].mean(1), [2.5, 97.5])
+    return (float(lo), float(hi))
+
+
+def agreement_cell(kl: np.ndarray, top1: np.ndarray) -> dict:
+    """One (selector, budget)'s agreement with the unpruned model: the share of items whose most
+    likely first answer token is the unpruned one (Wilson interval) and the mean KL (bootstrap)."""
+    n, same = len(top1), int(np.sum(top1))
+    return {"n": n, "top1": same / n if n else 0.0, "top1_ci95": list(wilson(same, n)),
+            "kl": float(np.mean(kl)) if n else 0.0, "kl_ci95": list(mean_interval(kl))}
+
+
+def versus(runs: dict, reference: str, kls: dict | None = None) -> dict:
     """The first selector of a run against each other one, per budget, on all items:
-    {other: {"<keep>": paired_difference(reference, other)}}."""
+    {other: {"<keep>": paired_difference(reference, other)}}; with per-item KLs (`kls`, keyed like
+    `runs`) each entry also has `kl_diff` (the reference's mean KL minus the other's: below 0, the
+    reference stays closer to the unpruned model), its paired-bootstrap `kl_diff_ci95`, and `kl_lower`,
+    the share of items on which the reference's KL is the lower of the two."""
     out: dict = {}
     for (method, keep), correct in runs.items():
         if method != reference and (reference, keep) in runs:
-            out.setdefault(method, {})[str(keep)] = paired_difference(runs[(reference, keep)], correct)
+            entry = paired_difference(runs[(reference, keep)], correct)
+            if kls is not None and (reference, keep) in kls and (method, keep) in kls:
+                diff = kls[(reference, keep)] - kls[(method, keep)]
+                entry.update(kl_diff=float(diff.mean()) if len(diff) else 0.0, kl_diff_ci95=list(mean_interval(diff)),
+                             kl_lower=float((diff < 0).mean()) if len(diff) else 0.0)
+            out.setdefault(method, {})[str(keep)] = entry
     return out
 
 
@@ -186,16 +228,27 @@ def run_eval(directory, task: str = "shapesvqa", keeps=None, selectors=None, lim
     total = len(items) * (1 + len(selectors) * len(keeps))
     bar = tqdm(total=total, desc="tops-eval", unit="answer", disable=not progress, leave=False)
     answers: dict = {}
+    first: dict = {}  # "unpruned": [items, V] log-probabilities of the first answer token
+    kls: dict = {}  # (method, keep): per-item KL(unpruned || pruned) of that token's distribution
+    top1s: dict = {}  # (method, keep): per-item 1 where the most likely first token is the unpruned one
 
     def answer_all(key, keep):
-        preds = []
+        preds, logprobs = [], []
         for item in items:
             n = pipe.visual_tokens(item.image)[0] if pipe.layout.name != "single" else pipe.max_selectable
             k = n if keep is None else min(keep, n)  # None: every visual token
-            r = pipe.generate(item.image, item.prompt, max_new_tokens=max_new_tokens, keep=k, budget=budget)
+            r = pipe.generate(item.image, item.prompt, max_new_tokens=max_new_tokens, keep=k, budget=budget,
+                              output_logits=True)
             preds.append(r.text.strip())
+            logprobs.append(log_softmax(r.logits[0]).astype(np.float32))
             bar.update()
         answers[key] = preds
+        logprobs = np.stack(logprobs) if logprobs else np.zeros((0, 1), np.float32)
+        if keep is None:
+            first["unpruned"] = logprobs
+        else:
+            kls[key] = kl_divergence(first["unpruned"], logprobs)
+            top1s[key] = (logprobs.argmax(-1) == first["unpruned"].argmax(-1)).astype(np.int64)
         return np.array([score(item, p) for item, p in zip(items, preds)], dtype=np.int64)
 
     try:
@@ -208,6 +261,8 @@ def run_eval(directory, task: str = "shapesvqa", keeps=None, selectors=None, lim
             for keep in keeps:
                 if keep >= full_keep:
                     runs[(method, keep)] = full
+                    kls[(method, keep)] = np.zeros(len(items))
+                    top1s[(method, keep)] = np.ones(len(items), dtype=np.int64)
                     bar.update(len(items))
                     continue
                 runs[(method, keep)] = answer_all((method, keep), keep)
@@ -228,7 +283,10 @@ def run_eval(directory, task: str = "shapesvqa", keeps=None, selectors=None, lim
                      "split": split if task == "shapesvqa" else None, "num_visual_tokens": pipe.max_selectable},
         "elapsed_s": round(time.perf_counter() - t0, 1),
         **summary,
-        "versus": {"reference": selectors[0], "against": versus(pruned, selectors[0])},
+        "agreement": {method: {str(keep): agreement_cell(kls[(method, keep)], top1s[(method, keep)])
+                               for (m, keep) in pruned if m == method}
+                      for method in dict.fromkeys(m for m, _ in pruned)},
+        "versus": {"reference": selectors[0], "against": versus(pruned, selectors[0], kls)},
         "examples": [
             {"question": item.question, "answer": list(item.answer), "category": item.category,
              **{f"{k[0]}@{k[1]}": answers[k][i] for k in answers}}
@@ -245,4 +303,4 @@ def _use(pipe, spec, merge: str):
 
 
 __all__ = ["Item", "run_eval", "parse_selector_spec", "summarize", "wilson", "relative_interval", "paired_difference",
-           "mcnemar_p", "versus", "SCHEMA"]
+           "mcnemar_p", "versus", "log_softmax", "kl_divergence", "mean_interval", "agreement_cell", "SCHEMA"]

@@ -8,8 +8,9 @@
 
 from __future__ import annotations
 
+import copy
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
@@ -41,9 +42,13 @@ class GenerationResult:
     keep: int = 0  # the budget K used (selectable tokens kept; NeXT's newlines come on top)
     #: per kept index, the visual tokens it stands for (merge "mean": its group's size; else all 1)
     kept_sizes: list[int] = field(default_factory=list)
+    #: with `output_logits=True`, per new token the raw logits [V] it was chosen from (float32, before
+    #: temperature and top-p, as HF generate's `output_logits`); else None. Not part of `to_json`.
+    logits: list[np.ndarray] | None = None
 
     def to_json(self) -> dict:
-        return {k: v for k, v in asdict(self).items() if k in JSON_KEYS}
+        # field by field: asdict would also deep-copy `logits`, which the JSON leaves out
+        return {k: copy.deepcopy(getattr(self, k)) for k in JSON_KEYS}
 
 
 @dataclass
@@ -191,13 +196,14 @@ class Pipeline:
     def generate(self, image, prompt: str, max_new_tokens: int = 64, keep: int | None = None,
                  temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
                  raw_prompt: bool = False, ignore_eos: bool = False, keep_ratio: float | None = None,
-                 budget: str | None = None) -> GenerationResult:
+                 budget: str | None = None, output_logits: bool = False) -> GenerationResult:
         """Answer PROMPT about IMAGE. The visual-token budget is `keep` tokens or `keep_ratio` of the
         image's tokens (default: the export's); `budget` splits it over an anyres image's crops
         (`proportional` or `global`; default: the export's). `ignore_eos` generates exactly
-        max_new_tokens tokens (for benchmarks at equal length)."""
+        max_new_tokens tokens (for benchmarks at equal length). `output_logits` returns each new
+        token's raw logits in `result.logits` (a copy per token; off by default)."""
         steps = self._steps(image, prompt, max_new_tokens, keep, temperature, top_p, seed, raw_prompt, ignore_eos,
-                            keep_ratio, budget)
+                            keep_ratio, budget, output_logits)
         while True:
             try:
                 next(steps)
@@ -308,7 +314,7 @@ class Pipeline:
 
     # --- the loop ----------------------------------------------------------------------------
     def _steps(self, image, prompt, max_new_tokens, keep, temperature, top_p, seed, raw_prompt, ignore_eos=False,
-               keep_ratio=None, budget=None):
+               keep_ratio=None, budget=None, output_logits=False):
         """Yields each new token id; returns the GenerationResult."""
         if isinstance(max_new_tokens, bool) or int(max_new_tokens) != max_new_tokens or max_new_tokens < 1:
             raise InputError(f"max_new_tokens must be a whole number >= 1, got {max_new_tokens!r}")
@@ -358,8 +364,11 @@ class Pipeline:
         rng = np.random.default_rng(seed)
         embed_token = self._token_embedder()
         token_ids: list[int] = []
+        step_logits: list[np.ndarray] | None = [] if output_logits else None
         finish = "length"
         for i in range(max_new_tokens):
+            if step_logits is not None:  # the backend's output buffer is reused by the next step
+                step_logits.append(np.array(logits, dtype=np.float32, copy=True).reshape(-1))
             tok = next_token(logits, temperature, top_p, rng)
             token_ids.append(tok)
             yield tok
@@ -391,4 +400,5 @@ class Pipeline:
             finish_reason=finish,
             num_visual_tokens=num_visual,
             keep=keep,
+            logits=step_logits,
         )

@@ -279,7 +279,9 @@ def test_cli_eval_on_a_jsonl_task_writes_json_and_png(tiny_uniform_dir, tmp_path
     assert "existence" in out and "divprune" in out
     report = json.loads(js.read_text())
     assert report["settings"]["keeps"] == [64, 32] and report["categories"] == ["existence", "recognition", "attribute"]
+    assert set(report["agreement"]["divprune"]) == {"64", "32"}
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert int.from_bytes(png.read_bytes()[16:20], "big") > 1000  # two panels: relative accuracy and KL
 
 
 def test_selector_specs_with_parameters_are_rows_of_their_own(tiny_uniform_dir):

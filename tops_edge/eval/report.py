@@ -93,7 +93,8 @@ def write_json(report: dict, path) -> None:
 
 
 def write_plot(report: dict, path) -> None:
-    """Relative accuracy (all items) against kept tokens, one line per selector, with 95% bands."""
+    """Relative accuracy (all items) against kept tokens, one line per selector, with 95% bands; with
+    the report's `agreement`, a second panel of the mean KL to the unpruned model."""
     require_matplotlib()
     import io
 
@@ -103,7 +104,12 @@ def write_plot(report: dict, path) -> None:
     import matplotlib.pyplot as plt
 
     keeps = report["settings"]["keeps"]
-    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
+    agreement = report.get("agreement") or {}
+    if agreement:
+        fig, (ax, ax_kl) = plt.subplots(1, 2, figsize=(11.0, 4.2), dpi=120)
+        _plot_kl(ax_kl, report, agreement)
+    else:
+        fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
     for method in report["settings"]["selectors"]:
         rows = [report["table"][method][str(k)]["all"] for k in keeps]
         rel = [100 * (r["relative"] or 0.0) for r in rows]
@@ -125,6 +131,28 @@ def write_plot(report: dict, path) -> None:
     fig.savefig(buf, format="png")
     plt.close(fig)
     write_atomic(path, buf.getvalue())
+
+
+def _plot_kl(ax, report: dict, agreement: dict) -> None:
+    """Mean KL(unpruned || pruned) of the first answer token against kept tokens (pruned budgets;
+    log scale), one line per selector, with 95% bands."""
+    for method in report["settings"]["selectors"]:
+        cells = sorted(((int(k), c) for k, c in agreement.get(method, {}).items()), key=lambda kc: kc[0])
+        if not cells:
+            continue
+        keeps = [k for k, _ in cells]
+        ax.plot(keeps, [c["kl"] for _, c in cells], marker="o", label=method)
+        ax.fill_between(keeps, [c["kl_ci95"][0] for _, c in cells], [c["kl_ci95"][1] for _, c in cells], alpha=0.12)
+    pruned = sorted({int(k) for per in agreement.values() for k in per})
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xticks(pruned)
+    ax.set_xticklabels([str(k) for k in pruned])
+    ax.set_xlabel(f"visual tokens kept (of {report['settings']['num_visual_tokens']})")
+    ax.set_ylabel("mean KL(unpruned || pruned), nats (lower is closer)")
+    ax.set_title("agreement with the unpruned model (first answer token)", fontsize=9)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
 
 
 __all__ = ["format_table", "write_json", "write_plot", "check_writable"]

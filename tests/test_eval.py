@@ -14,6 +14,7 @@ from tops_edge.errors import InputError
 from tops_edge.eval import format_table, shapes
 from tops_edge.eval.runner import (
     agreement_cell,
+    kl_comparison,
     kl_divergence,
     log_softmax,
     mcnemar_p,
@@ -183,7 +184,7 @@ def test_kl_of_the_first_answer_token():
     assert kl[0] == pytest.approx(0.5 * np.log(0.5 / 0.9) + 0.5 * np.log(0.5 / 0.1))
     assert kl[1] == pytest.approx(0.0, abs=1e-12) and (kl_divergence(q, p) >= 0).all()
     cell = agreement_cell(np.array([0.0, 0.2, 0.4, 0.2]), np.array([1, 1, 0, 1]))
-    assert cell["top1"] == 0.75 and cell["kl"] == pytest.approx(0.2)
+    assert cell["top1"] == 0.75 and cell["kl"] == pytest.approx(0.2) and cell["kl_median"] == pytest.approx(0.2)
     lo, hi = cell["kl_ci95"]
     assert 0.0 <= lo < 0.2 < hi <= 0.4
     assert mean_interval(np.zeros(0)) == (0.0, 0.0)
@@ -193,8 +194,14 @@ def test_versus_with_kls_reports_the_mean_difference_and_who_is_closer():
     ref, other = np.array([1, 1, 0, 1]), np.array([1, 0, 0, 1])
     kls = {("tops", 64): np.array([0.1, 0.0, 0.3, 0.2]), ("cdpruner", 64): np.array([0.2, 0.4, 0.1, 0.6])}
     d = versus({("tops", 64): ref, ("cdpruner", 64): other}, "tops", kls)["cdpruner"]["64"]
-    assert d["kl_diff"] == pytest.approx((0.6 - 1.3) / 4) and d["kl_lower"] == 0.75
+    assert d["kl_diff"] == pytest.approx((0.6 - 1.3) / 4) and (d["kl_lower"], d["kl_higher"]) == (0.75, 0.25)
     assert d["kl_diff_ci95"][0] <= d["kl_diff"] <= d["kl_diff_ci95"][1]
+    assert d["p_sign"] == pytest.approx(mcnemar_p(3, 1))
+    # the sign test counts items, not sizes: one item far worse does not outvote 20 slightly better
+    many = kl_comparison(np.r_[np.full(20, 0.01), 5.0], np.r_[np.full(20, 0.02), 0.0])
+    assert many["kl_diff"] > 0 and many["kl_lower"] == pytest.approx(20 / 21) and many["p_sign"] < 1e-4
+    equal = kl_comparison(np.array([0.1, 0.2]), np.array([0.1, 0.2]))
+    assert (equal["kl_lower"], equal["kl_higher"], equal["p_sign"]) == (0.0, 0.0, 1.0)
     assert "kl_diff" not in versus({("tops", 64): ref, ("cdpruner", 64): other}, "tops")["cdpruner"]["64"]
 
 

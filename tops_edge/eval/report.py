@@ -20,14 +20,16 @@ and relative_ci95 [lo, hi]|null (paired bootstrap, 1000 resamples):
     agreement     {<selector>: {"<keep>": {n int, top1 float (share of items whose most likely first
                    answer token is the unpruned run's), top1_ci95 [lo, hi] (Wilson), kl float (mean
                    over items of KL(unpruned || pruned) of the first answer token's distribution, in
-                   nats), kl_ci95 [lo, hi] (bootstrap)}}}; pruned budgets only, all items
+                   nats), kl_ci95 [lo, hi] (bootstrap), kl_median float}}}; pruned budgets only,
+                   all items
     versus        {reference str (the first selector), against {<selector>: {"<keep>": {diff float
                    (reference accuracy - this selector's, all items), diff_ci95 [lo, hi] (paired
                    bootstrap), wins int (items the reference got right and this one wrong), losses
                    int (the reverse), p_mcnemar float (exact, two-sided), kl_diff float (reference
                    mean KL - this selector's; < 0: the reference is closer to unpruned), kl_diff_ci95
-                   [lo, hi] (paired bootstrap), kl_lower float (share of items where the reference's
-                   KL is the lower)}}}}; pruned budgets only
+                   [lo, hi] (paired bootstrap), kl_lower / kl_higher float (shares of items where the
+                   reference's KL is the lower / the higher), p_sign float (exact two-sided sign
+                   test on those two counts)}}}}; pruned budgets only
     examples      [{question, answer [str], category, "<selector>@<keep>": prediction, ...}] (first 20)
 """
 
@@ -64,18 +66,20 @@ def format_table(report: dict) -> str:
     agreement = report.get("agreement") or {}
     if agreement:
         lines.append("agreement with the unpruned model on the first answer token, all items: "
-                     "top-1 agreement %, mean KL(unpruned || pruned) in nats [95% CI]")
+                     "top-1 agreement %, mean KL(unpruned || pruned) in nats [95% CI], median KL")
         for method, per_keep in agreement.items():
             for keep, a in per_keep.items():
                 lo, hi = a["kl_ci95"]
-                lines.append(f"  {method:<{name}} {keep:>5}  {100 * a['top1']:5.1f}  {a['kl']:.4f} [{lo:.4f}, {hi:.4f}]")
+                lines.append(f"  {method:<{name}} {keep:>5}  {100 * a['top1']:5.1f}  {a['kl']:.4f} [{lo:.4f}, {hi:.4f}]"
+                             f"  {a.get('kl_median', float('nan')):.2e}")
     against = (report.get("versus") or {}).get("against") or {}
     if against:
         ref = report["versus"]["reference"]
         kl = any("kl_diff" in d for per_keep in against.values() for d in per_keep.values())
         lines.append(f"{ref} against each selector on all items: accuracy difference in points [95% CI], "
                      f"items only {ref} / only the other got right, McNemar p"
-                     + (f"; mean KL difference [95% CI], share of items where {ref}'s KL is lower" if kl else ""))
+                     + (f"; mean KL difference [95% CI], % of items where {ref}'s KL is lower / higher, "
+                        f"sign test p" if kl else ""))
         for method, per_keep in against.items():
             for keep, d in per_keep.items():
                 lo, hi = d["diff_ci95"]
@@ -83,7 +87,8 @@ def format_table(report: dict) -> str:
                         f"  {d['wins']:>4} / {d['losses']:<4}  p = {d['p_mcnemar']:<9.3g}")
                 if "kl_diff" in d:
                     klo, khi = d["kl_diff_ci95"]
-                    line += f"  KL {d['kl_diff']:+.4f} [{klo:+.4f}, {khi:+.4f}]  lower on {100 * d['kl_lower']:.0f}%"
+                    line += (f"  KL {d['kl_diff']:+.4f} [{klo:+.4f}, {khi:+.4f}]  {100 * d['kl_lower']:.0f} / "
+                             f"{100 * d['kl_higher']:.0f}%  p = {d['p_sign']:.3g}")
                 lines.append(line.rstrip())
     return "\n".join(lines)
 

@@ -107,25 +107,37 @@ def agreement_cell(kl: np.ndarray, top1: np.ndarray) -> dict:
     likely first answer token is the unpruned one (Wilson interval) and the mean KL (bootstrap)."""
     n, same = len(top1), int(np.sum(top1))
     return {"n": n, "top1": same / n if n else 0.0, "top1_ci95": list(wilson(same, n)),
-            "kl": float(np.mean(kl)) if n else 0.0, "kl_ci95": list(mean_interval(kl))}
+            "kl": float(np.mean(kl)) if n else 0.0, "kl_ci95": list(mean_interval(kl)),
+            "kl_median": float(np.median(kl)) if n else 0.0}
 
 
 def versus(runs: dict, reference: str, kls: dict | None = None) -> dict:
     """The first selector of a run against each other one, per budget, on all items:
     {other: {"<keep>": paired_difference(reference, other)}}; with per-item KLs (`kls`, keyed like
     `runs`) each entry also has `kl_diff` (the reference's mean KL minus the other's: below 0, the
-    reference stays closer to the unpruned model), its paired-bootstrap `kl_diff_ci95`, and `kl_lower`,
-    the share of items on which the reference's KL is the lower of the two."""
+    reference stays closer to the unpruned model) with its paired-bootstrap `kl_diff_ci95`, and the
+    per-item view, which a few large KLs cannot dominate: `kl_lower` / `kl_higher`, the shares of
+    items on which the reference's KL is the lower / the higher (equal ones in neither), and
+    `p_sign`, the exact two-sided sign test on those counts."""
     out: dict = {}
     for (method, keep), correct in runs.items():
         if method != reference and (reference, keep) in runs:
             entry = paired_difference(runs[(reference, keep)], correct)
             if kls is not None and (reference, keep) in kls and (method, keep) in kls:
-                diff = kls[(reference, keep)] - kls[(method, keep)]
-                entry.update(kl_diff=float(diff.mean()) if len(diff) else 0.0, kl_diff_ci95=list(mean_interval(diff)),
-                             kl_lower=float((diff < 0).mean()) if len(diff) else 0.0)
+                entry.update(kl_comparison(kls[(reference, keep)], kls[(method, keep)]))
             out.setdefault(method, {})[str(keep)] = entry
     return out
+
+
+def kl_comparison(reference: np.ndarray, other: np.ndarray, seed: int = 0) -> dict:
+    """Per-item KLs of two selectors on the same items: the mean difference with its paired-bootstrap
+    interval, the shares of items where the reference's is lower / higher, and the sign test's p."""
+    diff = np.asarray(reference, dtype=np.float64) - np.asarray(other, dtype=np.float64)
+    n = len(diff)
+    lower, higher = int((diff < 0).sum()), int((diff > 0).sum())
+    return {"kl_diff": float(diff.mean()) if n else 0.0, "kl_diff_ci95": list(mean_interval(diff, seed)),
+            "kl_lower": lower / n if n else 0.0, "kl_higher": higher / n if n else 0.0,
+            "p_sign": mcnemar_p(lower, higher)}
 
 
 def _cell(correct: np.ndarray, full: np.ndarray | None) -> dict:
@@ -303,4 +315,5 @@ def _use(pipe, spec, merge: str):
 
 
 __all__ = ["Item", "run_eval", "parse_selector_spec", "summarize", "wilson", "relative_interval", "paired_difference",
-           "mcnemar_p", "versus", "log_softmax", "kl_divergence", "mean_interval", "agreement_cell", "SCHEMA"]
+           "mcnemar_p", "versus", "log_softmax", "kl_divergence", "kl_comparison", "mean_interval", "agreement_cell",
+           "SCHEMA"]

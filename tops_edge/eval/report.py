@@ -71,7 +71,7 @@ def format_table(report: dict) -> str:
             for keep, a in per_keep.items():
                 lo, hi = a["kl_ci95"]
                 lines.append(f"  {method:<{name}} {keep:>5}  {100 * a['top1']:5.1f}  {a['kl']:.4f} [{lo:.4f}, {hi:.4f}]"
-                             f"  {a.get('kl_median', float('nan')):.2e}")
+                             f"  {a['kl_median']:.2e}")
     against = (report.get("versus") or {}).get("against") or {}
     if against:
         ref = report["versus"]["reference"]

@@ -123,14 +123,10 @@ def write_plot(report: dict, path) -> None:
         if all(cis):
             ax.fill_between(keeps, [100 * c[0] for c in cis], [100 * c[1] for c in cis], alpha=0.12)
     ax.axhline(100, color="grey", lw=0.8, ls="--")
-    ax.set_xscale("log", base=2)
-    ax.set_xticks(keeps)
-    ax.set_xticklabels([str(k) for k in keeps])
-    ax.set_xlabel(f"visual tokens kept (of {report['settings']['num_visual_tokens']})")
+    _kept_tokens_axis(ax, keeps, report)
     ax.set_ylabel("accuracy relative to unpruned (%)")
     ax.set_title(f"{report['task']}: {report['model_source']}", fontsize=9)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
@@ -148,15 +144,19 @@ def _plot_kl(ax, report: dict, agreement: dict) -> None:
         keeps = [k for k, _ in cells]
         ax.plot(keeps, [c["kl"] for _, c in cells], marker="o", label=method)
         ax.fill_between(keeps, [c["kl_ci95"][0] for _, c in cells], [c["kl_ci95"][1] for _, c in cells], alpha=0.12)
-    pruned = sorted({int(k) for per in agreement.values() for k in per})
-    ax.set_xscale("log", base=2)
     ax.set_yscale("log")
-    ax.set_xticks(pruned)
-    ax.set_xticklabels([str(k) for k in pruned])
-    ax.set_xlabel(f"visual tokens kept (of {report['settings']['num_visual_tokens']})")
+    _kept_tokens_axis(ax, sorted({int(k) for per in agreement.values() for k in per}), report)
     ax.set_ylabel("mean KL(unpruned || pruned), nats (lower is closer)")
     ax.set_title("agreement with the unpruned model (first answer token)", fontsize=9)
     ax.grid(alpha=0.3, which="both")
+
+
+def _kept_tokens_axis(ax, keeps, report: dict) -> None:
+    """The x axis both panels share (kept tokens, log 2, a tick per budget) and the legend."""
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(keeps)
+    ax.set_xticklabels([str(k) for k in keeps])
+    ax.set_xlabel(f"visual tokens kept (of {report['settings']['num_visual_tokens']})")
     ax.legend(fontsize=8)
 
 

@@ -44,6 +44,14 @@ def _resamples(n: int, seed: int) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, n, size=(BOOTSTRAP, n))
 
 
+def mean_interval(values: np.ndarray, seed: int = 0) -> tuple[float, float]:
+    """95% bootstrap interval of the mean of `values` over items (zero width for no items)."""
+    if len(values) == 0:
+        return (0.0, 0.0)
+    lo, hi = np.percentile(values[_resamples(len(values), seed)].mean(1), [2.5, 97.5])
+    return (float(lo), float(hi))
+
+
 def relative_interval(pruned: np.ndarray, full: np.ndarray, seed: int = 0) -> tuple[float, float] | None:
     """95% paired-bootstrap interval of sum(pruned) / sum(full) over the same items; None if the
     unpruned model gets none right."""
@@ -73,11 +81,7 @@ def paired_difference(a: np.ndarray, b: np.ndarray, seed: int = 0) -> dict:
     and McNemar's exact p-value."""
     n = len(a)
     wins, losses = int(((a == 1) & (b == 0)).sum()), int(((a == 0) & (b == 1)).sum())
-    lo = hi = 0.0
-    if n:
-        idx = _resamples(n, seed)
-        lo, hi = np.percentile((a[idx] - b[idx]).mean(1), [2.5, 97.5])
-    return {"diff": (wins - losses) / n if n else 0.0, "diff_ci95": [float(lo), float(hi)],
+    return {"diff": (wins - losses) / n if n else 0.0, "diff_ci95": list(mean_interval(a - b, seed)),
             "wins": wins, "losses": losses, "p_mcnemar": mcnemar_p(wins, losses)}
 
 
@@ -92,14 +96,6 @@ def kl_divergence(reference: np.ndarray, other: np.ndarray) -> np.ndarray:
     """KL(P || Q) per row from log-probabilities [..., V] (P: the unpruned model's), in nats; >= 0."""
     reference, other = np.asarray(reference, dtype=np.float64), np.asarray(other, dtype=np.float64)
     return np.maximum((np.exp(reference) * (reference - other)).sum(-1), 0.0)
-
-
-def mean_interval(values: np.ndarray, seed: int = 0) -> tuple[float, float]:
-    """95% bootstrap interval of the mean of `values` over items (zero width for no items)."""
-    if len(values) == 0:
-        return (0.0, 0.0)
-    lo, hi = np.percentile(values[_resamples(len(values), seed)].mean(1), [2.5, 97.5])
-    return (float(lo), float(hi))
 
 
 def agreement_cell(kl: np.ndarray, top1: np.ndarray) -> dict:
@@ -240,13 +236,14 @@ def run_eval(directory, task: str = "shapesvqa", keeps=None, selectors=None, lim
     total = len(items) * (1 + len(selectors) * len(keeps))
     bar = tqdm(total=total, desc="tops-eval", unit="answer", disable=not progress, leave=False)
     answers: dict = {}
-    # "unpruned": [items, V] float32 log-probabilities of the first answer token, held for the whole
-    # run (items x vocabulary x 4 bytes: 128 MB for 1000 items on a 32k vocabulary)
-    first: dict = {}
+    # [items, V] float32 log-probabilities of the unpruned first answer token, held for the whole run
+    # (items x vocabulary x 4 bytes: 128 MB for 1000 items on a 32k vocabulary)
+    full_logprobs = None
     kls: dict = {}  # (method, keep): per-item KL(unpruned || pruned) of that token's distribution
     top1s: dict = {}  # (method, keep): per-item 1 where the most likely first token is the unpruned one
 
     def answer_all(key, keep):
+        nonlocal full_logprobs
         preds, logprobs = [], []
         for item in items:
             n = pipe.visual_tokens(item.image)[0] if pipe.layout.name != "single" else pipe.max_selectable
@@ -259,10 +256,10 @@ def run_eval(directory, task: str = "shapesvqa", keeps=None, selectors=None, lim
         answers[key] = preds
         logprobs = np.stack(logprobs) if logprobs else np.zeros((0, 1), np.float32)
         if keep is None:
-            first["unpruned"] = logprobs
+            full_logprobs = logprobs
         else:
-            kls[key] = kl_divergence(first["unpruned"], logprobs)
-            top1s[key] = (logprobs.argmax(-1) == first["unpruned"].argmax(-1)).astype(np.int64)
+            kls[key] = kl_divergence(full_logprobs, logprobs)
+            top1s[key] = (logprobs.argmax(-1) == full_logprobs.argmax(-1)).astype(np.int64)
         return np.array([score(item, p) for item, p in zip(items, preds)], dtype=np.int64)
 
     try:
@@ -284,6 +281,9 @@ def run_eval(directory, task: str = "shapesvqa", keeps=None, selectors=None, lim
     categories = [item.category for item in items]
     summary = summarize(categories, full, runs)
     pruned = {(m, k): c for (m, k), c in runs.items() if k < full_keep}
+    agreement: dict = {}
+    for method, keep in pruned:
+        agreement.setdefault(method, {})[str(keep)] = agreement_cell(kls[(method, keep)], top1s[(method, keep)])
     return {
         "schema": SCHEMA,
         "created_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -295,9 +295,7 @@ def run_eval(directory, task: str = "shapesvqa", keeps=None, selectors=None, lim
                      "split": split if task == "shapesvqa" else None, "num_visual_tokens": pipe.max_selectable},
         "elapsed_s": round(time.perf_counter() - t0, 1),
         **summary,
-        "agreement": {method: {str(keep): agreement_cell(kls[(method, keep)], top1s[(method, keep)])
-                               for (m, keep) in pruned if m == method}
-                      for method in dict.fromkeys(m for m, _ in pruned)},
+        "agreement": agreement,
         "versus": {"reference": selectors[0], "against": versus(pruned, selectors[0], kls)},
         "examples": [
             {"question": item.question, "answer": list(item.answer), "category": item.category,

@@ -233,7 +233,7 @@ def test_use_selector_equals_an_export_with_that_selector(tiny_uniform_dir, tiny
 
 def test_run_eval_reports_every_selector_budget_and_type(tiny_uniform_dir):
     report = run_eval(tiny_uniform_dir, keeps=[576, 64], selectors=["uniform", "tops"], limit=18, max_new_tokens=3)
-    assert report["schema"] == "tops-eval/1" and report["settings"]["items"] == 18
+    assert report["schema"] == "tops-eval/1" and report["settings"]["items"] == 18 and report["settings"]["skip"] == 0
     assert report["categories"] == list(shapes.QUESTION_TYPES)
     for method in ("uniform", "tops"):
         for keep in ("576", "64"):
@@ -336,7 +336,20 @@ def test_val_and_test_splits_ask_about_different_scenes():
     assert all(v.image.tobytes() != t.image.tobytes() for v, t in zip(val, test))
 
 
+def test_skip_starts_later_in_the_same_question_sequence():
+    """--skip N evaluates items N.. of the same sequence: ShapesVQA's questions and a JSONL's lines."""
+    whole = load_task("shapesvqa", limit=10, split="val", types=["count", "pope"])
+    tail = load_task("shapesvqa", limit=4, split="val", types=["count", "pope"], skip=6)
+    assert [(i.question, i.answer, i.category) for i in tail] == [(i.question, i.answer, i.category) for i in whole[6:]]
+    assert all(a.image.tobytes() == b.image.tobytes() for a, b in zip(tail, whole[6:]))
+    lines = load_task(str(EXAMPLE_TASK))
+    assert [i.question for i in load_task(str(EXAMPLE_TASK), skip=1, limit=2)] == [i.question for i in lines[1:3]]
+    with pytest.raises(InputError, match="leaves none"):
+        load_task(str(EXAMPLE_TASK), skip=len(lines))
+
+
 @pytest.mark.parametrize("args, needle", [
+    (["--skip", "-1"], "--skip must be"),
     (["--selector", "tops:alpha"], "key=value"),
     (["--selector", "tops:gamma=1"], "no parameter 'gamma'"),
     (["--selector", "tops:spatial=-1"], "spatial must be"),

@@ -282,6 +282,8 @@ def eval_parser() -> argparse.ArgumentParser:
     p.add_argument("--merge", default=None, choices=("mean", "none"),
                    help="token merging for this run, for rows that do not set merge=... (default: the export's)")
     p.add_argument("--limit", type=int, default=None, help="items to evaluate (ShapesVQA default: 1000; JSONL: all)")
+    p.add_argument("--skip", type=int, default=0, metavar="N",
+                   help="skip the first N items (default: 0): fresh ShapesVQA questions, or one shard of a long run")
     p.add_argument("--types", default=None, help=f"ShapesVQA question types to ask (default: all: {', '.join(QUESTION_TYPES)})")
     p.add_argument("--max-new-tokens", type=int, default=8, help="answer length limit (default: 8)")
     p.add_argument("--budget", default=None, choices=BUDGETS, help="LLaVA-NeXT: how K is split over the crops (default: the export's)")
@@ -309,7 +311,7 @@ def _eval(argv) -> int:
         args.dir, task=args.task, keeps=parse_keeps(args.keep), selectors=split(args.selector), limit=args.limit,
         max_new_tokens=args.max_new_tokens, budget=args.budget, types=split(args.types), backend=args.backend,
         log=log, progress=not args.quiet and sys.stderr.isatty(), positions=args.positions,
-        split=args.split, merge=args.merge,
+        split=args.split, merge=args.merge, skip=args.skip,
     )
     print(format_table(report))
     for path, write in ((args.json, write_json), (args.plot, write_plot)):

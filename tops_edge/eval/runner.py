@@ -191,13 +191,13 @@ def parse_selector_spec(spec: str) -> tuple[str, dict]:
 def run_eval(directory, task: str = "shapesvqa", keeps=None, selectors=None, limit: int | None = None,
              max_new_tokens: int = 8, budget: str | None = None, types=None, backend: str = "ort",
              log=None, progress: bool = False, positions: str | None = None, split: str = "test",
-             pipeline=None, merge: str | None = None) -> dict:
+             pipeline=None, merge: str | None = None, skip: int = 0) -> dict:
     """Evaluate an export on `task` (`shapesvqa` or a JSONL path) for each selector and budget.
     `selectors` are names or specs with parameters (`tops:alpha=0`, see parse_selector_spec); each spec
     is a row of the report under its own text; `merge=none|mean` in a spec sets that row's token
     merging (e.g. `tops:merge=none`). `positions` overrides the export's position convention
     (`compact` or `original`) for this run, `merge` the export's token merging for rows that do not
-    set their own. Returns the report (schema `tops-eval/1`, see report.py)."""
+    set their own. `skip` drops the task's first items (then `limit` counts from there). Returns the report (schema `tops-eval/1`, see report.py)."""
     from tqdm.auto import tqdm
 
     from .. import selector as selector_registry
@@ -230,7 +230,7 @@ def run_eval(directory, task: str = "shapesvqa", keeps=None, selectors=None, lim
         raise InputError("--keep needs at least one budget")
     for k in keeps:
         selector_registry.check_keep(k, pipe.max_selectable)
-    items = load_task(task, limit=limit, types=types, split=split)
+    items = load_task(task, limit=limit, types=types, split=split, skip=skip)
     log(f"{len(items)} items, selectors {', '.join(selectors)}, keeps {', '.join(map(str, keeps))}")
     t0 = time.perf_counter()
     total = len(items) * (1 + len(selectors) * len(keeps))
@@ -290,7 +290,8 @@ def run_eval(directory, task: str = "shapesvqa", keeps=None, selectors=None, lim
         "directory": str(Path(directory).resolve()),
         "model_source": str(pipe.manifest["model"]["source"]),
         "task": task,
-        "settings": {"keeps": keeps, "selectors": selectors, "items": len(items), "max_new_tokens": max_new_tokens,
+        "settings": {"keeps": keeps, "selectors": selectors, "items": len(items), "skip": int(skip),
+                     "max_new_tokens": max_new_tokens,
                      "budget": budget, "positions": pipe.positions, "merge": merge,
                      "split": split if task == "shapesvqa" else None, "num_visual_tokens": pipe.max_selectable},
         "elapsed_s": round(time.perf_counter() - t0, 1),

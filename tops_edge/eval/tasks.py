@@ -46,12 +46,13 @@ class Item:
         return f"{self.question}\n{SUFFIX[self.kind]}"
 
 
-def shapesvqa(count: int = 1000, split: str = "test", types=None) -> list[Item]:
+def shapesvqa(count: int = 1000, split: str = "test", types=None, skip: int = 0) -> list[Item]:
+    """ShapesVQA questions `skip` .. `skip + count - 1` of `split` (only the kept scenes are drawn)."""
     from . import shapes
 
     types = tuple(types) if types else shapes.QUESTION_TYPES
     try:
-        pairs = shapes.questions(split, count, types)
+        pairs = shapes.questions(split, skip + count, types)[skip:]
     except ValueError as exc:
         raise InputError(str(exc)) from None
     images: dict[int, object] = {}
@@ -99,18 +100,24 @@ def load_jsonl(path) -> list[Item]:
     return items
 
 
-def load_task(task: str, limit: int | None = None, types=None, split: str = "test") -> list[Item]:
+def load_task(task: str, limit: int | None = None, types=None, split: str = "test", skip: int = 0) -> list[Item]:
     """`shapesvqa` (its `split`: test, or val to tune selector parameters without touching the test
-    questions) or a path to a JSONL file; `limit` keeps the first items."""
+    questions) or a path to a JSONL file; `skip` drops the first items (a fresh sample of ShapesVQA,
+    or one shard of a long run), then `limit` keeps the first of the rest."""
     if limit is not None and (isinstance(limit, bool) or int(limit) != limit or limit < 1):
         raise InputError(f"--limit must be a whole number >= 1, got {limit!r}")
+    if isinstance(skip, bool) or int(skip) != skip or skip < 0:
+        raise InputError(f"--skip must be a whole number >= 0, got {skip!r}")
+    skip = int(skip)
     if task == "shapesvqa":
         if split not in ("val", "test"):
             raise InputError(f"--split must be val or test (train is what the model learned from), got '{split}'")
-        return shapesvqa(1000 if limit is None else int(limit), split=split, types=types)
+        return shapesvqa(1000 if limit is None else int(limit), split=split, types=types, skip=skip)
     if not task.endswith(".jsonl") and not Path(task).is_file():
         raise InputError(f"unknown task '{task}': use shapesvqa or a path to a .jsonl file")
-    items = load_jsonl(task)
+    items = load_jsonl(task)[skip:]
+    if not items:
+        raise InputError(f"--skip {skip} leaves none of the items of {task}")
     return items if limit is None else items[: int(limit)]
 
 

@@ -15,7 +15,7 @@ from tops_edge.bench import (
     CSV_COLUMNS, SCHEMA, aggregate, median, parse_keeps, percentile, run_benchmark, summary, timed_calls, validate,
 )
 from tops_edge.bench import device as bench_device
-from tops_edge.bench.report import write_atomic
+from tops_edge.bench.report import short_label, write_atomic
 from tops_edge.bench.runner import build_prompt
 from tops_edge.cli import bench_main
 from tops_edge.errors import InputError
@@ -214,3 +214,11 @@ def test_pipeline_reports_time_inside_its_sessions(pipe_uniform, images):
     stages = sum(r.timings_ms[k] for k in ("vision", "select", "prefill"))
     assert 0 < r.timings_ms["sessions"] <= r.timings_ms["total"]
     assert r.timings_ms["sessions"] <= stages + 3 * r.timings_ms["decode_per_token"] + 1e-6
+
+
+def test_plot_titles_name_a_local_model_by_its_directory(tmp_path):
+    """Figures are committed: a title shows the model's directory name, never the machine's layout."""
+    assert short_label(str(tmp_path / "shapes-llava")) == "shapes-llava"
+    assert short_label("./runs/model") == "model"
+    assert short_label("llava-hf/llava-1.5-7b-hf") == "llava-hf/llava-1.5-7b-hf"
+    assert short_label("tiny-llava") == "tiny-llava"

@@ -225,6 +225,15 @@ def write_csv(report, path) -> Path:
     return write_atomic(path, csv_text(report))
 
 
+def short_label(source) -> str:
+    """A model or task for a plot title: a local path by its last component (a figure should not
+    carry the machine's directory layout), a hub id or a built-in name as it is."""
+    text = str(source)
+    if os.path.isabs(text) or text.startswith(".") or os.path.exists(text):
+        return Path(text).name or text
+    return text
+
+
 def require_matplotlib():
     try:
         import matplotlib
@@ -249,7 +258,7 @@ def write_plot(report, path) -> Path:
     ax1.legend()
     ax2.plot(keeps, [b["kv_cache_bytes"] / 2**20 for b in budgets], "s-")
     ax2.set(xlabel="kept visual tokens", ylabel="KV cache (MiB)", title="KV cache at the end")
-    fig.suptitle(f"{report['device']['model_source']} ({report['device']['selector']}), {report['device']['cpu']}")
+    fig.suptitle(f"{short_label(report['device']['model_source'])} ({report['device']['selector']}), {report['device']['cpu']}")
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100)

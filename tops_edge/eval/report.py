@@ -39,7 +39,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..bench.report import check_writable, require_matplotlib, write_atomic
+from ..bench.report import check_writable, require_matplotlib, short_label, write_atomic
 
 
 def format_table(report: dict) -> str:
@@ -126,7 +126,10 @@ def write_plot(report: dict, path) -> None:
     ax.axhline(100, color="grey", lw=0.8, ls="--")
     _kept_tokens_axis(ax, keeps, report)
     ax.set_ylabel("accuracy relative to unpruned (%)")
-    ax.set_title(f"{report['task']}: {report['model_source']}", fontsize=9)
+    settings = report["settings"]
+    sample = f"{settings['split']}, " if settings.get("split") else ""
+    ax.set_title(f"{short_label(report['task'])} ({sample}{settings['items']} items): {short_label(report['model_source'])}",
+                 fontsize=9)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     buf = io.BytesIO()

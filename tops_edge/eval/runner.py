@@ -197,7 +197,8 @@ def run_eval(directory, task: str = "shapesvqa", keeps=None, selectors=None, lim
     is a row of the report under its own text; `merge=none|mean` in a spec sets that row's token
     merging (e.g. `tops:merge=none`). `positions` overrides the export's position convention
     (`compact` or `original`) for this run, `merge` the export's token merging for rows that do not
-    set their own. `skip` drops the task's first items (then `limit` counts from there). Returns the report (schema `tops-eval/1`, see report.py)."""
+    set their own. `skip` drops the task's first items (then `limit` counts from there). Returns the
+    report (schema `tops-eval/1`, see report.py)."""
     from tqdm.auto import tqdm
 
     from .. import selector as selector_registry

@@ -47,7 +47,7 @@ class Item:
 
 
 def shapesvqa(count: int = 1000, split: str = "test", types=None, skip: int = 0) -> list[Item]:
-    """ShapesVQA questions `skip` .. `skip + count - 1` of `split` (only the kept scenes are drawn)."""
+    """ShapesVQA questions `skip` .. `skip + count - 1` of `split` (only their scenes are rendered)."""
     from . import shapes
 
     types = tuple(types) if types else shapes.QUESTION_TYPES

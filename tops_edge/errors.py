@@ -1,5 +1,7 @@
 """Typed errors. The CLI turns every `TopsError` into one line on stderr and a non-zero exit."""
 
+import numbers
+
 
 class TopsError(Exception):
     """Base class of every error a user can cause or fix."""
@@ -45,3 +47,11 @@ class BackendUnavailableError(TopsError):
     """The requested backend (or its package) is not installed on this machine."""
 
     exit_code = 6
+
+
+def check_count(name: str, value, low: int) -> int:
+    """`value` as an int if it is a whole number >= `low` (not a bool, not a float); else an InputError
+    naming the option `name`."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
+        raise InputError(f"{name} must be a whole number >= {low}, got {value!r}")
+    return int(value)

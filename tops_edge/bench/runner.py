@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import InputError, TopsError
+from ..errors import InputError, TopsError, check_count
 from .device import PeakMemory, device_info
 from .stats import aggregate, summary, timed_calls
 
@@ -55,7 +55,7 @@ def default_keeps(num_tokens: int, has_selector: bool) -> list[int]:
 def build_prompt(tokenizer, length: int) -> tuple[str, int]:
     """A question of about `length` text tokens (a sentence repeated, trimmed with the tokenizer).
     Returns (text, its token count when tokenized on its own)."""
-    _check_count("--prompt-len", length, 1)
+    check_count("--prompt-len", length, 1)
     sentence_ids = tokenizer(SENTENCE, add_special_tokens=False)["input_ids"]
     reps = length // max(len(sentence_ids), 1) + 1
     ids = tokenizer(SENTENCE * reps, add_special_tokens=False)["input_ids"][:length]
@@ -74,12 +74,6 @@ def synthetic_image(size: int = 336):
     return Image.fromarray(np.clip(img, 0, 255).astype(np.uint8))
 
 
-def _check_count(name: str, value, low: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
-        raise InputError(f"{name} must be a whole number >= {low}, got {value!r}")
-    return int(value)
-
-
 def run_benchmark(directory, keeps=None, runs: int = 5, warmup: int = 1, prompt_len: int = 32,
                   new_tokens: int = 32, image=None, compare: str | None = None, backend: str = "ort",
                   log=None, budget: str | None = None) -> BenchReport:
@@ -92,9 +86,9 @@ def run_benchmark(directory, keeps=None, runs: int = 5, warmup: int = 1, prompt_
     from ..runtime import Pipeline
     from ..runtime.preprocess import load_image
 
-    runs = _check_count("--runs", runs, 1)
-    warmup = _check_count("--warmup", warmup, 0)
-    new_tokens = _check_count("--new-tokens", new_tokens, 1)
+    runs = check_count("--runs", runs, 1)
+    warmup = check_count("--warmup", warmup, 0)
+    new_tokens = check_count("--new-tokens", new_tokens, 1)
     if compare not in (None, "hf"):
         raise InputError(f"--compare must be 'hf', got {compare!r}")
     log = log or (lambda msg: None)
@@ -108,7 +102,7 @@ def run_benchmark(directory, keeps=None, runs: int = 5, warmup: int = 1, prompt_
     if not keeps:
         raise InputError("--keep needs at least one budget")
     keeps = [pipe.resolve_keep(k, n) for k in keeps]  # all checked before anything runs
-    prompt, prompt_text_tokens = build_prompt(pipe.pre.tokenizer, _check_count("--prompt-len", prompt_len, 1))
+    prompt, prompt_text_tokens = build_prompt(pipe.pre.tokenizer, check_count("--prompt-len", prompt_len, 1))
 
     report = BenchReport(
         schema="tops-bench/1",

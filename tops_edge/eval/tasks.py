@@ -22,7 +22,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import InputError
+from ..errors import InputError, check_count
 
 KINDS = ("yesno", "choice", "short")
 #: LLaVA-1.5's answer-format instructions, appended to the question
@@ -104,21 +104,18 @@ def load_task(task: str, limit: int | None = None, types=None, split: str = "tes
     """`shapesvqa` (its `split`: test, or val to tune selector parameters without touching the test
     questions) or a path to a JSONL file; `skip` drops the first items (a fresh sample of ShapesVQA,
     or one shard of a long run), then `limit` keeps the first of the rest."""
-    if limit is not None and (isinstance(limit, bool) or int(limit) != limit or limit < 1):
-        raise InputError(f"--limit must be a whole number >= 1, got {limit!r}")
-    if isinstance(skip, bool) or int(skip) != skip or skip < 0:
-        raise InputError(f"--skip must be a whole number >= 0, got {skip!r}")
-    skip = int(skip)
+    limit = None if limit is None else check_count("--limit", limit, 1)
+    skip = check_count("--skip", skip, 0)
     if task == "shapesvqa":
         if split not in ("val", "test"):
             raise InputError(f"--split must be val or test (train is what the model learned from), got '{split}'")
-        return shapesvqa(1000 if limit is None else int(limit), split=split, types=types, skip=skip)
+        return shapesvqa(1000 if limit is None else limit, split=split, types=types, skip=skip)
     if not task.endswith(".jsonl") and not Path(task).is_file():
         raise InputError(f"unknown task '{task}': use shapesvqa or a path to a .jsonl file")
     items = load_jsonl(task)[skip:]
     if not items:
         raise InputError(f"--skip {skip} leaves none of the items of {task}")
-    return items if limit is None else items[: int(limit)]
+    return items if limit is None else items[:limit]
 
 
 # --- scoring ------------------------------------------------------------------------------------

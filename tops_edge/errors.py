@@ -15,6 +15,12 @@ class ModelNotFoundError(TopsError):
     exit_code = 3
 
 
+class CorruptModelError(TopsError):
+    """A shipped checkpoint's files do not match the sha256 recorded beside them."""
+
+    exit_code = 3
+
+
 class UnsupportedModelError(TopsError):
     """The checkpoint exists but no adapter handles its model type."""
 

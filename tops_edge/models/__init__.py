@@ -1,24 +1,53 @@
 """Model families and how a `--model` string becomes an adapter.
 
-MODEL may be a built-in tiny model (no download), a short alias, a local HF-format directory, or a
-hub id that is in the Hugging Face cache (or downloadable, when the machine is online).
+MODEL may be a built-in model (no download: a random-weight tiny model built in code, or a trained
+checkpoint shipped as package data), a short alias, a local HF-format directory, or a hub id that is
+in the Hugging Face cache (or downloadable, when the machine is online).
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
+import sys
 from pathlib import Path
 
-from ..errors import ModelNotFoundError, UnsupportedModelError
+from ..errors import CorruptModelError, ModelNotFoundError, UnsupportedModelError
 from .base import ModelAdapter, PartSpec, TensorSpec
 from .llava import LlavaAdapter
 from .llava_next import LlavaNextAdapter
 
 ADAPTERS: tuple[type[ModelAdapter], ...] = (LlavaAdapter, LlavaNextAdapter)
 
+#: trained checkpoints installed with the package (tops_edge/assets/NAME, HF format, with a SHA256SUMS)
+CHECKPOINTS = ("shapes-llava",)
+
 
 def builtin_models() -> list[str]:
-    return [name for a in ADAPTERS for name in a.tiny_names]
+    return [*CHECKPOINTS, *(name for a in ADAPTERS for name in a.tiny_names)]
+
+
+def checkpoint_dir(name: str) -> Path:
+    """The folder of a shipped checkpoint (tops_edge/assets/NAME), its files checked."""
+    from importlib.resources import files
+
+    return verify_checkpoint(Path(str(files("tops_edge") / "assets" / name)), name)
+
+
+def verify_checkpoint(path: Path, name: str) -> Path:
+    """PATH, after checking every file its SHA256SUMS names; a mismatch is a CorruptModelError."""
+    sums = path / "SHA256SUMS"
+    if not sums.is_file():
+        raise CorruptModelError(f"built-in model '{name}' is missing from this installation ({path}): reinstall tops-edge")
+    for line in sums.read_text().splitlines():
+        digest, filename = line.split()
+        file = path / filename
+        actual = hashlib.sha256(file.read_bytes()).hexdigest() if file.is_file() else None
+        if actual != digest:
+            found = "the file is missing" if actual is None else f"found {actual[:12]}..."
+            raise CorruptModelError(f"built-in model '{name}': {filename} does not match its sha256 in {sums} "
+                                    f"({found}): reinstall tops-edge")
+    return path
 
 
 def aliases() -> dict[str, str]:
@@ -38,6 +67,8 @@ def load(spec: str, seed: int = 0) -> ModelAdapter:
     for adapter in ADAPTERS:
         if spec in adapter.tiny_names:
             return adapter.build_tiny(spec, seed=seed)
+    if spec in CHECKPOINTS:
+        return _load_local(checkpoint_dir(spec), source=spec)
     hub_id = aliases().get(spec.lower(), spec)
     path = Path(spec).expanduser()
     if path.is_dir():
@@ -64,13 +95,27 @@ def _snapshot(hub_id: str) -> Path:
     offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() not in ("0", "false", "")
     if not offline:
         try:
+            size = download_size(hub_id)
+            print(f"tops-edge: downloading {hub_id}{f' ({size})' if size else ''} into the Hugging Face cache",
+                  file=sys.stderr, flush=True)
             return Path(snapshot_download(hub_id, allow_patterns=patterns))
         except Exception:
             pass
+    size = download_size(hub_id)
     raise ModelNotFoundError(
         f"model '{hub_id}' is not in the Hugging Face cache and could not be downloaded; on a machine with "
-        f"network run `hf download {hub_id}` (or pass a local directory with its config, weights and processor)"
+        f"network run `hf download {hub_id}`{f' ({size})' if size else ''}, or pass a local directory with "
+        f"its config, weights and processor"
     )
+
+
+def download_size(hub_id: str) -> str | None:
+    """'about 14.1 GB (7.06B parameters in fp16)' for a checkpoint an adapter knows; else None."""
+    for adapter in ADAPTERS:
+        params = adapter.hub_params_b.get(hub_id)
+        if params is not None:
+            return f"about {params * 2:.1f} GB: {params:.2f}B parameters in fp16"
+    return None
 
 
 def _load_local(path: Path, source: str) -> ModelAdapter:
@@ -97,4 +142,4 @@ def _load_local(path: Path, source: str) -> ModelAdapter:
     return adapter_cls(model, processor, source=source)
 
 
-__all__ = ["ADAPTERS", "ModelAdapter", "PartSpec", "TensorSpec", "load", "builtin_models", "aliases"]
+__all__ = ["ADAPTERS", "ModelAdapter", "PartSpec", "TensorSpec", "load", "builtin_models", "aliases", "CHECKPOINTS", "checkpoint_dir"]

@@ -1,7 +1,7 @@
 """A model's architecture without its weights: what the memory planner needs for a dry run.
 
 `load_architecture(MODEL)` builds the HF model on the meta device (no memory, no weights) from:
-  - a built-in tiny model: the real one (it is built in code anyway);
+  - a built-in model: the real one (built in code, or a few MB of package data);
   - a known hub id or alias: the config numbers below, copied from the llava-hf `config.json`
     files (the fields the parts depend on), so `--dry-run` works on a machine without the model;
   - a local HF directory, or a hub id in the Hugging Face cache: its `config.json`.
@@ -60,9 +60,9 @@ def load_architecture(spec: str):
     import torch
     from transformers import AutoConfig
 
-    from . import ADAPTERS, adapter_for_model_type, aliases, load
+    from . import adapter_for_model_type, aliases, builtin_models, load
 
-    if any(spec in a.tiny_names for a in ADAPTERS):
+    if spec in builtin_models():  # small enough to load for real
         return load(spec)
     hub_id = aliases().get(spec.lower(), spec)
     path = Path(spec).expanduser()

@@ -239,6 +239,8 @@ class ModelAdapter(ABC):
     model_types: tuple[str, ...] = ()
     #: substrings of the short aliases this family answers to, mapped to hub ids
     aliases: dict[str, str] = {}
+    #: hub id -> billions of parameters of that published checkpoint (the size a first download says)
+    hub_params_b: dict[str, float] = {}
 
     def __init__(self, model: nn.Module, processor, source: str):
         self.model = model.eval()

@@ -84,6 +84,8 @@ class LlavaAdapter(ModelAdapter):
         "llava-1.5-7b": "llava-hf/llava-1.5-7b-hf",
         "llava-1.5-13b": "llava-hf/llava-1.5-13b-hf",
     }
+    #: billions of parameters of the published checkpoints (stored in fp16): what a download costs
+    hub_params_b = {"llava-hf/llava-1.5-7b-hf": 7.06, "llava-hf/llava-1.5-13b-hf": 13.35}
     tiny_names = ("tiny-llava", "tiny-llava-medium")
     #: the vision graph's batch dimension: images here, crops of one image for anyres
     crops_dim = "num_images"

@@ -27,6 +27,8 @@ class LlavaNextAdapter(LlavaAdapter):
         "llava-v1.6-vicuna-13b": "llava-hf/llava-v1.6-vicuna-13b-hf",
         "llava-v1.6-mistral-7b": "llava-hf/llava-v1.6-mistral-7b-hf",
     }
+    hub_params_b = {"llava-hf/llava-v1.6-vicuna-7b-hf": 7.06, "llava-hf/llava-v1.6-vicuna-13b-hf": 13.35,
+                    "llava-hf/llava-v1.6-mistral-7b-hf": 7.57}
     tiny_names = ("tiny-llava-next",)
     crops_dim = "num_crops"
 

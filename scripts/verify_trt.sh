@@ -90,9 +90,9 @@ for keep in (1, 64, 576):
     with OnnxrtRunner(SessionFromOnnx(f"{out}/ort/selector.onnx")) as ort, TrtRunner(EngineFromBytes(BytesFromPath(f"{out}/trt/{engine}"))) as trt:
         a, b = ort.infer(feeds), trt.infer(feeds)
         same = (np.array_equal(a["kept_indices"], b["kept_indices"]) and np.allclose(a["selected_features"], b["selected_features"])
-                and np.array_equal(a["kept_sizes"], b["kept_sizes"])
+                and np.array_equal(a["kept_sizes"], b["kept_sizes"]) and np.array_equal(a["token_groups"], b["token_groups"])
                 and np.allclose(a["merged_features"], b["merged_features"], atol=1e-4, rtol=1e-4))
-        print(f"K={keep}: kept indices, sizes and merged features equal: {same}")
+        print(f"K={keep}: kept indices, sizes, groups and merged features equal: {same}")
         ok &= same
 sys.exit(0 if ok else 1)
 PY

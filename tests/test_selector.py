@@ -375,9 +375,10 @@ def test_merge_dropped_groups_every_token_with_its_most_similar_kept_one():
 
 @pytest.mark.parametrize("method", ["tops", "cdpruner", "divprune", "attention", "uniform", "random"])
 def test_every_selector_graph_merges_as_the_numpy_reference(method):
-    """The merge tail of each exported selector graph (merged_features, kept_sizes) equals
-    merge_dropped on the graph's own selection, at several budgets, duplicate tokens included."""
-    from tops_edge.selector.merge import merge_dropped
+    """The merge tail of each exported selector graph (merged_features, kept_sizes, token_groups)
+    equals merge_dropped / merge_groups on the graph's own selection, at several budgets, duplicate
+    tokens included."""
+    from tops_edge.selector.merge import merge_dropped, merge_groups
 
     rng = np.random.default_rng(7)
     x = {"image_features": rng.standard_normal((1, 64, 16), dtype=np.float32),
@@ -390,9 +391,11 @@ def test_every_selector_graph_merges_as_the_numpy_reference(method):
     gh, gw = grid_for(64)
     for keep in (1, 7, 32, 64):
         feeds = dict(x, keep=np.array(keep, dtype=np.int64), grid_h=np.array(gh), grid_w=np.array(gw))
-        kept, merged, sizes = sess.run(["kept_indices", "merged_features", "kept_sizes"],
-                                       {i.name: feeds[i.name] for i in sess.get_inputs()})
+        kept, merged, sizes, groups = sess.run(["kept_indices", "merged_features", "kept_sizes", "token_groups"],
+                                               {i.name: feeds[i.name] for i in sess.get_inputs()})
         ref_merged, ref_sizes = merge_dropped(x["image_features"][0], kept[0])
         assert sizes.dtype == np.int64 and sizes.sum() == 64
         np.testing.assert_array_equal(sizes[0], ref_sizes)
+        np.testing.assert_array_equal(groups[0], merge_groups(x["image_features"][0], kept[0]))
+        np.testing.assert_array_equal(np.bincount(groups[0], minlength=keep), sizes[0])
         np.testing.assert_allclose(merged[0], ref_merged, rtol=1e-5, atol=1e-5)

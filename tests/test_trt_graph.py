@@ -44,7 +44,8 @@ def test_trt_selector_graph_has_the_plugin_node_and_its_attributes(trt_export):
     assert {"tops": 1}.items() <= {o.domain: o.version for o in model.opset_import}.items()
     assert [i.name for i in model.graph.input] == ["image_features", "keep", "instruction_embeds", "instruction_mask",
                                                    "vision_features", "grid_h", "grid_w"]
-    assert [o.name for o in model.graph.output] == ["kept_indices", "selected_features", "merged_features", "kept_sizes"]
+    assert [o.name for o in model.graph.output] == ["kept_indices", "selected_features", "merged_features", "kept_sizes",
+                                                    "token_groups"]
     manifest = json.loads((trt_export / "manifest.json").read_text())
     assert manifest["target"] == "trt" and manifest["footprint"]["tokens_per_image"] == 576
 

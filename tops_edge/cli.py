@@ -155,6 +155,10 @@ def run_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", default="ort", choices=BACKENDS, help="inference backend (default: ort)")
     p.add_argument("--json", action="store_true", help="print one JSON object: text, token_ids, kept_indices, timings_ms, "
                                                       "kv_cache_bytes, num_visual_tokens, keep, kept_sizes")
+    p.add_argument("--show-kept", default=None, metavar="PNG",
+                   help="write the image as the model saw it with the kept patches outlined (merged groups tinted "
+                        "by their kept token's colour)")
+    p.add_argument("--quiet", action="store_true", help="print the answer only (no statistics line on stderr)")
     return p
 
 
@@ -162,6 +166,10 @@ def _run(argv) -> int:
     args = run_parser().parse_args(argv)
     from .runtime import Pipeline
 
+    if args.show_kept is not None:  # fail before the model runs, not after
+        from .bench.report import check_writable
+
+        check_writable(args.show_kept)
     pipe = Pipeline.load(args.dir, backend=args.backend)
     if args.merge is not None:
         pipe.merge = args.merge
@@ -171,15 +179,23 @@ def _run(argv) -> int:
         top_p=args.top_p, seed=args.seed, raw_prompt=args.raw_prompt, ignore_eos=args.ignore_eos,
     )
     if args.json:
-        result = pipe.generate(args.image, args.prompt, **options)
-        print(json.dumps(result.to_json()))
+        r = pipe.generate(args.image, args.prompt, **options)
+        print(json.dumps(r.to_json()))
+    else:
+        stream = pipe.stream(args.image, args.prompt, **options)
+        for chunk in stream:
+            sys.stdout.write(chunk.text)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+        r = stream.result
+    if args.show_kept is not None:
+        from .runtime.kept_view import Stage, show_kept
+
+        show_kept(pipe, args.image, [Stage.of(r)], args.show_kept, title=f"{args.prompt!r} -> {r.text.strip()!r}")
+        if not args.quiet:
+            print(f"wrote {args.show_kept}", file=sys.stderr)
+    if args.json or args.quiet:
         return 0
-    stream = pipe.stream(args.image, args.prompt, **options)
-    for chunk in stream:
-        sys.stdout.write(chunk.text)
-        sys.stdout.flush()
-    sys.stdout.write("\n")
-    r = stream.result
     t = r.timings_ms
     tps = 1e3 / t["decode_per_token"] if t["decode_per_token"] else 0.0
     print(
@@ -289,6 +305,9 @@ def eval_parser() -> argparse.ArgumentParser:
     p.add_argument("--budget", default=None, choices=BUDGETS, help="LLaVA-NeXT: how K is split over the crops (default: the export's)")
     p.add_argument("--json", default=None, metavar="FILE", help="write the report (schema: tops_edge/eval/report.py)")
     p.add_argument("--plot", default=None, metavar="FILE", help="write a PNG of relative accuracy against kept tokens")
+    p.add_argument("--gallery", default=None, metavar="DIR",
+                   help="write, for the first items, one PNG per item and budget with each selector's kept patches side by side")
+    p.add_argument("--gallery-items", type=int, default=4, metavar="N", help="items in the gallery (default: 4)")
     p.add_argument("--backend", default="ort", choices=BACKENDS, help="inference backend (default: ort)")
     p.add_argument("--quiet", action="store_true", help="no progress on stderr")
     return p
@@ -311,7 +330,7 @@ def _eval(argv) -> int:
         args.dir, task=args.task, keeps=parse_keeps(args.keep), selectors=split(args.selector), limit=args.limit,
         max_new_tokens=args.max_new_tokens, budget=args.budget, types=split(args.types), backend=args.backend,
         log=log, progress=not args.quiet and sys.stderr.isatty(), positions=args.positions,
-        split=args.split, merge=args.merge, skip=args.skip,
+        split=args.split, merge=args.merge, skip=args.skip, gallery=args.gallery, gallery_items=args.gallery_items,
     )
     print(format_table(report))
     for path, write in ((args.json, write_json), (args.plot, write_plot)):

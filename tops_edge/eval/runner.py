@@ -19,8 +19,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import InputError
+from ..errors import InputError, check_count
 from ..export.exporter import POSITIONS
+from ..runtime.kept_view import Stage
 from .tasks import Item, load_task, score
 
 SCHEMA = "tops-eval/1"
@@ -191,14 +192,16 @@ def parse_selector_spec(spec: str) -> tuple[str, dict]:
 def run_eval(directory, task: str = "shapesvqa", keeps=None, selectors=None, limit: int | None = None,
              max_new_tokens: int = 8, budget: str | None = None, types=None, backend: str = "ort",
              log=None, progress: bool = False, positions: str | None = None, split: str = "test",
-             pipeline=None, merge: str | None = None, skip: int = 0) -> dict:
+             pipeline=None, merge: str | None = None, skip: int = 0, gallery=None, gallery_items: int = 4) -> dict:
     """Evaluate an export on `task` (`shapesvqa` or a JSONL path) for each selector and budget.
     `selectors` are names or specs with parameters (`tops:alpha=0`, see parse_selector_spec); each spec
     is a row of the report under its own text; `merge=none|mean` in a spec sets that row's token
     merging (e.g. `tops:merge=none`). `positions` overrides the export's position convention
     (`compact` or `original`) for this run, `merge` the export's token merging for rows that do not
-    set their own. `skip` drops the task's first items (then `limit` counts from there). Returns the
-    report (schema `tops-eval/1`, see report.py)."""
+    set their own. `skip` drops the task's first items (then `limit` counts from there). `gallery`, a
+    folder, receives one PNG per item and pruned budget for the first `gallery_items` items: each
+    selector's kept patches side by side (runtime/kept_view.py). Returns the report (schema
+    `tops-eval/1`, see report.py)."""
     from tqdm.auto import tqdm
 
     from .. import selector as selector_registry
@@ -231,6 +234,9 @@ def run_eval(directory, task: str = "shapesvqa", keeps=None, selectors=None, lim
         raise InputError("--keep needs at least one budget")
     for k in keeps:
         selector_registry.check_keep(k, pipe.max_selectable)
+    if gallery is not None:
+        gallery = _gallery_folder(gallery)
+        gallery_items = check_count("--gallery-items", gallery_items, 1)
     items = load_task(task, limit=limit, types=types, split=split, skip=skip)
     log(f"{len(items)} items, selectors {', '.join(selectors)}, keeps {', '.join(map(str, keeps))}")
     t0 = time.perf_counter()
@@ -242,16 +248,19 @@ def run_eval(directory, task: str = "shapesvqa", keeps=None, selectors=None, lim
     full_logprobs = None
     kls: dict = {}  # (method, keep): per-item KL(unpruned || pruned) of that token's distribution
     top1s: dict = {}  # (method, keep): per-item 1 where the most likely first token is the unpruned one
+    stages: dict = {}  # (item, keep): [(method, prediction, Stage)] for the gallery
 
     def answer_all(key, keep):
         nonlocal full_logprobs
         preds, logprobs = [], []
-        for item in items:
+        for i, item in enumerate(items):
             n = pipe.visual_tokens(item.image)[0] if pipe.layout.name != "single" else pipe.max_selectable
             k = n if keep is None else min(keep, n)  # None: every visual token
             r = pipe.generate(item.image, item.prompt, max_new_tokens=max_new_tokens, keep=k, budget=budget,
                               output_logits=True)
             preds.append(r.text.strip())
+            if gallery is not None and i < gallery_items and keep is not None:
+                stages.setdefault((i, keep), []).append((key[0], preds[-1], Stage.of(r, f"{key[0]}, K={k}")))
             logprobs.append(log_softmax(r.logits[0]).astype(np.float32))
             bar.update()
         answers[key] = preds
@@ -279,6 +288,9 @@ def run_eval(directory, task: str = "shapesvqa", keeps=None, selectors=None, lim
                 log(f"{method} K={keep}: {runs[(method, keep)].mean():.3f} (unpruned {full.mean():.3f})")
     finally:
         bar.close()
+    if gallery is not None:
+        written = _write_gallery(pipe, gallery, items, answers, stages)
+        log(f"wrote {written} pictures to {gallery}")
     categories = [item.category for item in items]
     summary = summarize(categories, full, runs)
     pruned = {(m, k): c for (m, k), c in runs.items() if k < full_keep}
@@ -305,6 +317,37 @@ def run_eval(directory, task: str = "shapesvqa", keeps=None, selectors=None, lim
             for i, item in enumerate(items[:20])
         ],
     }
+
+
+def _gallery_folder(path) -> Path:
+    """The gallery's folder, created if its parent exists; checked before the evaluation runs."""
+    from ..bench.report import check_writable
+
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise InputError(f"--gallery {path} is a file; pass a folder")
+    if not path.parent.is_dir():
+        raise InputError(f"--gallery {path}: the folder {path.parent} does not exist")
+    path.mkdir(exist_ok=True)
+    check_writable(path / "probe.png")
+    return path
+
+
+def _write_gallery(pipe, folder: Path, items, answers, stages) -> int:
+    """One PNG per (item, budget): every selector's kept patches side by side, under the question."""
+    from ..runtime.kept_view import panels, save_png, compose
+
+    unpruned = next(preds for key, preds in answers.items() if key[0] == "unpruned")
+    for (i, keep), runs in sorted(stages.items()):
+        item = items[i]
+        row = []
+        for method, pred, stage in runs:
+            verdict = "right" if score(item, pred) else "wrong"
+            row += [(f"{caption}: {pred!r} ({verdict})", panel) for caption, panel in panels(pipe, item.image, stage)
+                    if "merged groups" not in caption]
+        title = f"{item.question}  answer {item.answer[0]!r}, unpruned {unpruned[i]!r}"
+        save_png(compose([row], title), folder / f"item{i:03d}-k{keep}.png")
+    return len(stages)
 
 
 def _use(pipe, spec, merge: str):

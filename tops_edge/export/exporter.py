@@ -31,7 +31,7 @@ def selector_part(method: str, params: dict[str, Any], layout: dict[str, Any], h
                   target: str = "ort", merge_outputs: bool = True) -> PartSpec | None:
     """The selector graph for `method` from its registered ONNX form (with `target` trt, the plugin
     form for PLUGIN_METHODS); None for `none`. It also outputs the token merge of its selection
-    (`merged_features`, `kept_sizes`; selector/merge.py) unless `merge_outputs` is False (timing).
+    (`merged_features`, `kept_sizes`, `token_groups`; selector/merge.py) unless `merge_outputs` is False (timing).
 
     The graph selects within one segment: a whole image (`single` layout, N fixed) or one crop or the
     whole of an anyres image (N dynamic). Spatial methods get the segment's grid as inputs.
@@ -62,7 +62,8 @@ def selector_part(method: str, params: dict[str, Any], layout: dict[str, Any], h
     ]
     # every selector graph also merges (the runtime reads these with merge "mean"; selector/merge.py)
     merged = [TensorSpec("merged_features", "float32", ("num_images", "kept", hidden)),
-              TensorSpec("kept_sizes", "int64", ("num_images", "kept"))] if merge_outputs else []
+              TensorSpec("kept_sizes", "int64", ("num_images", "kept")),
+              TensorSpec("token_groups", "int64", ("num_images", n))] if merge_outputs else []
     tail = add_merge_outputs if merge_outputs else (lambda model: model)
     if target == "trt" and method in PLUGIN_METHODS:
         from ..plugins.onnx_form import plugin_model

@@ -42,6 +42,10 @@ class GenerationResult:
     keep: int = 0  # the budget K used (selectable tokens kept; NeXT's newlines come on top)
     #: per kept index, the visual tokens it stands for (merge "mean": its group's size; else all 1)
     kept_sizes: list[int] = field(default_factory=list)
+    #: per visual token of the image's sequence, the index into `kept_indices` of the kept token that
+    #: stands for it: itself when kept, its merged group's token with merge "mean", -1 when dropped
+    #: with merge "none". Not part of `to_json`; `tops-run --show-kept` draws it.
+    token_groups: list[int] = field(default_factory=list)
     #: with `output_logits=True`, per new token the raw logits [V] it was chosen from (float32, before
     #: temperature and top-p, as HF generate's `output_logits`); else None. Not part of `to_json`.
     logits: list[np.ndarray] | None = None
@@ -261,12 +265,14 @@ class Pipeline:
     def _select(self, vision: dict, token_map: TokenMap, instruction: np.ndarray | None, keep: int, budget: str):
         """Kept positions in the image's visual sequence (ascending; tokens that no selector sees,
         such as NeXT's newlines, always kept), the sequence's features [T, D] (with `merge = "mean"`
-        a kept token's row is its group's mean) and the kept tokens' group sizes [K'] (1 unmerged)."""
+        a kept token's row is its group's mean), the kept tokens' group sizes [K'] (1 unmerged) and
+        each sequence token's kept slot [T] (GenerationResult.token_groups)."""
         if self.merge not in MERGES:
             raise InputError(f"merge must be one of {', '.join(MERGES)}, got '{self.merge}'")
         features = token_map.gather(vision["image_features"], self.image_newline)
         if self.selector is None or keep >= token_map.selectable:
-            return np.arange(len(token_map)), features, np.ones(len(token_map), dtype=np.int64)
+            everything = np.arange(len(token_map))
+            return everything, features, np.ones(len(token_map), dtype=np.int64), everything
         gathered = {"image_features": features}
         for name in ("vision_features", "cls_attention"):
             if name in self.selector.input_names:
@@ -284,10 +290,12 @@ class Pipeline:
         shares = split_budget(keep, [len(m) for m in members])
         kept = [token_map.newlines]
         sizes = np.ones(len(token_map), dtype=np.int64)
+        owner = np.full(len(token_map), -1, dtype=np.int64)  # the sequence position each token's group is kept at
         merged_features = features.copy() if self.merge == "mean" else features
         for idx, share, grid in zip(members, shares, grids):
             if share >= len(idx):
                 kept.append(idx)
+                owner[idx] = idx
             elif share > 0:
                 feeds = dict(common, keep=np.array(share, dtype=np.int64),
                              grid_h=np.array(grid[0], dtype=np.int64), grid_w=np.array(grid[1], dtype=np.int64))
@@ -297,11 +305,16 @@ class Pipeline:
                 order = np.argsort(out["kept_indices"][0], kind="stable")  # ascending already, by contract
                 chosen = out["kept_indices"][0][order]
                 kept.append(idx[chosen])
+                owner[idx[chosen]] = idx[chosen]
                 if self.merge == "mean":  # the graph merged within the group the budget was split over
                     merged_features[idx[chosen]] = out["merged_features"][0][order]
                     sizes[idx[chosen]] = out["kept_sizes"][0][order]
+                    if "token_groups" in out:  # exports before it was an output draw no groups
+                        owner[idx] = idx[out["kept_indices"][0][out["token_groups"][0]]]
         kept = np.sort(np.concatenate(kept)).astype(np.int64)
-        return kept, merged_features, sizes[kept]
+        owner[token_map.newlines] = token_map.newlines
+        groups = np.where(owner >= 0, np.searchsorted(kept, owner), -1)
+        return kept, merged_features, sizes[kept], groups
 
     def _token_embedder(self):
         """The decode loop's embedding lookup: the embed graph run over fixed buffers (bound once),
@@ -346,7 +359,7 @@ class Pipeline:
 
         vision = self.vision.run({"pixel_values": pixels[: token_map.num_crops]})
         t = clock.add("vision", t)
-        kept, features, sizes = self._select(vision, token_map, instruction, keep, budget)
+        kept, features, sizes, groups = self._select(vision, token_map, instruction, keep, budget)
         visual = features[kept][None]
         t = clock.add("select", t)
 
@@ -394,6 +407,7 @@ class Pipeline:
             token_ids=token_ids,
             kept_indices=[int(i) for i in kept],
             kept_sizes=[int(n) for n in sizes],
+            token_groups=groups.tolist(),
             timings_ms={k: round(v, 3) for k, v in timings.items()},
             kv_cache_bytes=self.decoder.bytes_used,
             prompt_tokens=prompt_len,

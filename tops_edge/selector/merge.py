@@ -34,12 +34,7 @@ def merge_dropped(features: np.ndarray, kept: np.ndarray) -> tuple[np.ndarray, n
     features = np.asarray(features, dtype=np.float32)
     kept = np.asarray(kept, dtype=np.int64)
     n, k = len(features), len(kept)
-    if k == 0:
-        raise ValueError("merge_dropped needs at least one kept token")
-    inv_norm = 1.0 / np.maximum(np.linalg.norm(features, axis=1), 1e-12)
-    # cos(i, kept j) = <f_i, f_kj> / (|f_i| |f_kj|); the argmax over j needs only the kept norms
-    owner = np.argmax((features @ features[kept].T) * inv_norm[kept], axis=1)
-    owner[kept] = np.arange(k)
+    owner = merge_groups(features, kept)
     sizes = np.bincount(owner, minlength=k)
     assign = np.zeros((k, n), dtype=np.float32)  # one-hot groups: the sums are one matmul
     assign[owner, np.arange(n)] = 1.0
@@ -48,9 +43,24 @@ def merge_dropped(features: np.ndarray, kept: np.ndarray) -> tuple[np.ndarray, n
 
 
 
+def merge_groups(features: np.ndarray, kept: np.ndarray) -> np.ndarray:
+    """features [N, D], kept [K] ascending -> owner [N] int64: for each token, the slot (0..K-1) of
+    the kept token whose group it joins (`merge_dropped`'s rule; a kept token owns itself)."""
+    features = np.asarray(features, dtype=np.float32)
+    kept = np.asarray(kept, dtype=np.int64)
+    if len(kept) == 0:
+        raise ValueError("merge_dropped needs at least one kept token")
+    inv_norm = 1.0 / np.maximum(np.linalg.norm(features, axis=1), 1e-12)
+    # cos(i, kept j) = <f_i, f_kj> / (|f_i| |f_kj|); the argmax over j needs only the kept norms
+    owner = np.argmax((features @ features[kept].T) * inv_norm[kept], axis=1)
+    owner[kept] = np.arange(len(kept))
+    return owner.astype(np.int64)
+
+
 def add_merge_outputs(model):
-    """Append `merged_features [B,K,D]` and `kept_sizes [B,K]` (int64) to a selector graph: the same
-    rule as `merge_dropped`, in standard ONNX ops after whichever selection (TensorRT runs them too).
+    """Append `merged_features [B,K,D]`, `kept_sizes [B,K]` and `token_groups [B,N]` (both int64; the
+    latter is `merge_groups`: each token's kept slot, for pictures of the groups) to a selector graph:
+    the same rule as `merge_dropped`, in standard ONNX ops after whichever selection (TensorRT runs them too).
     Reads the graph's `image_features` input and its `kept_indices` / `selected_features` outputs;
     a kept token's group follows the first maximum of cos similarity, as numpy's argmax does."""
     import onnx
@@ -91,14 +101,17 @@ def add_merge_outputs(model):
         n("Unsqueeze", ["merge/sizes_f", "merge/axis_last"], ["merge/sizes_col"]),
         n("Div", ["merge/sums", "merge/sizes_col"], ["merged_features"]),
         n("Cast", ["merge/sizes_f"], ["kept_sizes"], to=TensorProto.INT64),
+        n("Identity", ["merge/owner"], ["token_groups"]),  # computed anyway: free to expose
     ]
     graph.node.extend(nodes)
     kept = graph.output[0].type.tensor_type.shape.dim[1]
     dims = lambda *ds: [d.dim_param or d.dim_value for d in ds]  # noqa: E731
     graph.output.append(helper.make_tensor_value_info("merged_features", TensorProto.FLOAT, dims(batch, kept, hidden)))
     graph.output.append(helper.make_tensor_value_info("kept_sizes", TensorProto.INT64, dims(batch, kept)))
+    tokens = feats.type.tensor_type.shape.dim[1]
+    graph.output.append(helper.make_tensor_value_info("token_groups", TensorProto.INT64, dims(batch, tokens)))
     onnx.checker.check_model(model)
     return model
 
 
-__all__ = ["MERGES", "add_merge_outputs", "merge_dropped"]
+__all__ = ["MERGES", "add_merge_outputs", "merge_dropped", "merge_groups"]

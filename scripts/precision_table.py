@@ -1,4 +1,4 @@
-"""The README's precision table: fp32 / fp16 / int8 / int8-wo exports of one model, compared with fp32.
+"""The precision table of docs/precision.md: fp32 / fp16 / int8 / int8-wo exports of one model, compared with fp32.
 
 For each precision: the max |logit - fp32 logit| of the prefill over the prompts, greedy-token
 agreement with fp32 (the first generated token, and all of N_NEW tokens), the graph size (every
@@ -162,11 +162,11 @@ def main(argv=None) -> int:
     p.add_argument("--eval", action="store_true", help="add ShapesVQA accuracy deltas at K=576 and K=64")
     p.add_argument("--eval-items", type=int, default=300, help="ShapesVQA items for --eval (default 300)")
     p.add_argument("--eval-types", default=None,
-                   help="comma-separated ShapesVQA types for --eval (default: all; the README uses the ones the model learned)")
+                   help="comma-separated ShapesVQA types for --eval (default: all; docs/precision.md uses the ones the model learned)")
     p.add_argument("--json", default=None, help="also write the numbers here")
     args = p.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    # --eval switches selectors at run time; the tops export is also what the README's K=64 means
+    # --eval switches selectors at run time; the tops export is also what docs/precision.md's K=64 means
     dirs = export_all(args.model, Path(args.out), args.calib, selector="tops")
     rows = compare(dirs, args.prompts)
     types = [t for t in args.eval_types.split(",") if t] if args.eval_types else None

@@ -65,7 +65,7 @@ def export_parser() -> argparse.ArgumentParser:
     p.add_argument("--budget", default="proportional", choices=BUDGETS,
                    help="LLaVA-NeXT: split K over the base view and crops in proportion to their tokens, or select "
                         "globally over the whole image (default: proportional); row newlines are always kept")
-    tops = p.add_argument_group("selector parameters (defaults per method; see README)")
+    tops = p.add_argument_group("selector parameters (defaults per method; see docs/selectors.md)")
     tops.add_argument("--alpha", type=float, default=None, help="tops/cdpruner: weight of task relevance in the kernel (0 = off)")
     tops.add_argument("--beta", type=float, default=None, help="tops: weight of information coverage (0 = CDPruner's greedy)")
     tops.add_argument("--relevance-sign", type=float, default=None, choices=(1.0, -1.0), help="tops/cdpruner: sign of cos(token, instruction)")
@@ -228,7 +228,7 @@ def bench_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt-len", type=int, default=32, help="length of the question in text tokens, about (default: 32)")
     p.add_argument("--new-tokens", type=int, default=32, help="tokens to generate per run; EOS may end a run early (default: 32)")
     p.add_argument("--image", default=None, help="image file (default: a synthetic 336x336 scene)")
-    p.add_argument("--json", default=None, metavar="FILE", help="write the report as one JSON object (schema: README)")
+    p.add_argument("--json", default=None, metavar="FILE", help="write the report as one JSON object (schema: docs/benchmark.md)")
     p.add_argument("--csv", default=None, metavar="FILE", help="write one CSV row per budget")
     p.add_argument("--plot", default=None, metavar="FILE", help="write a PNG of TTFT and KV-cache bytes against kept tokens (needs matplotlib)")
     p.add_argument("--compare", default=None, choices=("hf",), help="also time HF transformers' generate on the source model (unpruned)")
@@ -285,7 +285,7 @@ def eval_parser() -> argparse.ArgumentParser:
                     "against kept tokens.",
     )
     p.add_argument("dir", help="a tops-export output directory")
-    p.add_argument("--task", default="shapesvqa", help="shapesvqa (built in, test split) or a JSONL file (see README)")
+    p.add_argument("--task", default="shapesvqa", help="shapesvqa (built in, test split) or a JSONL file (see docs/fidelity.md)")
     p.add_argument("--keep", default="192,128,64", help="comma-separated budgets (default: 192,128,64); unpruned always runs")
     p.add_argument("--selector", default=None,
                    help=f"comma-separated selectors, switched at run time without re-export (default: the export's); "

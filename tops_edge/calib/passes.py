@@ -1,7 +1,7 @@
 """The three graph passes: fp16, static INT8 (Q/DQ, calibrated) and weight-only INT8. Each reads
 one fp32 graph file and writes another; the exporter streams the result through `save_graph`.
 
-INT8 is ONNX Runtime's `quantize_static` in QDQ format (README "Precision" says why not ModelOpt):
+INT8 is ONNX Runtime's `quantize_static` in QDQ format (docs/precision.md says why not ModelOpt):
 symmetric int8 activations and weights, weights per output channel, MinMax ranges over the
 calibration set. Only the linear layers (MatMul/Gemm with a stored weight) are quantized, and their
 outputs are not: norms, softmax, residual and bias adds, rotary and attention's activation x

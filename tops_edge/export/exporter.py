@@ -24,7 +24,7 @@ PRECISIONS = EXPORT_PRECISIONS  # calib/__init__.py: what each part becomes at e
 POSITIONS = ("compact", "original")
 TARGETS = ("ort", "trt")
 PLUGIN_METHODS = ("tops", "cdpruner")  # --target trt: these run as the tops::Select TensorRT plugin
-DEFAULT_EXPORTER = "legacy"  # measured: see README "Exporter choice"
+DEFAULT_EXPORTER = "legacy"  # measured: see docs/design.md "Exporter choice"
 
 
 def selector_part(method: str, params: dict[str, Any], layout: dict[str, Any], hidden: int, vision_width: int,

@@ -15,7 +15,7 @@ Why: a pruned sequence changes the share of attention each kind of content gets,
 counts by area (the ShapesVQA model does) then miscounts. First probe (test split, K = 64, TOPS with
 spatial 1, 40-50 count questions a run): counting at 48% with selection alone, 72% with the log-size
 bias alone, 55% with averaging alone, at the unpruned level with both. The full table is in the
-README (Fidelity).
+docs/fidelity.md.
 `merge = "none"` keeps the selected tokens as they are (the selection-only baselines' setting).
 """
 

@@ -5,7 +5,7 @@ vision features before the projector (1024 wide on LLaVA-1.5 instead of 4096: 4x
 scripts/selector_cost.py). `cdpruner` keeps CDPruner's released semantics (relevance sign -1, found
 for CLIP features; no spatial factor). `tops` multiplies the similarity by a Gaussian of grid
 distance, sigma = spatial * sqrt(N/K) (dpp.spatial_factor), with spatial = 2 chosen on ShapesVQA's
-val split with the runtime's token merging on (README, "TOPS formulation": 1.5 to 3 is a plateau,
+val split with the runtime's token merging on (docs/selectors.md, "TOPS formulation": 1.5 to 3 is a plateau,
 1 and below lose tokens of small objects at K <= 64; without merging 1 was best); its alpha, beta
 and sign were left where they were: on that split they moved accuracy by less than the noise.
 """

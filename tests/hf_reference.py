@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from tops_edge.models.base import cache_argument
+
 
 def chat_text(processor, prompt: str) -> str:
     conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
@@ -102,8 +104,9 @@ def hf_greedy_with_bias(model, inputs_embeds: torch.Tensor, bias: torch.Tensor |
         causal = torch.triu(torch.full((length, length), torch.finfo(torch.float32).min), diagonal=1)
         mask = (causal + bias[None, :])[None, None]
     cache = DynamicCache()
+    with_cache = {cache_argument(model): cache}
     logits = model(inputs_embeds=inputs_embeds, attention_mask=mask, position_ids=positions[None],
-                   past_key_values=cache, use_cache=True).logits
+                   use_cache=True, **with_cache).logits
     keys_bias, next_pos = bias, int(positions[-1]) + 1
     out: list[int] = []
     for _ in range(max_new_tokens):
@@ -115,6 +118,6 @@ def hf_greedy_with_bias(model, inputs_embeds: torch.Tensor, bias: torch.Tensor |
         if keys_bias is not None:
             keys_bias = torch.cat([keys_bias, torch.zeros(1)])
         logits = model(inputs_embeds=emb, attention_mask=None if keys_bias is None else keys_bias[None, None, None, :],
-                       position_ids=torch.tensor([[next_pos]]), past_key_values=cache, use_cache=True).logits
+                       position_ids=torch.tensor([[next_pos]]), use_cache=True, **with_cache).logits
         next_pos += 1
     return out

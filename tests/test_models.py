@@ -85,3 +85,35 @@ def test_export_attention_equals_hf_eager_attention_with_grouped_heads():
     ours, _ = grouped_attention(module, q, k, v, mask, scaling=dim**-0.5)
     theirs, _ = eager_attention_forward(module, q, k, v, mask, scaling=dim**-0.5)
     torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
+
+
+def test_download_sizes_match_the_checkpoints_parameter_counts():
+    """The size a first download announces is the architecture's own parameter count in fp16."""
+    from tops_edge.models import download_size
+    from tops_edge.models.architecture import KNOWN_CONFIGS, load_architecture
+
+    for hub_id in KNOWN_CONFIGS:
+        params = sum(p.numel() for p in load_architecture(hub_id).model.parameters()) / 1e9
+        assert download_size(hub_id) == f"about {params * 2:.1f} GB: {params:.2f}B parameters in fp16"
+    assert download_size("someorg/unknown") is None
+
+
+def test_a_missing_known_checkpoint_says_how_big_the_download_is():
+    with pytest.raises(ModelNotFoundError) as err:
+        load("llava-v1.5-7b")
+    assert "`hf download llava-hf/llava-1.5-7b-hf` (about 14.1 GB: 7.06B parameters in fp16)" in str(err.value)
+
+
+def test_the_decoder_part_uses_transformers_current_cache_argument(tiny):
+    """transformers 5.24 renamed `past_key_values=` to `cache=` (the old name goes in 5.40): the
+    decoder part that is traced for export passes whichever the installed version takes, so running
+    it warns about neither."""
+    import warnings
+
+    import torch
+
+    decoder = next(p for p in tiny.parts() if p.name == "decoder")
+    with warnings.catch_warnings(record=True) as caught, torch.no_grad():
+        warnings.simplefilter("always")
+        decoder.module(*decoder.example_inputs())
+    assert not [w for w in caught if "past_key_values" in str(w.message)]

@@ -12,6 +12,7 @@ from hf_reference import (chat_text, hf_generate, hf_generate_from_embeds, hf_gr
                           hf_pruned_inputs_embeds)
 from tops_edge.export import export_model
 from tops_edge.models import load
+from tops_edge.models.base import cache_argument
 from tops_edge.models.tiny import build_tiny_llava
 from tops_edge.runtime import Pipeline
 
@@ -88,7 +89,7 @@ def test_decoder_logits_within_1e4_of_hf_at_prefill_and_decode(tiny, tiny_none_d
         feeds.update({f"past_key_values.{i // 2}.{('key', 'value')[i % 2]}": t for i, t in enumerate(past)})
         logits, *past = sess.run(None, feeds)
         with torch.no_grad():
-            ref = model(inputs_embeds=step_embeds, past_key_values=cache, use_cache=True,
+            ref = model(inputs_embeds=step_embeds, use_cache=True, **{cache_argument(model): cache},
                         position_ids=torch.arange(pos, pos + seq)[None]).logits[:, -1]
         worst = max(worst, float(np.abs(logits[:, 0] - ref.numpy()).max()))
         pos += seq

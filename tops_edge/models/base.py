@@ -56,6 +56,14 @@ def config_sha256(config) -> str:
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()
 
 
+def cache_argument(model: nn.Module) -> str:
+    """The keyword a HF model's forward takes its KV cache by: `cache` from transformers 5.24 on
+    (`past_key_values` is deprecated there and removed in 5.40), `past_key_values` before."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
 def kv_names(num_layers: int) -> tuple[list[str], list[str]]:
     """optimum's KV naming: past_key_values.{i}.key|value in, present.{i}.key|value out."""
     past = [f"past_key_values.{i}.{kind}" for i in range(num_layers) for kind in ("key", "value")]
@@ -220,8 +228,8 @@ class CausalDecoder(nn.Module):
                 inputs_embeds=inputs_embeds,
                 attention_mask=mask,
                 position_ids=position_ids,
-                past_key_values=cache,
                 use_cache=True,
+                **{cache_argument(self.language_model): cache},
             )
         finally:
             config._attn_implementation = before

@@ -163,3 +163,34 @@ def test_console_scripts_export_then_run_json(tmp_path):
     proc = subprocess.run([exe("tops-run"), str(out), "--image", str(EXAMPLE), "--prompt", "What shapes?", "--max-new-tokens", "4", "--json"],
                           check=True, env=env, capture_output=True, text=True)
     assert tuple(json.loads(proc.stdout)) == JSON_KEYS
+
+
+def test_every_command_takes_quiet():
+    from tops_edge import cli
+
+    for parser in (cli.export_parser, cli.run_parser, cli.bench_parser, cli.eval_parser, cli.build_parser):
+        p = parser()
+        assert "--quiet" in p._option_string_actions, p.prog
+
+
+def test_quiet_export_and_run_print_only_the_answer(tiny_uniform_dir, tmp_path, capsys):
+    """Off a terminal (as under CI) no progress bar is drawn; --quiet also drops the closing lines."""
+    assert export_main(["--model", "tiny-llava", "--out", str(tmp_path / "q"), "--quiet"]) == 0
+    assert capsys.readouterr().err == ""
+    assert export_main(["--model", "tiny-llava", "--out", str(tmp_path / "q")]) == 0
+    assert capsys.readouterr().err.splitlines() == [f"exported tiny-llava -> {tmp_path / 'q'}"]
+    assert run_main([str(tiny_uniform_dir), "--image", str(EXAMPLE), "--prompt", "Hi", "--max-new-tokens", "2",
+                     "--quiet"]) == 0
+    captured = capsys.readouterr()
+    assert captured.err == "" and len(captured.out.splitlines()) == 1
+
+
+def test_the_benchmark_ticks_its_progress_after_every_call_outside_the_timing():
+    from tops_edge.bench.stats import timed_calls
+
+    events = []
+    ticks = iter(range(100))
+    out = timed_calls(lambda: events.append("call"), warmup=1, runs=2, clock=lambda: next(ticks),
+                      done=lambda: events.append(("tick", next(ticks))))  # a tick that reads the clock
+    assert [e if e == "call" else e[0] for e in events] == ["call", "tick"] * 3
+    assert [ms for _, ms in out] == [1e3, 1e3]  # a timed span is one clock step: the tick's read is outside it

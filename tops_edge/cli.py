@@ -234,7 +234,7 @@ def bench_parser() -> argparse.ArgumentParser:
     p.add_argument("--compare", default=None, choices=("hf",), help="also time HF transformers' generate on the source model (unpruned)")
     p.add_argument("--budget", default=None, choices=BUDGETS, help="LLaVA-NeXT: how each K is split over the crops (default: the export's)")
     p.add_argument("--backend", default="ort", choices=BACKENDS, help="inference backend (default: ort)")
-    p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    p.add_argument("--quiet", action="store_true", help="no progress bar or progress lines on stderr")
     return p
 
 
@@ -253,7 +253,7 @@ def _bench(argv) -> int:
     report = run_benchmark(
         args.dir, keeps=keeps, runs=args.runs, warmup=args.warmup, prompt_len=args.prompt_len,
         new_tokens=args.new_tokens, image=args.image, compare=args.compare, backend=args.backend, log=log,
-        budget=args.budget,
+        budget=args.budget, progress=not args.quiet and sys.stderr.isatty(),
     )
     print(format_table(report))
     for path, write in ((args.json, write_json), (args.csv, write_csv), (args.plot, write_plot)):
@@ -357,6 +357,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", default="fp16", choices=BUILD_PRECISIONS, help="fp16, or int8 from the export's Q/DQ graphs (default: fp16)")
     p.add_argument("--timing-cache", default=None, metavar="FILE", help="TensorRT timing cache, read and updated (default: DIR/timing.cache)")
     p.add_argument("--dry-run", action="store_true", help="print the memory plan and the optimization profiles; build nothing")
+    p.add_argument("--quiet", action="store_true", help="no progress lines (one per engine) on stderr")
     return p
 
 
@@ -367,7 +368,7 @@ def _build(argv) -> int:
     if args.dry_run:
         print(describe_build(args.dir, args.device, args.precision))
         return 0
-    log = lambda msg: print(f"tops-build: {msg}", file=sys.stderr, flush=True)  # noqa: E731
+    log = (lambda msg: None) if args.quiet else (lambda msg: print(f"tops-build: {msg}", file=sys.stderr, flush=True))  # noqa: E731
     build_engines(args.dir, args.device, args.precision, timing_cache=args.timing_cache, log=log)
     return 0
 

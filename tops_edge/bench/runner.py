@@ -76,13 +76,14 @@ def synthetic_image(size: int = 336):
 
 def run_benchmark(directory, keeps=None, runs: int = 5, warmup: int = 1, prompt_len: int = 32,
                   new_tokens: int = 32, image=None, compare: str | None = None, backend: str = "ort",
-                  log=None, budget: str | None = None) -> BenchReport:
+                  log=None, budget: str | None = None, progress: bool = False) -> BenchReport:
     """Benchmark an export directory at each visual-token budget in `keeps` (default: N, then
     192/128/64 below N). Each budget runs `warmup` untimed and `runs` timed greedy generations of
     `new_tokens` tokens (EOS ignored, as HF's side uses min_new_tokens; the counts are reported) on the same
     image and prompt. `compare="hf"` also times the HF model the export came from (unpruned).
     `budget` splits each budget over a LLaVA-NeXT image's crops (default: the export's).
-    `log(str)` receives progress lines. Returns a BenchReport (see report.SCHEMA)."""
+    `log(str)` receives progress lines; `progress` shows a bar over all the runs (on a terminal).
+    Returns a BenchReport (see report.SCHEMA)."""
     from ..runtime import Pipeline
     from ..runtime.preprocess import load_image
 
@@ -117,24 +118,35 @@ def run_benchmark(directory, keeps=None, runs: int = 5, warmup: int = 1, prompt_
         budgets=[],
         hf=None,
     )
-    for keep in keeps:
-        log(f"keep {keep}/{n}: {warmup} warmup + {runs} timed runs")
-        call = functools.partial(pipe.generate, picture, prompt, max_new_tokens=new_tokens, keep=keep,
-                                 ignore_eos=True, budget=budget)
-        with PeakMemory() as mem:
-            samples = timed_calls(call, warmup, runs)
-        entry = {"keep": keep, **aggregate(samples), "peak_rss_bytes": mem.rss_bytes, "gpu_peak_bytes": mem.gpu_bytes,
-                 "hf_e2e_ratio": None}
-        report["budgets"].append(entry)
+    from tqdm.auto import tqdm
+
+    calls = (len(keeps) + (compare == "hf")) * (warmup + runs)
+    bar = tqdm(total=calls, desc="tops-bench", unit="run", disable=not progress, leave=False)
+    try:
+        for keep in keeps:
+            log(f"keep {keep}/{n}: {warmup} warmup + {runs} timed runs")
+            bar.set_postfix_str(f"K={keep}")
+            call = functools.partial(pipe.generate, picture, prompt, max_new_tokens=new_tokens, keep=keep,
+                                     ignore_eos=True, budget=budget)
+            with PeakMemory() as mem:
+                samples = timed_calls(call, warmup, runs, done=bar.update)
+            entry = {"keep": keep, **aggregate(samples), "peak_rss_bytes": mem.rss_bytes,
+                     "gpu_peak_bytes": mem.gpu_bytes, "hf_e2e_ratio": None}
+            report["budgets"].append(entry)
+        if compare == "hf":
+            bar.set_postfix_str("HF")
+            report["hf"] = hf_benchmark(pipe.manifest, picture, prompt, new_tokens, warmup, runs, log, bar.update)
+    finally:
+        bar.close()
     if compare == "hf":
-        report["hf"] = hf_benchmark(pipe.manifest, picture, prompt, new_tokens, warmup, runs, log)
         hf_median = report["hf"]["e2e_ms"]["median"]
         for entry in report["budgets"]:
             entry["hf_e2e_ratio"] = round(entry["e2e_ms"]["median"] / hf_median, 4) if hf_median > 0 else None
     return report
 
 
-def hf_benchmark(manifest: dict, image, prompt: str, new_tokens: int, warmup: int, runs: int, log) -> dict:
+def hf_benchmark(manifest: dict, image, prompt: str, new_tokens: int, warmup: int, runs: int, log,
+                 done=lambda: None) -> dict:
     """HF `LlavaForConditionalGeneration.generate` (eager attention, greedy, exactly `new_tokens` new
     tokens) on the same image and prompt; timed from the processor call to the last token."""
     import torch
@@ -170,7 +182,7 @@ def hf_benchmark(manifest: dict, image, prompt: str, new_tokens: int, warmup: in
 
     log(f"hf: {warmup} warmup + {runs} timed runs (unpruned)")
     with PeakMemory() as mem:
-        samples = timed_calls(call, warmup, runs, clock=time.perf_counter)
+        samples = timed_calls(call, warmup, runs, clock=time.perf_counter, done=done)
     return {
         "model_source": str(source),
         "config_matches_export": same_config,

@@ -35,15 +35,19 @@ def summary(values: Iterable[float]) -> dict[str, float]:
 
 
 def timed_calls(fn: Callable[[], object], warmup: int, runs: int,
-                clock: Callable[[], float] = time.perf_counter) -> list[tuple[object, float]]:
-    """Call `fn` `warmup` times untimed, then `runs` times; returns [(result, wall ms)] of the timed calls."""
+                clock: Callable[[], float] = time.perf_counter,
+                done: Callable[[], object] = lambda: None) -> list[tuple[object, float]]:
+    """Call `fn` `warmup` times untimed, then `runs` times; returns [(result, wall ms)] of the timed
+    calls. `done()` is called after each call, outside the timed span (a progress bar's tick)."""
     for _ in range(warmup):
         fn()
+        done()
     out = []
     for _ in range(runs):
         t0 = clock()
         result = fn()
         out.append((result, (clock() - t0) * 1e3))
+        done()
     return out
 
 

@@ -16,7 +16,7 @@ from tops_edge.export import export_model
 from tops_edge.plugins.onnx_form import plugin_nodes
 from tops_edge.plugins.reference import select_order
 from tops_edge.selector.dpp import dpp_select
-from tops_edge.selector.merge import merge_dropped
+from tops_edge.selector.merge import merge_dropped, merge_groups
 from cli_helpers import EXAMPLE, one_line_error
 
 try:
@@ -89,13 +89,14 @@ def test_trt_selector_graph_around_the_plugin_equals_the_reference(trt_export, o
     assert spatial > 0  # the export's default: the graph builds the spatial factor before the plugin
     t = {k: torch.from_numpy(v) for k, v in feeds.items() if k not in ("grid_h", "grid_w")}
     for keep in (1, 64, 576):
-        kept, selected, merged, sizes = run.run(None, dict(feeds, keep=np.array(keep, dtype=np.int64)))
+        kept, selected, merged, sizes, groups = run.run(None, dict(feeds, keep=np.array(keep, dtype=np.int64)))
         expected = dpp_select(t["image_features"], t["instruction_embeds"], t["instruction_mask"], keep, alpha=0.75,
                               beta=0.25, sign=1.0, vision_features=t["vision_features"], spatial=spatial, grid=(24, 24))
         assert np.array_equal(kept, expected.numpy())
         assert np.array_equal(selected, feeds["image_features"][:, kept[0]])
         ref_merged, ref_sizes = merge_dropped(feeds["image_features"][0], kept[0])  # the merge tail after the plugin
         assert np.array_equal(sizes[0], ref_sizes)
+        assert np.array_equal(groups[0], merge_groups(feeds["image_features"][0], kept[0]))
         np.testing.assert_allclose(merged[0], ref_merged, rtol=1e-5, atol=1e-5)
 
 

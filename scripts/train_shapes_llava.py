@@ -3,6 +3,8 @@
     python scripts/train_shapes_llava.py --out runs/shapes --vision-minutes 15 --lm-minutes 60
     python scripts/train_shapes_llava.py --out runs/shapes --resume runs/shapes/checkpoint.pt --lm-minutes 30
     python scripts/train_shapes_llava.py --smoke --out /tmp/smoke      # seconds: checks the machinery only
+    python scripts/train_shapes_llava.py --out runs/deep --init-from tops_edge/assets/shapes-llava --grow-layers 6 \
+        --tasks shapesvqa,shapesvqa-dense --lm-minutes 120   # a deeper Llama grown from a trained model
 
 The model is LLaVA-1.5 in miniature: a CLIP ViT at 336px/14 (576 visual tokens; 4 layers of width
 64, features from layer -2 as LLaVA does), LLaVA's 2-layer GELU projector, and a Llama (width 128)
@@ -17,21 +19,37 @@ LLaVA), then the projector and the Llama trained on multi-turn ShapesVQA convers
 the answers (each followed by </s>). An auxiliary per-patch loss keeps colour and shape linearly
 readable from the projected tokens.
 
-Progress goes to stderr and `log.jsonl`; `checkpoint.pt` lets a later run resume; each stage ends
-with a per-type validation accuracy. Training uses only the `train` split; `val` picks nothing but is
-reported; `tops-eval` measures `test`.
+`--tasks shapesvqa,shapesvqa-dense` mixes both tasks' train scenes (`--train-scenes` of each; the
+validation types of ShapesVQA-dense are logged as "dense/<type>"); the word-level vocabulary then
+covers both tasks' words.
+
+`--init-from DIR` starts from a trained HF-format model (e.g. the committed one) instead: its tower
+and feature layer are kept frozen and stage 1 is skipped; its projector (standardisation unfolded)
+and Llama go on to stage 2. `--grow-layers N` first inserts N Llama decoder layers, LLaMA-Pro style:
+each a copy of the layer before it with `o_proj` and `down_proj` zeroed, so it starts as the identity
+and the grown model computes what the original did. Words the tokenizer lacks (those of
+ShapesVQA-dense) are appended: old token ids keep their rows, new embedding and LM-head rows start at
+the mean of the old ones.
+
+Progress goes to stderr and `log.jsonl`; `checkpoint.pt` lets a later run resume (it keeps the
+model's config and vocabulary, so a grown model resumes as it is); each stage ends with a per-type
+validation accuracy. Training uses only the `train` split; `val` picks nothing but is reported;
+`tops-eval` measures `test`.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import os
 import re
 import sys
+import tempfile
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -39,11 +57,30 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tops_edge.eval import shapes  # noqa: E402
+from tops_edge.eval import shapes, shapes_dense  # noqa: E402
 from tops_edge.eval.tasks import SUFFIX  # noqa: E402
 
 SIDE, PATCH = 24, 14
 COLOURS, SHAPE_NAMES, SIZE_NAMES = list(shapes.COLOURS), list(shapes.SHAPES), list(shapes.SIZES)
+#: the tasks a run can train on: their scene generators, and the prefix of their types in the logs
+TASKS = {"shapesvqa": (shapes, ""), "shapesvqa-dense": (shapes_dense, "dense/")}
+DENSE_SIZE = "small"  # ShapesVQA-dense objects (half-widths 12-22) are at most ShapesVQA's small (22)
+
+
+class Turn(NamedTuple):
+    """One question of a training conversation; `qtype` carries its task's log prefix."""
+    qtype: str
+    question: str
+    answer: str
+
+
+def parse_tasks(text: str) -> tuple[str, ...]:
+    tasks = tuple(t.strip() for t in text.split(",") if t.strip())
+    unknown = [t for t in tasks if t not in TASKS]
+    if unknown or not tasks:
+        raise SystemExit(f"train_shapes_llava: --tasks takes a comma-separated list of {', '.join(TASKS)}, "
+                         f"got '{text}'")
+    return tuple(dict.fromkeys(tasks))
 
 
 # --- data -------------------------------------------------------------------------------------
@@ -56,23 +93,28 @@ def patch_labels(scene) -> dict[str, np.ndarray]:
     offset = np.zeros((SIDE * SIDE, 2), np.float32)
     centres = (np.arange(SIDE) + 0.5) * PATCH
     cy, cx = np.meshgrid(centres, centres, indexing="ij")
+    dense = isinstance(scene, shapes_dense.Scene)
     for o in scene.objects:
-        pixels = np.asarray(shapes.render([o]))
+        pixels = np.asarray((shapes_dense if dense else shapes).render([o]))
         cover = np.any(pixels != np.array(shapes.BACKGROUND), -1).reshape(SIDE, PATCH, SIDE, PATCH).mean((1, 3))
         mask = (cover > 0.3).reshape(-1)
         colour[mask] = 1 + COLOURS.index(o.colour)
         shape[mask] = 1 + SHAPE_NAMES.index(o.shape)
-        size[mask] = 1 + SIZE_NAMES.index(o.size)
+        size[mask] = 1 + SIZE_NAMES.index(DENSE_SIZE if dense else o.size)
         offset[mask, 0] = ((o.x - cx) / PATCH).reshape(-1)[mask]
         offset[mask, 1] = ((o.y - cy) / PATCH).reshape(-1)[mask]
     return {"colour": colour, "shape": shape, "size": size, "offset": offset}
 
 
 class SceneBank:
-    """Scenes of one split rendered once: pixel values (CLIP-normalised, fp16) and patch labels."""
+    """Scenes of one split rendered once: pixel values (CLIP-normalised, fp16) and patch labels;
+    `count` scenes of each of `tasks`, one after the other."""
 
-    def __init__(self, processor, split: str, count: int, log):
-        self.split, self.scenes = split, [shapes.scene(split, i) for i in range(count)]
+    def __init__(self, processor, split: str, count: int, log, tasks=("shapesvqa",)):
+        self.split = split
+        made = [(TASKS[t][1], TASKS[t][0].scene(split, i)) for t in tasks for i in range(count)]
+        self.scenes = [s for _, s in made]
+        count = len(self.scenes)
         t = time.time()
         chunks = []  # in chunks: the processor's fp32 output for 6000 scenes alone would be 8 GB
         for start in range(0, count, 256):
@@ -82,15 +124,16 @@ class SceneBank:
         self.pixels = torch.cat(chunks)
         labels = [patch_labels(s) for s in self.scenes]
         self.labels = {k: torch.from_numpy(np.stack([lab[k] for lab in labels])) for k in labels[0]}
-        self.questions = [s.questions() for s in self.scenes]
-        log(f"{split}: {count} scenes rendered and labelled in {time.time() - t:.0f}s")
+        self.questions = [[Turn(prefix + q.qtype, q.question, q.answer) for q in s.questions()] for prefix, s in made]
+        log(f"{split}: {count} scenes ({', '.join(tasks)}) rendered and labelled in {time.time() - t:.0f}s")
 
     def __len__(self):
         return len(self.scenes)
 
 
-def vocabulary() -> list[str]:
-    """Every word the chat template, the answer-format suffixes and ShapesVQA can produce."""
+def vocabulary(tasks=("shapesvqa",)) -> list[str]:
+    """Every word the chat template, the answer-format suffixes and the tasks' questions and answers
+    can produce (ShapesVQA's are always in)."""
     words = {"user", "assistant", ":", "?", ".", ",", "'"}
     for text in SUFFIX.values():
         words |= set(re.findall(r"\w+|[^\w\s]", text.lower()))
@@ -98,18 +141,48 @@ def vocabulary() -> list[str]:
                  "how many objects are there", "is the {c} {s} left of the {c} {s}"]
     for t in templates:
         words |= set(re.findall(r"\w+", t.format(c="x", s="y"))) - {"x", "y"}
+    if "shapesvqa-dense" in tasks:
+        for t in shapes_dense.TEMPLATES.values():
+            text = t.lower().format(colour="x", shape="y", a="x y", b="x y")
+            words |= set(re.findall(r"\w+|[^\w\s]", text)) - {"x", "y"}
     words |= set(COLOURS) | set(SHAPE_NAMES) | set(shapes.NUMBERS) | {"yes", "no"}
     return sorted(words)
 
 
+def word_tokenizer(tokens: list[str]):
+    """The word-level tokenizer of `build_word_tokenizer` with the ids in the order of `tokens` (the
+    specials first): a vocabulary grown from a checkpoint's keeps its old ids and appends the rest."""
+    from transformers import AutoTokenizer
+
+    from tops_edge.models.tiny import SPECIAL_TOKENS, build_word_tokenizer
+
+    assert list(tokens[:len(SPECIAL_TOKENS)]) == SPECIAL_TOKENS, "the special tokens come first"
+    tok = build_word_tokenizer(tokens[len(SPECIAL_TOKENS):], model_max_length=1024)
+    if tok.convert_ids_to_tokens(list(range(len(tok)))) == list(tokens):
+        return tok
+    with tempfile.TemporaryDirectory() as tmp:  # the same tokenizer, its word -> id table reordered
+        tok.save_pretrained(tmp)
+        spec = json.loads((Path(tmp) / "tokenizer.json").read_text())
+        spec["model"]["vocab"] = {t: i for i, t in enumerate(tokens)}
+        (Path(tmp) / "tokenizer.json").write_text(json.dumps(spec))
+        tok = AutoTokenizer.from_pretrained(tmp)
+    assert tok.convert_ids_to_tokens(list(range(len(tok)))) == list(tokens)
+    return tok
+
+
+def grown_vocabulary(old: list[str], tasks) -> list[str]:
+    """`old` (in id order) with the words of `tasks` it lacks appended, sorted."""
+    return list(old) + sorted(set(vocabulary(tasks)) - set(old))
+
+
 # --- models -----------------------------------------------------------------------------------
-def build_model(seed: int, vision_layers: int, text_layers: int, text_width: int, heads: int):
+def build_model(seed: int, vision_layers: int, text_layers: int, text_width: int, heads: int, tasks=("shapesvqa",)):
     """(LlavaForConditionalGeneration, processor) with random weights: the architecture to train."""
-    from transformers import GenerationConfig, LlavaForConditionalGeneration
+    from transformers import LlavaForConditionalGeneration
 
-    from tops_edge.models.tiny import IMAGE_TOKEN, build_processor, build_word_tokenizer, tiny_llava_config
+    from tops_edge.models.tiny import IMAGE_TOKEN, build_word_tokenizer, tiny_llava_config
 
-    tokenizer = build_word_tokenizer(vocabulary(), model_max_length=1024)
+    tokenizer = build_word_tokenizer(vocabulary(tasks), model_max_length=1024)
     config = tiny_llava_config(
         tokenizer,
         vision=dict(hidden_size=64, intermediate_size=256, num_hidden_layers=vision_layers, num_attention_heads=4),
@@ -120,11 +193,121 @@ def build_model(seed: int, vision_layers: int, text_layers: int, text_width: int
     config.image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
     torch.manual_seed(seed)
     model = LlavaForConditionalGeneration(config)
+    return _finish(model, tokenizer)
+
+
+def _finish(model, tokenizer):
+    """(model, processor): the generation config and LLaVA-1.5's processor around `tokenizer`."""
+    from transformers import GenerationConfig
+
+    from tops_edge.models.tiny import build_processor
+
     model.generation_config = GenerationConfig(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                                                pad_token_id=tokenizer.pad_token_id)
-    vc = config.vision_config
-    processor = build_processor(tokenizer, vc.image_size, vc.patch_size, config.vision_feature_select_strategy)
+    vc = model.config.vision_config
+    processor = build_processor(tokenizer, vc.image_size, vc.patch_size, model.config.vision_feature_select_strategy)
     return model, processor
+
+
+def model_from(config: dict, tokens: list[str], seed: int):
+    """(model, processor) of a saved architecture: a LlavaConfig dict and the vocabulary in id order
+    (random weights drawn as build_model draws them)."""
+    from transformers import LlavaConfig, LlavaForConditionalGeneration
+
+    torch.manual_seed(seed)
+    return _finish(LlavaForConditionalGeneration(LlavaConfig.from_dict(config)), word_tokenizer(tokens))
+
+
+def tokens_of(tokenizer) -> list[str]:
+    return tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
+
+
+def layer_sources(old_layers: int, new_layers: int) -> list[tuple[int, bool]]:
+    """For each layer of the grown Llama, (the old layer it is, or copies, whether it is new): the
+    new layers spread evenly, each after the old layer it copies (the later old layers take the
+    remainder), e.g. 2 + 6 -> old 0, 3 new, old 1, 3 new."""
+    out = []
+    for i in range(old_layers):
+        out.append((i, False))
+        out += [(i, True)] * (new_layers // old_layers + (i >= old_layers - new_layers % old_layers))
+    return out
+
+
+@torch.no_grad()
+def grow(model, new_layers: int, vocab_size: int):
+    """A copy of `model` with `new_layers` more Llama decoder layers that start as the identity (a
+    copy of the layer before, `o_proj` and `down_proj` zero: the residual stream passes unchanged)
+    and `vocab_size` token rows (the old ids keep theirs; new embedding and LM-head rows are the mean
+    of the old). On the old tokens its logits equal the original's."""
+    from transformers import LlavaForConditionalGeneration
+
+    config = copy.deepcopy(model.config)
+    old_layers, old_vocab = config.text_config.num_hidden_layers, config.text_config.vocab_size
+    assert new_layers >= 0 and vocab_size >= old_vocab
+    config.text_config.num_hidden_layers = old_layers + new_layers
+    config.text_config.vocab_size = vocab_size
+    grown = LlavaForConditionalGeneration(config)
+    old = model.state_dict()
+    state = {}
+    prefix = "model.language_model.layers."
+    for name, value in grown.state_dict().items():
+        if name.startswith(prefix):
+            index, rest = name[len(prefix):].split(".", 1)
+            source, new = layer_sources(old_layers, new_layers)[int(index)]
+            value = old[f"{prefix}{source}.{rest}"].clone()
+            if new and rest in ("self_attn.o_proj.weight", "mlp.down_proj.weight", "self_attn.o_proj.bias",
+                                "mlp.down_proj.bias"):
+                value.zero_()
+        elif name in ("model.language_model.embed_tokens.weight", "lm_head.weight"):
+            rows = old[name]
+            value = torch.cat([rows, rows.mean(0, keepdim=True).expand(vocab_size - old_vocab, -1)])
+        else:
+            value = old[name].clone()
+        state[name] = value
+    grown.load_state_dict(state)
+    grown.generation_config = copy.deepcopy(model.generation_config)
+    return grown.train(model.training)
+
+
+def init_from(directory, tasks, new_layers: int, log, seed: int = 0):
+    """(model, processor, state) for a run that starts from the trained HF model in `directory`:
+    grown by `new_layers` layers and to the vocabulary of `tasks`, its stage-1 record kept."""
+    from transformers import AutoTokenizer, LlavaForConditionalGeneration
+
+    directory = Path(directory)
+    original = LlavaForConditionalGeneration.from_pretrained(directory, dtype=torch.float32).eval()
+    old_tokens = tokens_of(AutoTokenizer.from_pretrained(directory))
+    tokens = grown_vocabulary(old_tokens, tasks)
+    model = grow(original, new_layers, len(tokens))
+    model, processor = _finish(model, word_tokenizer(tokens))
+    info = json.loads((directory / "TRAINING.json").read_text()) if (directory / "TRAINING.json").is_file() else {}
+    layers = original.config.text_config.num_hidden_layers
+    parent = {"path": str(directory), "text_layers": layers, "grown_layers": new_layers,
+              "added_tokens": tokens[len(old_tokens):],
+              **{k: info[k] for k in ("vision_steps", "lm_steps", "history") if k in info}}
+    log(f"from {directory}: Llama {layers} -> {layers + new_layers} layers, vocabulary {len(old_tokens)} -> "
+        f"{len(tokens)} ({' '.join(parent['added_tokens']) or 'no new words'})")
+    # the proof that growing changed nothing: one scene's first-turn logits, before and after
+    ids = processor(images=shapes.scene("val", 0).image(), text=processor.apply_chat_template(
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What color is the circle?"}]}],
+        add_generation_prompt=True), return_tensors="pt")
+    with torch.no_grad():
+        before = original(**ids).logits
+        after = model(**ids).logits[..., :before.shape[-1]]
+    change = float((after - before).abs().max())
+    log(f"grown model at init: max |logit change| {change:.1e}", stage="init", logit_change=change)
+    state = {"vision_steps": info.get("vision_steps", 0), "parent": parent, "unfold_projector": True}
+    torch.manual_seed(seed)  # what is drawn next (the new dense heads) does not depend on the growing
+    return model, processor, state
+
+
+def unfold_standardisation(model, mean: torch.Tensor, std: torch.Tensor) -> None:
+    """The inverse of fold_standardisation: projector'(standardise(f)) == projector(f), for a saved
+    model (its scaling folded in) that goes on training on standardised features."""
+    first = model.model.multi_modal_projector.linear_1
+    with torch.no_grad():
+        first.bias += (first.weight * mean).sum(1)
+        first.weight.mul_(std)
 
 
 def tower_features(model, pixels: torch.Tensor) -> torch.Tensor:
@@ -289,6 +472,7 @@ def train_lm(model, processor, train: SceneBank, val: SceneBank, minutes: float,
     t0, step = time.time(), 0
     last_save = t0
     warmup = 50
+    t_report, train_seconds = t0, 0.0  # the seconds of the steps since the last report (evaluations excluded)
     while time.time() - t0 < minutes * 60 and not _reached(state.get("lm_steps", 0) + step, max_steps):
         for g in opt.param_groups:
             g["lr"] = lr * min(1.0, (state.get("lm_steps", 0) + step + 1) / warmup)
@@ -302,11 +486,14 @@ def train_lm(model, processor, train: SceneBank, val: SceneBank, minutes: float,
         nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         step += 1
+        train_seconds += time.time() - t_report
         if step % 25 == 0:
-            log(f"lm step {state.get('lm_steps', 0) + step} loss {loss.item():.3f}", stage="lm",
-                step=state.get("lm_steps", 0) + step, loss=loss.item())
+            log(f"lm step {state.get('lm_steps', 0) + step} loss {loss.item():.3f} ({train_seconds / 25:.2f} s/step)",
+                stage="lm", step=state.get("lm_steps", 0) + step, loss=loss.item(), step_seconds=train_seconds / 25)
+            train_seconds = 0.0
         if step % eval_every == 0:
             evaluate_lm(model, processor, val, feats_val, log, state.get("lm_steps", 0) + step)
+        t_report = time.time()
         if checkpoint is not None and time.time() - last_save > checkpoint_minutes * 60:
             state["lm_opt"] = opt.state_dict()
             checkpoint(extra_steps=step)
@@ -324,7 +511,7 @@ def evaluate_lm(model, processor, bank: SceneBank, feats, log, step: int) -> dic
     hits: dict[str, list[bool]] = {}
     for start in range(0, len(bank), 32):
         idx = np.arange(start, min(start + 32, len(bank)))
-        for j in range(len(shapes.QUESTION_TYPES)):
+        for j in range(max(len(q) for q in bank.questions)):
             sel = [i for i in idx if j < len(bank.questions[i])]
             if not sel:
                 continue
@@ -336,7 +523,8 @@ def evaluate_lm(model, processor, bank: SceneBank, feats, log, step: int) -> dic
             logits, ys, types = lm_forward(model, x, mask, where)
             for t, ok in zip(types, (logits.argmax(-1) == ys).tolist()):
                 hits.setdefault(t, []).append(ok)
-    acc = {t: round(float(np.mean(v)), 4) for t, v in hits.items()}
+    # ShapesVQA's types, then ShapesVQA-dense's ("dense/..."), each in the order asked
+    acc = {t: round(float(np.mean(hits[t])), 4) for t in sorted(hits, key=lambda t: t.startswith("dense/"))}
     log(f"lm val step {step}: " + " ".join(f"{t} {a:.3f}" for t, a in acc.items()), stage="lm", step=step, val=acc)
     return acc
 
@@ -398,8 +586,16 @@ def main(argv=None) -> int:
     p.add_argument("--vision-from", default=None, metavar="CKPT",
                    help="take only the stage-1 tower (and its feature scaling) from a checkpoint.pt, skip stage 1, and "
                         "train a new projector and Llama (e.g. another --text-layers)")
-    p.add_argument("--train-scenes", type=int, default=6000)
-    p.add_argument("--val-scenes", type=int, default=300)
+    p.add_argument("--init-from", default=None, metavar="DIR",
+                   help="start from a trained HF-format model (e.g. tops_edge/assets/shapes-llava): its tower frozen, "
+                        "stage 1 skipped, its projector and Llama trained on (--text-* are then ignored)")
+    p.add_argument("--grow-layers", type=int, default=0, metavar="N",
+                   help="with --init-from: insert N Llama decoder layers that start as the identity "
+                        "(2 + 6 -> 8 layers)")
+    p.add_argument("--tasks", default=None,
+                   help="comma-separated: shapesvqa, shapesvqa-dense (default: shapesvqa, or a resumed run's tasks)")
+    p.add_argument("--train-scenes", type=int, default=6000, help="train scenes of each task")
+    p.add_argument("--val-scenes", type=int, default=300, help="val scenes of each task")
     p.add_argument("--vision-minutes", type=float, default=15.0)
     p.add_argument("--lm-minutes", type=float, default=60.0)
     p.add_argument("--vision-steps", type=int, default=None,
@@ -410,6 +606,8 @@ def main(argv=None) -> int:
     p.add_argument("--lm-batch", type=int, default=16)
     p.add_argument("--vision-lr", type=float, default=2e-3)
     p.add_argument("--lm-lr", type=float, default=1e-3)
+    p.add_argument("--eval-every", type=int, default=200,
+                   help="stage-2 steps between validation passes (--smoke: 10); each pass runs every val scene's questions")
     p.add_argument("--turns", type=int, default=6, help="questions per image in one training conversation")
     p.add_argument("--aux-weight", type=float, default=0.1, help="weight of the per-patch loss on projected tokens")
     p.add_argument("--word-aux", type=float, default=0.5,
@@ -423,6 +621,16 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     import shlex
 
+    if args.init_from and (args.resume or args.vision_from):
+        p.error("--init-from starts a new run: it does not go with --resume or --vision-from")
+    if args.grow_layers and not args.init_from:
+        p.error("--grow-layers grows the model of --init-from")
+    if args.grow_layers < 0:
+        p.error("--grow-layers must be 0 or more")
+    if args.eval_every < 1:
+        p.error("--eval-every must be 1 or more")
+    if args.init_from and not (Path(args.init_from) / "config.json").is_file():
+        p.error(f"--init-from {args.init_from}: not an HF-format model directory (no config.json)")
     command = "python scripts/train_shapes_llava.py " + shlex.join(sys.argv[1:] if argv is None else argv)
     if args.smoke:
         args.train_scenes, args.val_scenes = 16, 8
@@ -440,10 +648,21 @@ def main(argv=None) -> int:
             logf.write(json.dumps({"time": time.time(), **fields}) + "\n")
             logf.flush()
 
-    model, processor = build_model(args.seed, 4, args.text_layers, args.text_width, args.heads)
+    ckpt = torch.load(args.resume, weights_only=False) if args.resume else None
+    tasks = parse_tasks(args.tasks) if args.tasks else tuple(ckpt["state"].get("tasks", ("shapesvqa",))) if ckpt \
+        else ("shapesvqa",)
     state: dict = {}
-    if args.resume:
-        ckpt = torch.load(args.resume, weights_only=False)
+    if ckpt is not None and "config" in ckpt["state"]:  # the checkpoint's own architecture and vocabulary
+        model, processor = model_from(ckpt["state"]["config"], ckpt["state"]["vocab"], args.seed)
+    elif args.init_from:
+        model, processor, state = init_from(args.init_from, tasks, args.grow_layers, log, args.seed)
+    else:
+        model, processor = build_model(args.seed, 4, args.text_layers, args.text_width, args.heads, tasks)
+    missing = sorted(set(vocabulary(tasks)) - set(tokens_of(processor.tokenizer)))
+    if missing:
+        raise SystemExit(f"train_shapes_llava: the model's vocabulary lacks words of {', '.join(tasks)} "
+                         f"({' '.join(missing)}); start from it with --init-from to extend it")
+    if ckpt is not None:
         model.load_state_dict(ckpt["model"])
         state = ckpt["state"]
         log(f"resumed from {args.resume}: {state.get('vision_steps', 0)} vision, {state.get('lm_steps', 0)} lm steps")
@@ -459,10 +678,13 @@ def main(argv=None) -> int:
         assert not [k for k in missing.missing_keys if k.startswith("model.vision_tower.")], "tower shapes differ"
         state = {k: ckpt["state"][k] for k in ("vision_steps", "vision_heads", "mean", "std") if k in ckpt["state"]}
         log(f"tower from {args.vision_from} ({state.get('vision_steps', 0)} vision steps); new projector and Llama")
-    train = SceneBank(processor, "train", args.train_scenes, log)
-    val = SceneBank(processor, "val", args.val_scenes, log)
+    state["tasks"] = list(tasks)
+    state["config"], state["vocab"] = model.config.to_dict(), tokens_of(processor.tokenizer)
+    train = SceneBank(processor, "train", args.train_scenes, log, tasks)
+    val = SceneBank(processor, "val", args.val_scenes, log, tasks)
 
-    if args.vision_minutes > 0 and not state.get("lm_steps") and not args.vision_from:
+    tower_given = args.vision_from or "parent" in state  # a tower trained elsewhere stays as it is
+    if args.vision_minutes > 0 and not state.get("lm_steps") and not tower_given:
         train_vision(model, train, val, args.vision_minutes, args.vision_batch, args.vision_lr, log, state,
                      max_steps=args.vision_steps)
     for prm in model.model.vision_tower.parameters():
@@ -470,6 +692,8 @@ def main(argv=None) -> int:
     model.model.vision_tower.eval()
     stats = (state["mean"], state["std"]) if "mean" in state else None  # a resumed run keeps its scaling
     state.update(standardise_and_cache(model, {"train": train, "val": val}, log, stats))
+    if state.pop("unfold_projector", False):  # an --init-from projector expects raw features: unfold once
+        unfold_standardisation(model, state["mean"], state["std"])
     train.pixels = val.pixels = None  # the frozen tower's features replace them: GBs freed
     def checkpoint(extra_steps: int = 0):
         """checkpoint.pt (to resume) and the HF model, both replaced atomically."""
@@ -485,7 +709,7 @@ def main(argv=None) -> int:
 
     if args.lm_minutes > 0:
         train_lm(model, processor, train, val, args.lm_minutes, args.lm_batch, args.lm_lr, args.turns,
-                 args.aux_weight, log, state, eval_every=10 if args.smoke else 200, word_aux=args.word_aux,
+                 args.aux_weight, log, state, eval_every=10 if args.smoke else args.eval_every, word_aux=args.word_aux,
                  checkpoint=checkpoint, max_steps=args.lm_steps)
     checkpoint()
     return 0
@@ -506,7 +730,8 @@ def save_hf(model, processor, state, directory: Path, args, command: str) -> Non
     processor.save_pretrained(stage)
     (stage / "TRAINING.json").write_text(json.dumps({
         "command": command, "vision_steps": state.get("vision_steps", 0), "lm_steps": state.get("lm_steps", 0),
-        "history": state.get("history", []), "args": vars(args),
+        "history": state.get("history", []), **{k: state[k] for k in ("tasks", "parent") if k in state},
+        "args": vars(args),
     }, indent=2) + "\n")
     old = directory.with_name(directory.name + ".old")
     shutil.rmtree(old, ignore_errors=True)

@@ -8,7 +8,10 @@ from pathlib import Path
 
 import torch
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "train_shapes_llava.py"
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "scripts" / "train_shapes_llava.py"
+#: the committed ShapesVQA checkpoint (the built-in `shapes-llava`)
+COMMITTED = ROOT / "tops_edge" / "assets" / "shapes-llava"
 
 
 def _script():
@@ -83,3 +86,161 @@ def test_combined_loss_adds_both_auxiliary_terms():
     assert torch.isclose(loss, ce[0])
     assert torch.isclose(total, ce[0] + 0.5 * ce[1:].mean() + 0.3)
     assert torch.isclose(train.combined_loss(logits, ys, types, 0.0, None, 0.0)[1], ce[0])
+
+
+# --- two tasks, and a deeper Llama grown from a trained model ----------------------------------
+def _first_turn_logits(model_dir, scene, question):
+    """The HF model in `model_dir` on one scene's first turn, as tops-eval asks it."""
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    from tops_edge.eval.tasks import SUFFIX
+
+    model = LlavaForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32).eval()
+    processor = AutoProcessor.from_pretrained(model_dir)
+    conv = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": f"{question}\n{SUFFIX['short']}"}]}]
+    inputs = processor(images=scene.image(), text=processor.apply_chat_template(conv, add_generation_prompt=True),
+                       return_tensors="pt")
+    with torch.no_grad():
+        return model(**inputs).logits, inputs["input_ids"], model.config
+
+
+def test_smoke_training_on_both_tasks_logs_each_tasks_types(tmp_path):
+    from tops_edge.eval import shapes, shapes_dense
+
+    train = _script()
+    assert train.main(["--smoke", "--out", str(tmp_path / "run"), "--threads", "1", "--lm-steps", "2",
+                       "--tasks", "shapesvqa,shapesvqa-dense"]) == 0
+    info = json.loads((tmp_path / "run" / "model" / "TRAINING.json").read_text())
+    assert info["tasks"] == ["shapesvqa", "shapesvqa-dense"] and info["lm_steps"] == 2
+    val = [json.loads(line)["val"] for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()
+           if json.loads(line).get("stage") == "lm" and "val" in json.loads(line)]
+    expected = set(shapes.QUESTION_TYPES) | {"dense/" + t for t in shapes_dense.QUESTION_TYPES}
+    assert val and set(val[-1]) <= expected and len(set(val[-1]) - set(shapes.QUESTION_TYPES)) >= 4
+    assert {t for t in val[-1] if not t.startswith("dense/")} >= set(shapes.QUESTION_TYPES) - {"colour_of_shape"}
+    # the saved tokenizer has every word of both tasks
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tmp_path / "run" / "model")
+    for _, q in shapes_dense.questions("val", 40):
+        assert tok.unk_token_id not in tok(q.question + " " + q.answer)["input_ids"], q
+
+
+def test_dense_patch_labels_mark_each_objects_patches():
+    from tops_edge.eval import shapes_dense
+
+    train = _script()
+    scene = shapes_dense.scene("train", 3)
+    labels = train.patch_labels(scene)
+    for o in scene.objects:
+        i = (o.y // 14) * 24 + o.x // 14
+        assert labels["colour"][i] == 1 + train.COLOURS.index(o.colour)
+        assert labels["shape"][i] == 1 + train.SHAPE_NAMES.index(o.shape)
+        assert labels["size"][i] == 1 + train.SIZE_NAMES.index("small")
+
+
+def test_vocabulary_extension_keeps_old_token_ids():
+    from transformers import AutoTokenizer
+
+    from tops_edge.eval import shapes, shapes_dense
+
+    train = _script()
+    assert train.vocabulary() == train.vocabulary(("shapesvqa",))  # the default vocabulary is today's
+    from tops_edge.models.tiny import build_word_tokenizer
+
+    # the committed model's own tokenizer as it was saved, or (without it) the one a fresh run builds
+    old = AutoTokenizer.from_pretrained(COMMITTED) if COMMITTED else build_word_tokenizer(train.vocabulary())
+    old_tokens = train.tokens_of(old)
+    assert train.grown_vocabulary(old_tokens, ("shapesvqa",)) == old_tokens  # ShapesVQA's words: all there already
+    tokens = train.grown_vocabulary(old_tokens, ("shapesvqa", "shapesvqa-dense"))
+    assert tokens[:len(old_tokens)] == old_tokens and set(tokens[len(old_tokens):]) == {"above", "shapes"}
+    new = train.word_tokenizer(tokens)
+    assert train.tokens_of(new) == tokens
+    texts = [q.question + " " + q.answer for _, q in shapes.questions("val", 60)]
+    texts.append("USER: <image>\nWhat color is the circle?\nAnswer the question using a single word or phrase. ASSISTANT:")
+    for text in texts:  # ShapesVQA text: the same ids from the grown vocabulary as from the old one
+        assert new(text)["input_ids"] == old(text)["input_ids"], text
+    for _, q in shapes_dense.questions("val", 40):
+        ids = new(q.question + " " + q.answer)["input_ids"]
+        assert new.unk_token_id not in ids
+    assert new("shapes above")["input_ids"][1:] == [tokens.index("shapes"), tokens.index("above")]
+    assert (new.eos_token_id, new.pad_token_id, new.bos_token_id) == (old.eos_token_id, old.pad_token_id, old.bos_token_id)
+
+
+def test_grown_layers_start_as_the_identity():
+    train = _script()
+    model, _ = train.build_model(0, 2, 2, 32, 2)
+    model.eval()
+    with torch.no_grad():  # a trained model has non-zero everything; make the random one so too
+        for prm in model.parameters():
+            prm.add_(0.05 * torch.randn_like(prm))
+    grown = train.grow(model, 3, model.config.text_config.vocab_size + 2)
+    assert train.layer_sources(2, 3) == [(0, False), (0, True), (1, False), (1, True), (1, True)]
+    layers = grown.model.language_model.layers
+    assert len(layers) == 5 and grown.config.text_config.num_hidden_layers == 5
+    for index, (source, new) in enumerate(train.layer_sources(2, 3)):
+        assert torch.equal(layers[index].self_attn.q_proj.weight,
+                           model.model.language_model.layers[source].self_attn.q_proj.weight)
+        assert bool((layers[index].self_attn.o_proj.weight == 0).all()) == new
+        assert bool((layers[index].mlp.down_proj.weight == 0).all()) == new
+    image = model.config.image_token_id
+    ids = torch.tensor([[1] + [image] * 576 + [20, 30, 9, 13, 8]])  # the processor's expansion of <image>
+    pixels = torch.randn(1, 3, 336, 336)
+    with torch.no_grad():
+        before = model(input_ids=ids, pixel_values=pixels).logits
+        after = grown(input_ids=ids, pixel_values=pixels).logits
+    vocab = before.shape[-1]
+    torch.testing.assert_close(after[..., :vocab], before, rtol=0, atol=1e-5)
+    # the new tokens: embedding and LM-head rows at the mean of the old ones
+    for name in ("model.language_model.embed_tokens.weight", "lm_head.weight"):
+        old_rows, rows = model.state_dict()[name], grown.state_dict()[name]
+        assert torch.equal(rows[:vocab], old_rows)
+        torch.testing.assert_close(rows[vocab:], old_rows.mean(0).expand(2, -1))
+    assert (after[..., vocab:] <= after[..., :vocab].max(-1, keepdim=True).values).all()  # never the argmax
+
+
+def test_growing_the_committed_checkpoint_keeps_its_logits_then_resumes(tmp_path):
+    from tops_edge.eval import shapes
+
+    assert COMMITTED is not None, "the committed shapes-llava checkpoint is missing"
+    train = _script()
+    run = tmp_path / "run"
+    # no stage-2 step: the saved model is the committed one grown (its standardisation unfolded and folded again)
+    assert train.main(["--smoke", "--out", str(run), "--threads", "1", "--init-from", str(COMMITTED),
+                       "--grow-layers", "6", "--tasks", "shapesvqa,shapesvqa-dense", "--lm-steps", "0"]) == 0
+    info = json.loads((run / "model" / "TRAINING.json").read_text())
+    assert info["lm_steps"] == 0 and info["vision_steps"] == info["parent"]["vision_steps"] > 0
+    assert info["parent"]["text_layers"] == 2 and info["parent"]["added_tokens"] == ["above", "shapes"]
+    init = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    assert [r["logit_change"] for r in init if r.get("stage") == "init"][0] <= 1e-5
+    assert not [r for r in init if r.get("stage") == "vision"]  # stage 1 skipped: the tower is the checkpoint's
+    scene = shapes.scene("val", 2)
+    before, ids, _ = _first_turn_logits(COMMITTED, scene, "What shape is the red object?")
+    after, grown_ids, config = _first_turn_logits(run / "model", scene, "What shape is the red object?")
+    assert config.text_config.num_hidden_layers == 8 and torch.equal(ids, grown_ids)
+    torch.testing.assert_close(after[..., :before.shape[-1]], before, rtol=0, atol=1e-5)
+    start = torch.load(run / "checkpoint.pt", weights_only=False)["model"]
+    tower = {k: v for k, v in start.items() if k.startswith("model.vision_tower.")}
+    # one step on: the resumed run is the grown model (8 layers, the grown vocabulary), the tower unchanged
+    assert train.main(["--smoke", "--out", str(run), "--threads", "1", "--resume", str(run / "checkpoint.pt"),
+                       "--lm-steps", "1"]) == 0
+    info = json.loads((run / "model" / "TRAINING.json").read_text())
+    assert info["lm_steps"] == 1 and info["tasks"] == ["shapesvqa", "shapesvqa-dense"]
+    resumed = torch.load(run / "checkpoint.pt", weights_only=False)["model"]
+    assert all(torch.equal(resumed[k], v) for k, v in tower.items())
+    assert not torch.equal(resumed["model.language_model.layers.1.self_attn.o_proj.weight"],
+                           start["model.language_model.layers.1.self_attn.o_proj.weight"])  # the new layer learns
+    _, _, config = _first_turn_logits(run / "model", scene, "How many red shapes are there?")
+    assert config.text_config.num_hidden_layers == 8 and config.text_config.vocab_size == 63
+
+
+def test_bad_grow_arguments_are_refused(tmp_path, capsys):
+    import pytest
+
+    train = _script()
+    with pytest.raises(SystemExit):
+        train.main(["--smoke", "--out", str(tmp_path / "a"), "--grow-layers", "2"])  # nothing to grow
+    with pytest.raises(SystemExit):
+        train.main(["--smoke", "--out", str(tmp_path / "b"), "--tasks", "shapesvqa,mmlu"])
+    with pytest.raises(SystemExit):
+        train.main(["--smoke", "--out", str(tmp_path / "c"), "--init-from", str(tmp_path)])  # no config.json
+    capsys.readouterr()

@@ -126,22 +126,28 @@ def render(objects) -> "Image.Image":  # noqa: F821
     img = Image.new("RGB", (SIZE, SIZE), BACKGROUND)
     draw = ImageDraw.Draw(img)
     for o in objects:
-        r, fill = SIZES[o.size], COLOURS[o.colour]
-        x, y = o.x, o.y
-        if o.shape == "circle":
-            draw.ellipse([x - r, y - r, x + r, y + r], fill=fill)
-        elif o.shape == "square":
-            s = int(r * 0.85)
-            draw.rectangle([x - s, y - s, x + s, y + s], fill=fill)
-        elif o.shape == "triangle":
-            draw.polygon([(x, y - r), (x - r, y + int(r * 0.8)), (x + r, y + int(r * 0.8))], fill=fill)
-        elif o.shape == "diamond":
-            draw.polygon([(x, y - r), (x + r, y), (x, y + r), (x - r, y)], fill=fill)
-        elif o.shape == "cross":
-            w = max(4, r // 3)
-            draw.rectangle([x - r, y - w, x + r, y + w], fill=fill)
-            draw.rectangle([x - w, y - r, x + w, y + r], fill=fill)
+        draw_shape(draw, o.shape, o.x, o.y, SIZES[o.size], COLOURS[o.colour])
     return img
+
+
+def draw_shape(draw, shape: str, x: int, y: int, r: int, fill) -> None:
+    """One shape of half-width `r` centred at (x, y) on a PIL ImageDraw (shapesvqa-dense draws its
+    smaller objects with it too)."""
+    if shape == "circle":
+        draw.ellipse([x - r, y - r, x + r, y + r], fill=fill)
+    elif shape == "square":
+        s = int(r * 0.85)
+        draw.rectangle([x - s, y - s, x + s, y + s], fill=fill)
+    elif shape == "triangle":
+        draw.polygon([(x, y - r), (x - r, y + int(r * 0.8)), (x + r, y + int(r * 0.8))], fill=fill)
+    elif shape == "diamond":
+        draw.polygon([(x, y - r), (x + r, y), (x, y + r), (x - r, y)], fill=fill)
+    elif shape == "cross":
+        w = max(4, r // 3)
+        draw.rectangle([x - r, y - w, x + r, y + w], fill=fill)
+        draw.rectangle([x - w, y - r, x + w, y + r], fill=fill)
+    else:
+        raise ValueError(f"unknown shape '{shape}'")
 
 
 # --- question makers: (objects, rng) -> (question, answer) or None when the scene does not allow it

@@ -1,7 +1,7 @@
 """Evaluation tasks: items (image, question, answer, kind, category) and LLaVA-style scoring.
 
-Built in: `shapesvqa` (the test split of eval/shapes.py). User tasks are JSONL files, one item per
-line:
+Built in: `shapesvqa` (eval/shapes.py) and `shapesvqa-dense` (eval/shapes_dense.py: crowded scenes),
+by default their test splits. User tasks are JSONL files, one item per line:
 
     {"image": "images/0001.jpg", "question": "Is there a dog?", "answer": "yes", "type": "yesno"}
     {"image": "q2.png", "question": "Which is larger?\\nA. cat\\nB. dog", "answer": "B", "type": "choice",
@@ -46,13 +46,15 @@ class Item:
         return f"{self.question}\n{SUFFIX[self.kind]}"
 
 
-def shapesvqa(count: int = 1000, split: str = "test", types=None, skip: int = 0) -> list[Item]:
-    """ShapesVQA questions `skip` .. `skip + count - 1` of `split` (only their scenes are rendered)."""
-    from . import shapes
+def shapesvqa(count: int = 1000, split: str = "test", types=None, skip: int = 0, dense: bool = False) -> list[Item]:
+    """ShapesVQA (or, with `dense`, ShapesVQA-dense) questions `skip` .. `skip + count - 1` of `split`
+    (only their scenes are rendered)."""
+    from . import shapes, shapes_dense
 
-    types = tuple(types) if types else shapes.QUESTION_TYPES
+    generator = shapes_dense if dense else shapes
+    types = tuple(types) if types else generator.QUESTION_TYPES
     try:
-        pairs = shapes.questions(split, skip + count, types)[skip:]
+        pairs = generator.questions(split, skip + count, types)[skip:]
     except ValueError as exc:
         raise InputError(str(exc)) from None
     images: dict[int, object] = {}
@@ -101,17 +103,18 @@ def load_jsonl(path) -> list[Item]:
 
 
 def load_task(task: str, limit: int | None = None, types=None, split: str = "test", skip: int = 0) -> list[Item]:
-    """`shapesvqa` (its `split`: test, or val to tune selector parameters without touching the test
-    questions) or a path to a JSONL file; `skip` drops the first items (a fresh sample of ShapesVQA,
-    or one shard of a long run), then `limit` keeps the first of the rest."""
+    """`shapesvqa` or `shapesvqa-dense` (its `split`: test, or val to tune selector parameters without
+    touching the test questions) or a path to a JSONL file; `skip` drops the first items (a fresh
+    sample of ShapesVQA, or one shard of a long run), then `limit` keeps the first of the rest."""
     limit = None if limit is None else check_count("--limit", limit, 1)
     skip = check_count("--skip", skip, 0)
-    if task == "shapesvqa":
+    if task in ("shapesvqa", "shapesvqa-dense"):
         if split not in ("val", "test"):
             raise InputError(f"--split must be val or test (train is what the model learned from), got '{split}'")
-        return shapesvqa(1000 if limit is None else limit, split=split, types=types, skip=skip)
+        return shapesvqa(1000 if limit is None else limit, split=split, types=types, skip=skip,
+                         dense=task == "shapesvqa-dense")
     if not task.endswith(".jsonl") and not Path(task).is_file():
-        raise InputError(f"unknown task '{task}': use shapesvqa or a path to a .jsonl file")
+        raise InputError(f"unknown task '{task}': use shapesvqa, shapesvqa-dense or a path to a .jsonl file")
     items = load_jsonl(task)[skip:]
     if not items:
         raise InputError(f"--skip {skip} leaves none of the items of {task}")

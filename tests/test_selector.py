@@ -20,30 +20,53 @@ from tops_edge.selector.uniform import UniformGrid
 from feature_fixtures import image_like_tokens
 
 PRUNING = [m for m in selector.available() if selector.get(m).prunes]
-CONTENT_BASED = ["tops", "cdpruner", "divprune", "attention"]  # uniform and random look only at positions
+IN_LLM = [m for m in PRUNING if selector.get(m).stage == "llm"]  # fastv, pdrop: read text_attention at a cut
+# uniform and random look only at positions
+CONTENT_BASED = ["tops", "cdpruner", "divprune", "attention", *IN_LLM]
 HIDDEN, VISION, TEXT = 16, 48, 6  # vision width >= N below, so similarity has full rank (no exhausted ties)
+QUERY = 3  # prompt tokens after the image: the rows of text_attention (the last one is read)
+TOKEN_AXIS = {"image_features": 1, "vision_features": 1, "cls_attention": 1, "text_attention": 2}
 
 
 def make_inputs(rng: np.random.Generator, batch: int, n: int, *, duplicates: int = 0, degenerate: int = 0) -> dict:
+    # text_attention comes from a child generator (spawning does not advance `rng`), so the other
+    # inputs, and the cases drawn after them, are what they were before it was added
+    extra = rng.spawn(1)[0]
     x = {
         "image_features": rng.standard_normal((batch, n, HIDDEN)).astype(np.float32),
         "vision_features": rng.standard_normal((batch, n, VISION)).astype(np.float32),
         "instruction_embeds": rng.standard_normal((batch, TEXT, HIDDEN)).astype(np.float32),
         "instruction_mask": (rng.random((batch, TEXT)) < 0.8).astype(np.int64),
         "cls_attention": rng.random((batch, n)).astype(np.float32),
+        "text_attention": extra.random((batch, QUERY, n)).astype(np.float32),
     }
+    if extra.random() < 0.25:  # coarse attention: many exact ties (to the lowest index)
+        x["text_attention"] = np.round(x["text_attention"] * 8) / 8
     for b in range(batch):
         for _ in range(duplicates):  # exact copies: ties in similarity and in attention
             i, j = rng.choice(n, 2, replace=False)
             for key in ("image_features", "vision_features", "cls_attention"):
                 x[key][b, j] = x[key][b, i]
+            x["text_attention"][b, :, j] = x["text_attention"][b, :, i]
         for i in rng.choice(n, degenerate, replace=False):
             kind = rng.integers(3)
             bad = (np.nan, np.inf, 0.0)[kind]
             x["image_features"][b, i, rng.integers(HIDDEN) if kind < 2 else slice(None)] = bad
             x["vision_features"][b, i, rng.integers(VISION) if kind < 2 else slice(None)] = bad
             x["cls_attention"][b, i] = (np.nan, np.inf, np.nan)[kind]
+            x["text_attention"][b, -1, i] = (np.nan, np.inf, -np.inf)[kind]
+        if degenerate:  # a whole non-finite row: an earlier prompt token's (never read), at times the last
+            row = -1 if extra.random() < 0.125 else int(extra.integers(QUERY - 1))
+            x["text_attention"][b, row] = (np.nan, np.inf)[int(extra.integers(2))]
     return x
+
+
+def permute_tokens(x: dict, perm) -> dict:
+    """The same inputs with the visual tokens in the order `perm` (a token axis per input)."""
+    out = dict(x)
+    for key, axis in TOKEN_AXIS.items():
+        out[key] = np.take(x[key], perm, axis=axis)
+    return out
 
 
 def grid_for(n: int) -> tuple[int, int]:
@@ -58,17 +81,36 @@ def reference(method: str, x: dict, keep: int, params: dict | None = None) -> np
     return info.reference(tensors, keep, info.resolve_params(params), grid_for(n)).numpy()
 
 
+def in_llm_graph(method: str, params: dict, n, hidden: int):
+    """An in-LLM selector graph as the registry defines it: inputs image_features [B,N,D] (the alive
+    tokens' hidden states), keep, text_attention [B,Q,N]; outputs kept_indices, selected_features."""
+    from tops_edge.models import TensorSpec
+    from tops_edge.selector.onnx_graph import build_graph
+
+    info = selector.get(method)
+    inputs = [TensorSpec("image_features", "float32", ("num_images", n, hidden)), TensorSpec("keep", "int64", ()),
+              *(TensorSpec(name, "float32", ("num_images", "query", n)) for name in info.extra_inputs(params))]
+    outputs = [TensorSpec("kept_indices", "int64", ("num_images", "kept")),
+               TensorSpec("selected_features", "float32", ("num_images", "kept", hidden))]
+    fn, constants = info.onnx_form(params, grid_for(n) if isinstance(n, int) else (1, n))
+    return build_graph(fn, constants, inputs, outputs)
+
+
 @functools.lru_cache(maxsize=None)
 def _session(method: str, n: int, hidden: int, vision: int, params: tuple) -> ort.InferenceSession:
     info = selector.get(method)
-    layout = {"layout": "single", "tokens_per_crop": n, "grid": list(grid_for(n))}
-    part = selector_part(method, info.resolve_params(dict(params)), layout, hidden, vision)
-    return ort.InferenceSession(part.onnx_model().SerializeToString(), providers=["CPUExecutionProvider"])
+    if info.stage == "llm":  # the graph as registered (its export wiring is the segmented decoder's)
+        model = in_llm_graph(method, info.resolve_params(dict(params)), n, hidden)
+    else:
+        layout = {"layout": "single", "tokens_per_crop": n, "grid": list(grid_for(n))}
+        model = selector_part(method, info.resolve_params(dict(params)), layout, hidden, vision).onnx_model()
+    return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
 
 
 def onnx_select(method: str, x: dict, keep: int, params: dict | None = None) -> tuple[np.ndarray, np.ndarray]:
     _, n, hidden = x["image_features"].shape
-    sess = _session(method, n, hidden, x["vision_features"].shape[-1], tuple(sorted((params or {}).items())))
+    vision = x["vision_features"].shape[-1] if "vision_features" in x else VISION
+    sess = _session(method, n, hidden, vision, tuple(sorted((params or {}).items())))
     gh, gw = grid_for(n)
     feeds = dict(x, keep=np.array(keep, dtype=np.int64), grid_h=np.array(gh), grid_w=np.array(gw))
     idx, sel = sess.run(["kept_indices", "selected_features"], {i.name: feeds[i.name] for i in sess.get_inputs()})
@@ -77,7 +119,10 @@ def onnx_select(method: str, x: dict, keep: int, params: dict | None = None) -> 
 
 # --- registry -----------------------------------------------------------------------------------
 def test_registry_has_tops_and_every_baseline():
-    assert set(selector.available()) == {"tops", "cdpruner", "divprune", "attention", "uniform", "random", "none"}
+    assert set(selector.available()) == {"tops", "cdpruner", "divprune", "attention", "uniform", "random", "fastv",
+                                         "pdrop", "none"}
+    assert {m for m in selector.available() if selector.get(m).stage == "llm"} == {"fastv", "pdrop"}
+    assert all(selector.get(m).stage == "vision" for m in selector.available() if m not in ("fastv", "pdrop"))
     with pytest.raises(InputError, match="unknown selector"):
         selector.get("nope")
     with pytest.raises(InputError, match="no parameter 'gamma'"):
@@ -96,9 +141,7 @@ def decided_without_ties(method: str, x: dict, keep: int, params: dict | None = 
     from tops_edge.selector import dpp
 
     n = x["image_features"].shape[1]
-    rev = dict(x)
-    for key in ("image_features", "vision_features", "cls_attention"):
-        rev[key] = x[key][:, ::-1].copy()
+    rev = permute_tokens(x, np.arange(n)[::-1])
     picks = []
     for tol in (dpp.TIE_TOL, 0.0):
         saved, dpp.TIE_TOL = dpp.TIE_TOL, tol
@@ -153,6 +196,8 @@ def test_degenerate_tokens_are_never_chosen_over_finite_ones(method, case):
     finite &= np.isfinite(f).all(-1) & (np.abs(f).sum(-1) > 0)
     if method == "attention":
         finite = np.isfinite(x["cls_attention"])
+    if method in IN_LLM:
+        finite = np.isfinite(x["text_attention"][:, -1])
     k = min(k, int(finite.sum())) or 1
     for idx in (reference(method, x, k), onnx_select(method, x, k)[0]):
         if finite.sum():
@@ -171,9 +216,7 @@ def test_permuting_tokens_permutes_the_chosen_set(method, case):
     k = min(k, n)
     x = make_inputs(rng, 1, n)
     perm = rng.permutation(n)
-    px = dict(x)
-    for key in ("image_features", "vision_features", "cls_attention"):
-        px[key] = x[key][:, perm]
+    px = permute_tokens(x, perm)
     # ties (scores within TIE_TOL) go to the lowest index, which no permutation preserves: the
     # property is about inputs where no step is decided by the tie rule (e.g. DivPrune's first pick
     # always ties for a mutual-nearest pair)
@@ -216,9 +259,76 @@ def test_onnx_forms_agree_at_llava_shapes():
         "instruction_embeds": rng.standard_normal((1, 9, 64)).astype(np.float32),
         "instruction_mask": np.ones((1, 9), np.int64),
         "cls_attention": rng.random((1, 576)).astype(np.float32),
+        "text_attention": rng.random((1, 5, 576)).astype(np.float32),
     }
     for method, k in itertools.product(PRUNING, (64, 128)):
         assert np.array_equal(onnx_select(method, x, k)[0], reference(method, x, k)), (method, k)
+
+
+# --- the in-LLM methods (fastv, pdrop) at a decoder cut ------------------------------------------
+def test_in_llm_graphs_take_the_alive_tokens_and_the_text_attention():
+    for method in IN_LLM:
+        info = selector.get(method)
+        assert info.extra_inputs(info.resolve_params()) == ("text_attention",)
+        model = in_llm_graph(method, info.resolve_params(), "alive", HIDDEN)
+        assert [i.name for i in model.graph.input] == ["image_features", "keep", "text_attention"]
+        assert [o.name for o in model.graph.output] == ["kept_indices", "selected_features"]
+        assert {n.domain for n in model.graph.node} <= {""}  # standard ops only
+
+
+def by_last_row(last_row, rows: int = QUERY, n_hidden: int = HIDDEN, seed: int = 0) -> dict:
+    """One image whose text_attention's last row is `last_row` (the others random)."""
+    rng = np.random.default_rng(seed)
+    n = len(last_row)
+    attention = rng.random((1, rows, n)).astype(np.float32)
+    attention[0, -1] = last_row
+    return {"image_features": rng.standard_normal((1, n, n_hidden)).astype(np.float32), "text_attention": attention}
+
+
+@pytest.mark.parametrize("method", IN_LLM)
+def test_in_llm_methods_keep_the_top_k_of_the_last_prompt_tokens_attention(method):
+    nan, inf = np.nan, np.inf
+    row = np.array([0.1, 0.5, 0.3, 0.5, nan, inf, 0.2, -inf], np.float32)
+    expected = {1: [1], 2: [1, 3], 3: [1, 2, 3], 5: [0, 1, 2, 3, 6], 6: [0, 1, 2, 3, 4, 6]}  # ties: lowest index;
+    for k, kept in expected.items():  # non-finite (NaN, +inf, -inf) rank last, among themselves by index
+        x = by_last_row(row)
+        assert reference(method, x, k).tolist() == [kept]
+        idx, sel = onnx_select(method, x, k)
+        assert idx.tolist() == [kept]
+        np.testing.assert_array_equal(sel[0], x["image_features"][0, kept])
+
+
+@pytest.mark.parametrize("method", IN_LLM)
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_a_non_finite_last_row_keeps_the_first_k_and_other_rows_are_never_read(method, bad):
+    x = by_last_row(np.full(9, bad, np.float32))
+    for select in (lambda y: reference(method, y, 4), lambda y: onnx_select(method, y, 4)[0]):
+        assert select(x).tolist() == [[0, 1, 2, 3]]
+    y = make_inputs(np.random.default_rng(1), 2, 30)
+    changed = dict(y, text_attention=y["text_attention"].copy())
+    changed["text_attention"][:, :-1] = np.random.default_rng(2).random((2, QUERY - 1, 30))
+    changed["text_attention"][0, 0] = bad
+    for select in (lambda z: reference(method, z, 7), lambda z: onnx_select(method, z, 7)[0]):
+        assert np.array_equal(select(y), select(changed))
+    flipped = dict(y, text_attention=y["text_attention"].copy())
+    flipped["text_attention"][:, -1] = 1 - flipped["text_attention"][:, -1]
+    assert not np.array_equal(reference(method, y, 7), reference(method, flipped, 7))
+
+
+def test_fastv_and_pdrop_select_alike_at_a_cut_and_differ_in_schedule_only():
+    x = make_inputs(np.random.default_rng(6), 3, 40, duplicates=3, degenerate=2)
+    for k in (1, 9, 39):
+        assert np.array_equal(reference("fastv", x, k), reference("pdrop", x, k))
+        assert np.array_equal(onnx_select("fastv", x, k)[0], onnx_select("pdrop", x, k)[0])
+
+
+@pytest.mark.parametrize("method, params", [("fastv", {"layer": 0}), ("fastv", {"layer": -3}),
+                                            ("pdrop", {"layers": "8,x"}), ("pdrop", {"layers": "16,8"}),
+                                            ("pdrop", {"layers": "0,8"})])
+def test_in_llm_parameters_are_checked_before_any_export_work(method, params):
+    info = selector.get(method)
+    with pytest.raises(InputError, match="layer"):
+        info.extra_inputs(info.resolve_params(params))
 
 
 # --- the DPP methods' semantics ------------------------------------------------------------------

@@ -6,7 +6,16 @@ Selector graph IO (the names are the contract with the runtime, which feeds what
   instruction_embeds [B,M,D] float32 + instruction_mask [B,M] int64   the user's text (tops, cdpruner)
   vision_features [B,N,E] float32  the vision tower's features before the projector (similarity)
   cls_attention [B,N] float32      the vision tower's [CLS] attention to each token (attention)
+  text_attention [B,Q,N] float32   at a decoder cut (stage "llm": fastv, pdrop): the head-averaged
+                                   attention of the last layer before the cut from the Q prompt tokens
+                                   after the image (the last row: the prompt's last token) to each of
+                                   the N visual tokens still alive; image_features are then their
+                                   hidden states entering the cut's layer
   -> kept_indices [B,K] int64 ascending, selected_features [B,K,D] float32
+
+A method's `stage` says where it runs: "vision" (before the LLM, on the projected tokens) or "llm"
+(at cuts inside the decoder). Its `schedule` says at which layers and with which budgets, given the
+equivalent average budget --keep T (selector/plan.py turns the two into a PruningPlan).
 """
 
 from __future__ import annotations
@@ -19,6 +28,37 @@ import torch
 from ..errors import InputError
 
 INSTRUCTION = ("instruction_embeds", "instruction_mask")
+STAGES = ("vision", "llm")
+
+
+class Unreachable(Exception):
+    """A schedule cannot average the asked budget: `smallest` is the smallest whole-number average
+    it reaches (None: it cannot prune these tokens at all). plan.plan_for words it as an InputError."""
+
+    def __init__(self, smallest: int | None):
+        super().__init__(smallest)
+        self.smallest = smallest
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """How a method spends the equivalent average budget T over the decoder's L layers.
+
+    layers(params, L) -> the stage layers, ascending (0 = before the LLM; c > 0 = at the cut before
+    decoder layer c); an invalid choice is an InputError naming the valid range.
+    budgets(params, layers, T, N, L) -> the visual tokens kept from each stage on, for 1 <= T < N,
+    strictly decreasing, each in 1..N-1, chosen so the mean over the L layers of the tokens each layer
+    processes is as close to T as the method's form allows; raises Unreachable when it cannot get
+    down to T.
+    """
+
+    layers: Callable[[dict, int], tuple[int, ...]]
+    budgets: Callable[[dict, tuple[int, ...], int, int, int], tuple[int, ...]]
+
+
+#: the pre-LLM schedule of every "vision" method: one stage before the LLM keeping T
+PRE_LLM = Schedule(layers=lambda params, num_layers: (0,),
+                   budgets=lambda params, layers, average, num_visual, num_layers: (average,))
 
 
 @dataclass(frozen=True)
@@ -33,6 +73,15 @@ class SelectorInfo:
     reference: Callable[[dict[str, torch.Tensor], int, dict, tuple[int, int]], torch.Tensor] | None = None
     #: ONNX form: (params, grid) -> (onnxscript function, constants for onnx_graph.build_graph)
     onnx_form: Callable[[dict, tuple[int, int]], tuple[Any, dict]] | None = None
+    #: where it prunes: "vision" (before the LLM, on the projected tokens) or "llm" (at decoder cuts;
+    #: reads text_attention and the alive tokens' hidden states)
+    stage: str = "vision"
+    #: where and how much it keeps for an equivalent average budget T (plan.plan_for)
+    schedule: Schedule = PRE_LLM
+
+    def __post_init__(self):
+        if self.stage not in STAGES:
+            raise ValueError(f"selector '{self.name}': stage must be one of {', '.join(STAGES)}, got '{self.stage}'")
 
     @property
     def prunes(self) -> bool:

@@ -8,6 +8,27 @@ distance, sigma = spatial * sqrt(N/K) (dpp.spatial_factor), with spatial = 2 cho
 val split with the runtime's token merging on (docs/selectors.md, "TOPS formulation": 1.5 to 3 is a plateau,
 1 and below lose tokens of small objects at K <= 64; without merging 1 was best); its alpha, beta
 and sign were left where they were: on that split they moved accuracy by less than the noise.
+
+The in-LLM baselines (stage "llm") prune at decoder cuts, from the attention of the layer before the
+cut (text_attention, base.py); both keep the tokens the prompt's last token attends to most, and
+differ in where and how much (their schedules, plan.py):
+
+- fastv (FastV, Chen et al., ECCV 2024, "An Image is Worth 1/2 Tokens After Layer 2"): one cut after
+  layer K (K = 2 in the paper, our `layer`), keeping the top (1 - R) of the visual tokens (R = 50% in
+  the paper). The paper ranks by "the average attention-score one token received from all other
+  tokens"; its released code ranks by the head-averaged attention of the last token, taken from the
+  attention map layer K-1 outputs (the layer before the cut): that is what we do. The kept count is
+  not R here but K from --keep T (the equivalent average over all layers, plan.py).
+- pdrop (PyramidDrop, Xing et al., 2024, arXiv 2410.17247): the LLM in S stages, ending each with a
+  drop to a fixed ratio lambda of the previous stage's tokens; LLaVA-1.5: S = 4 equal stages (its
+  layer_list 8, 16, 24 of 32: our cuts before decoder layers 8, 16, 24) and lambda = 0.5 (keeping
+  288, 144, 72 of 576). Its released code ranks by the last instruction token's attention to the
+  image tokens, softmax over the whole row, head-averaged, and keeps int(N lambda^s). Our readings,
+  as parameters: `layers` ('' = the quarters of the model's depth, rounded; else comma-separated
+  cuts) and lambda solved from --keep T (plan.py) instead of fixed, budgets rounded. One difference
+  with the released code: it computes that attention row afresh with the next stage's first layer's
+  own query/key projections on the states entering it; we use the attention of the last layer
+  before the cut, as fastv does (what the segmented decoder outputs).
 """
 
 from __future__ import annotations
@@ -16,7 +37,8 @@ from . import onnx_forms as F
 from .base import INSTRUCTION, SelectorInfo, register
 from .divprune import divprune_select
 from .dpp import dpp_select
-from .scored import LEHMER_ROUNDS, attention_select, random_select
+from .plan import FASTV, PDROP, parse_layers
+from .scored import LEHMER_ROUNDS, attention_select, last_token_attention_select, random_select
 from .uniform import UniformGrid
 
 SIMILARITY = ("vision", "projected")
@@ -113,6 +135,47 @@ register(SelectorInfo(
     params={"seed": 0},
     reference=lambda x, keep, p, grid: random_select(x["image_features"].shape[0], x["image_features"].shape[1], keep, p["seed"]),
     onnx_form=lambda p, grid: (F.random_graph, {"seed": ("int64", p["seed"]), "rounds": ("int64", LEHMER_ROUNDS)}),
+))
+
+
+def _fastv_inputs(p) -> tuple[str, ...]:
+    layer = p["layer"]
+    if isinstance(layer, bool) or int(layer) != layer or layer < 1:
+        from ..errors import InputError
+
+        raise InputError(f"fastv's layer must be a decoder cut >= 1 (the cut before that decoder layer), got {layer}")
+    return ("text_attention",)
+
+
+def _pdrop_inputs(p) -> tuple[str, ...]:
+    parse_layers(p["layers"])  # the format; the range needs the model's depth (plan.stage_layers)
+    return ("text_attention",)
+
+
+def _last_token_reference(x, keep, p, grid):
+    return last_token_attention_select(x["text_attention"], keep)
+
+
+register(SelectorInfo(
+    name="fastv",
+    summary="FastV: at one decoder cut, the visual tokens the prompt's last token attends to most",
+    params={"layer": 2},
+    extra_inputs=_fastv_inputs,
+    reference=_last_token_reference,
+    onnx_form=lambda p, grid: (F.last_token_attention_graph, {}),
+    stage="llm",
+    schedule=FASTV,
+))
+
+register(SelectorInfo(
+    name="pdrop",
+    summary="PyramidDrop: at several decoder cuts, each stage keeping a fixed ratio by the last instruction token's attention",
+    params={"layers": ""},
+    extra_inputs=_pdrop_inputs,
+    reference=_last_token_reference,
+    onnx_form=lambda p, grid: (F.last_token_attention_graph, {}),
+    stage="llm",
+    schedule=PDROP,
 ))
 
 register(SelectorInfo(name="none", summary="keep every visual token (no pruning)"))

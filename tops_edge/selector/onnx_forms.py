@@ -6,7 +6,7 @@ parameters (alpha, beta, sign, seed, grid) are graph inputs here and are frozen 
 `onnx_graph.build_graph`, so the exported graph's inputs are only the tensors the runtime feeds.
 
 Common IO: image_features [B,N,D] float, keep [] int64 -> kept_indices [B,K] int64 ascending,
-selected_features [B,K,D].
+selected_features [B,K,D]. The in-LLM forms (stage "llm") also take text_attention [B,Q,N] float.
 """
 
 from __future__ import annotations
@@ -344,6 +344,18 @@ def _top_k(scores: DOUBLE["B", "N"], k: INT64):
 def attention_graph(image_features: FLOAT["B", "N", "D"], keep: INT64, cls_attention: FLOAT["B", "N"]):
     finite = op.Not(op.Or(op.IsNaN(cls_attention), op.IsInf(cls_attention)))
     scores = op.Cast(op.Where(finite, cls_attention, op.Constant(value_float=INVALID)), to=11)
+    kept_indices, selected_features = _sorted_and_gathered(_top_k(scores, _budget(image_features, keep)), image_features)
+    return kept_indices, selected_features
+
+
+@script()
+def last_token_attention_graph(image_features: FLOAT["B", "N", "D"], keep: INT64, text_attention: FLOAT["B", "Q", "N"]):
+    """fastv / pdrop at a decoder cut (see scored.last_token_attention_select): top-K of the last row of
+    text_attention, the prompt's last token's attention to each alive visual token; image_features are
+    the alive tokens' hidden states entering the cut's layer."""
+    last = op.Gather(text_attention, op.Constant(value_int=-1), axis=1)  # [B,N]
+    finite = op.Not(op.Or(op.IsNaN(last), op.IsInf(last)))
+    scores = op.Cast(op.Where(finite, last, op.Constant(value_float=INVALID)), to=11)
     kept_indices, selected_features = _sorted_and_gathered(_top_k(scores, _budget(image_features, keep)), image_features)
     return kept_indices, selected_features
 

@@ -1,6 +1,8 @@
 """Selectors that rank tokens by a per-token score and keep the top K (torch reference).
 
 - attention: the vision tower's [CLS] attention to each patch (VisionZip / VisPruner family).
+- fastv, pdrop (at a decoder cut): the prompt's last token's attention to each alive visual token,
+  the last row of text_attention [B,Q,N] (the other rows are not read).
 - random: a seeded pseudo-random score, computed with integer arithmetic (a Lehmer generator) so
   torch and ONNX Runtime draw exactly the same subset for a given seed.
 Ties go to the lowest index; non-finite scores rank last.
@@ -27,6 +29,13 @@ def top_k_ascending(scores: torch.Tensor, keep: int) -> torch.Tensor:
 def attention_select(cls_attention: torch.Tensor, keep: int) -> torch.Tensor:
     a = cls_attention.float()
     return top_k_ascending(torch.where(torch.isfinite(a), a, torch.full_like(a, INVALID)), keep)
+
+
+def last_token_attention_select(text_attention: torch.Tensor, keep: int) -> torch.Tensor:
+    """FastV / PyramidDrop at a cut: the K visual tokens the prompt's last token attends to most.
+    text_attention [B,Q,N] -> [B, min(K, N)] ascending; non-finite entries rank last, ties go to the
+    lowest index."""
+    return attention_select(text_attention[:, -1], keep)
 
 
 def random_scores(num_tokens: int, seed: int) -> torch.Tensor:

@@ -121,3 +121,70 @@ def hf_greedy_with_bias(model, inputs_embeds: torch.Tensor, bias: torch.Tensor |
                        position_ids=torch.tensor([[next_pos]]), use_cache=True, **with_cache).logits
         next_pos += 1
     return out
+
+
+@torch.no_grad()
+def hf_cut_greedy(model, inputs_embeds: torch.Tensor, bias: torch.Tensor, cuts, keep_rows, max_new_tokens: int,
+                  positions: str = "compact", eos_token_id: int | None = None):
+    """Greedy decoding through HF's own decoder layers (eager attention), the prompt cut before each
+    layer in `cuts`: at cut j the rows `keep_rows[j]` of the previous segment's sequence go on (all
+    of them when None). Every segment caches only its own rows and numbers them by `positions`:
+    `compact` 0..n-1 within the segment, `original` the rows' positions in the uncut prompt; new
+    tokens follow each segment's last position. `bias` [L] is added to every attention logit on the
+    prompt's key positions (0 on new tokens). Returns (new token ids, [the first step's logits],
+    {cut: head-averaged attention [S, S] of the layer before it, on that segment's prompt})."""
+    from transformers import DynamicCache
+
+    lm = model.model.language_model
+    before = model.config.get_text_config(decoder=True)._attn_implementation
+    model.set_attn_implementation("eager")
+    bounds = [0, *cuts, len(lm.layers)]
+    captured: dict = {}
+    def keep_first(c):  # the prefill's probabilities; a hook that returns None leaves the output alone
+        def hook(module, args, out):
+            captured.setdefault(c, out[1][0].mean(0))
+        return hook
+
+    hooks = [lm.layers[c - 1].self_attn.register_forward_hook(keep_first(c)) for c in cuts]
+    try:
+        cache = DynamicCache()  # one per layer index: each segment's layers hold only its rows
+        h, pos, key_bias = inputs_embeds, torch.arange(inputs_embeds.shape[1]), bias
+        lengths, next_pos, biases = [], [], []
+        for s, (first, last) in enumerate(zip(bounds, bounds[1:])):
+            if s > 0 and keep_rows[s - 1] is not None:
+                rows = torch.as_tensor(keep_rows[s - 1])
+                h, pos, key_bias = h[:, rows], pos[rows], key_bias[rows]
+            seg_pos = torch.arange(h.shape[1]) if positions == "compact" else pos
+            length = h.shape[1]
+            causal = torch.triu(torch.full((length, length), torch.finfo(torch.float32).min), diagonal=1)
+            h = _hf_layers(lm, h, (causal + key_bias[None, :])[None, None], seg_pos, cache, first, last)
+            lengths.append(length)
+            next_pos.append(int(seg_pos[-1]) + 1)
+            biases.append(key_bias)
+        logits = model.lm_head(lm.norm(h[:, -1:]))[0, -1]
+        first_logits, out = logits, []
+        for step in range(max_new_tokens):
+            tok = int(logits.argmax())
+            out.append(tok)
+            if tok == eos_token_id or step + 1 == max_new_tokens:
+                break
+            h = model.get_input_embeddings()(torch.tensor([[tok]]))
+            for s, (first, last) in enumerate(zip(bounds, bounds[1:])):
+                biases[s] = torch.cat([biases[s], torch.zeros(1)])
+                h = _hf_layers(lm, h, biases[s][None, None, None, :], torch.tensor([next_pos[s] + step]), cache,
+                               first, last)
+            logits = model.lm_head(lm.norm(h[:, -1:]))[0, -1]
+    finally:
+        for hook in hooks:
+            hook.remove()
+        model.set_attn_implementation(before)
+    return out, first_logits, captured
+
+
+def _hf_layers(lm, h, mask, positions, cache, first: int, last: int):
+    """HF's decoder layers first..last-1 on h, called as LlamaModel.forward calls them."""
+    rotary = lm.rotary_emb(h, position_ids=positions[None])
+    for layer in lm.layers[first:last]:
+        h = layer(h, attention_mask=mask, position_ids=positions[None], position_embeddings=rotary, use_cache=True,
+                  **{cache_argument(layer): cache})
+    return h

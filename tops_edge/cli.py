@@ -41,6 +41,14 @@ def _run_cli(prog: str, fn, argv) -> int:
         return 70
 
 
+def _layers(text: str) -> list[int]:
+    """--cuts 2,12,24 -> [2, 12, 24]; the exporter checks them against the model's depth."""
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--cuts takes comma-separated decoder layers, got {text!r}") from None
+
+
 # --- tops-export ---------------------------------------------------------------------------
 def export_parser() -> argparse.ArgumentParser:
     from . import selector
@@ -83,6 +91,9 @@ def export_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, choices=tuple(PRESETS), help="plan memory for this device and refuse a model that does not fit it")
     p.add_argument("--dry-run", action="store_true", help="with --device: print the memory plan and export nothing (needs no weights)")
     p.add_argument("--positions", default="compact", choices=POSITIONS, help="position ids after pruning: compact renumbers the kept tokens, original keeps theirs (default: compact)")
+    p.add_argument("--cuts", default=None, type=_layers, metavar="L,...",
+                   help="export the decoder in segments cut before these layers (e.g. 2,12,24), so selectors can "
+                        "prune inside the LLM there; default: the selector's own cuts (none before the LLM)")
     p.add_argument("--merge", default="mean", choices=MERGES,
                    help="what the dropped visual tokens leave: mean = each joins its most similar kept token, which "
                         "becomes the group's mean and weighs as its size in attention; none = selection only (default: mean)")
@@ -105,7 +116,7 @@ def _export(argv) -> int:
         budget=args.budget, precision=args.precision,
         target=args.target, exporter=args.exporter, opset=args.opset, positions=args.positions,
         merge=args.merge, selector_params={k: v for k, v in params.items() if v is not None},
-        progress=not args.quiet and sys.stderr.isatty(), device=args.device, calib=args.calib,
+        progress=not args.quiet and sys.stderr.isatty(), device=args.device, calib=args.calib, cuts=args.cuts,
     )
     if not args.quiet:
         print(f"exported {args.model} -> {out}", file=sys.stderr)

@@ -5,7 +5,8 @@ weight-only INT8. `convert_parts` runs on the exporter's staged fp32 export, par
     vision    fp16   int8 (Q/DQ)       fp32
     selector  fp32   fp32              fp32      (TOPS.md: the selection is computed in fp32)
     embed     fp16   fp32              fp32      (a lookup: no compute to quantize)
-    decoder   fp16   int8 (Q/DQ)       int8-wo   (int8 weights + DequantizeLinear, fp32 activations)
+    decoder   fp16   int8 (Q/DQ)       int8-wo   (int8 weights + DequantizeLinear, fp32 activations;
+                                                  a decoder in segments: each segment, int8 excepted)
 
 Every graph keeps fp32 inputs and outputs, but fp16 decoders take and give an fp16 KV cache (half the
 memory); the runtime allocates the KV cache in the graph's dtype.
@@ -60,7 +61,9 @@ def convert_parts(stage: Path, manifest: dict, precision: str, calib=None, progr
     from ..export.onnx_export import save_graph
     from . import passes
 
-    plan = PART_PLAN[precision]
+    # a decoder cut into segments (decoder.0, decoder.1, ...): each segment as the decoder
+    plan = {part: PART_PLAN[precision][part.split(".")[0]] for part in manifest["parts"]
+            if part.split(".")[0] in PART_PLAN[precision]}
     feeds: dict[str, list] = {}
     calib_set = calibration_set(calib) if "int8" in plan.values() else None
 

@@ -66,7 +66,7 @@ def capture(directory: Path, manifest: dict, calib: CalibrationSet, progress: bo
 
     pipe = _pipeline(Path(directory), manifest)
     vision = pipe.vision = _RecordingSession(pipe.vision)
-    decoder = pipe.decoder = _RecordingDecoder(pipe.decoder)
+    decoder = pipe.decoders[0] = _RecordingDecoder(pipe.decoders[0])  # int8 exports have one segment
     for image, prompt in tqdm(list(zip(calib.images, calib.prompts)), desc="calibration: fp32 pipeline",
                               unit="pair", disable=not progress, leave=False):
         pipe.generate(image, prompt, max_new_tokens=1)

@@ -15,7 +15,8 @@ from ..errors import ExportError, InputError
 from ..models import ModelAdapter, PartSpec, TensorSpec, load
 from ..models.base import config_sha256
 from ..runtime.layout import BUDGETS
-from ..selector.merge import MERGES, add_merge_outputs
+from ..selector.merge import MERGES
+from ..selector.parts import PLUGIN_METHODS, selector_part  # noqa: F401  (PLUGIN_METHODS: the CLI's help)
 from .atomic import staged_directory
 from .manifest import SCHEMA_VERSION, file_record, write_manifest
 from .onnx_export import EXPORTERS, export_part, opset_default
@@ -23,56 +24,7 @@ from .onnx_export import EXPORTERS, export_part, opset_default
 PRECISIONS = EXPORT_PRECISIONS  # calib/__init__.py: what each part becomes at each
 POSITIONS = ("compact", "original")
 TARGETS = ("ort", "trt")
-PLUGIN_METHODS = ("tops", "cdpruner")  # --target trt: these run as the tops::Select TensorRT plugin
 DEFAULT_EXPORTER = "legacy"  # measured: see docs/design.md "Exporter choice"
-
-
-def selector_part(method: str, params: dict[str, Any], layout: dict[str, Any], hidden: int, vision_width: int,
-                  target: str = "ort", merge_outputs: bool = True) -> PartSpec | None:
-    """The selector graph for `method` from its registered ONNX form (with `target` trt, the plugin
-    form for PLUGIN_METHODS); None for `none`. It also outputs the token merge of its selection
-    (`merged_features`, `kept_sizes`, `token_groups`; selector/merge.py) unless `merge_outputs` is False (timing).
-
-    The graph selects within one segment: a whole image (`single` layout, N fixed) or one crop or the
-    whole of an anyres image (N dynamic). Spatial methods get the segment's grid as inputs.
-    """
-    from ..selector.onnx_graph import build_graph
-
-    info = selectors.get(method)
-    if not info.prunes:
-        return None
-    n = layout["tokens_per_crop"] if layout.get("layout", "single") == "single" else "tokens"
-    grid = selectors.token_grid(layout["grid"], n) if isinstance(n, int) else (1, n)
-    available = {
-        "instruction_embeds": TensorSpec("instruction_embeds", "float32", ("num_images", "instruction", hidden)),
-        "instruction_mask": TensorSpec("instruction_mask", "int64", ("num_images", "instruction")),
-        "vision_features": TensorSpec("vision_features", "float32", ("num_images", n, vision_width)),
-        "cls_attention": TensorSpec("cls_attention", "float32", ("num_images", n)),
-        "grid_h": TensorSpec("grid_h", "int64", ()),
-        "grid_w": TensorSpec("grid_w", "int64", ()),
-    }
-    inputs = [
-        TensorSpec("image_features", "float32", ("num_images", n, hidden)),
-        TensorSpec("keep", "int64", ()),
-        *(available[name] for name in info.extra_inputs(params)),
-    ]
-    outputs = [
-        TensorSpec("kept_indices", "int64", ("num_images", "kept")),
-        TensorSpec("selected_features", "float32", ("num_images", "kept", hidden)),
-    ]
-    # every selector graph also merges (the runtime reads these with merge "mean"; selector/merge.py)
-    merged = [TensorSpec("merged_features", "float32", ("num_images", "kept", hidden)),
-              TensorSpec("kept_sizes", "int64", ("num_images", "kept")),
-              TensorSpec("token_groups", "int64", ("num_images", n))] if merge_outputs else []
-    tail = add_merge_outputs if merge_outputs else (lambda model: model)
-    if target == "trt" and method in PLUGIN_METHODS:
-        from ..plugins.onnx_form import plugin_model
-
-        return PartSpec(name="selector", inputs=inputs, outputs=outputs + merged,
-                        onnx_model=lambda: tail(plugin_model(params, inputs, outputs)))
-    fn, constants = info.onnx_form(params, grid)
-    return PartSpec(name="selector", inputs=inputs, outputs=outputs + merged,
-                    onnx_model=lambda: tail(build_graph(fn, constants, inputs, outputs)))
 
 
 def export_model(
@@ -92,6 +44,7 @@ def export_model(
     progress: bool = True,
     device: str | None = None,
     calib=None,
+    cuts=None,
 ) -> Path:
     """Export MODEL into OUT. Returns OUT. A failure leaves an existing OUT untouched.
 
@@ -104,7 +57,10 @@ def export_model(
     similar kept one (proportional attention, selector/merge.py), `none` only selects.
     `device` (a plan/devices.py preset) refuses, before any export work, a model that would not fit
     that device at `precision`. `calib` (int8 only): a folder of images + prompts.jsonl, or a
-    calib.CalibrationSet; default: the built-in ShapesVQA pairs.
+    calib.CalibrationSet; default: the built-in ShapesVQA pairs. `cuts` (decoder layers) exports the
+    decoder in segments cut before those layers, so selectors can prune inside the LLM there
+    (models/base.py DecoderSegment); default: the cuts of the selector's own plan at the default
+    budget (none for the methods that prune before the LLM).
     """
     _check_choice("precision", precision, PRECISIONS)
     if calib is not None and precision != "int8":
@@ -151,7 +107,13 @@ def export_model(
             keep = selectors.check_keep(keep, n)
         # the [CLS] attention costs one row of one layer's attention: always exported, so the runtime
         # can switch to the `attention` selector (Pipeline.use_selector) without re-exporting
-        parts = adapter.parts(cls_attention=True)
+        if cuts is None:
+            cuts = default_cuts(selector, params, adapter.num_layers)
+        cuts = adapter.check_cuts(cuts)
+        if cuts and precision == "int8":
+            raise InputError("--precision int8 calibrates one decoder graph; a decoder cut at --cuts "
+                             f"{','.join(map(str, cuts))} takes fp32, fp16 or int8-wo in this version")
+        parts = adapter.parts(cls_attention=True, cuts=cuts)
         vision_width = next(o for o in parts[0].outputs if o.name == "vision_features").shape[-1]
         sel = selector_part(selector, params, layout, adapter.hidden_size, vision_width, target)
         if sel is not None:
@@ -179,7 +141,7 @@ def export_model(
                 arrays[name] = file_record(stage, f"{name}.npy")
             budget_spec = {"default_keep": keep, "default_keep_ratio": keep_ratio, "budget": budget}
             manifest = _manifest(adapter, layout, records, arrays, selector, params, budget_spec, precision, opset,
-                                 exporter, positions, merge)
+                                 exporter, positions, merge, cuts)
             manifest["target"] = target
             manifest["footprint"] = footprint.to_json()  # the memory planner's input (tops-build)
             write_manifest(stage, manifest)
@@ -189,13 +151,27 @@ def export_model(
                 steps.set_postfix_str(f"converting to {precision}")
                 for name, changed in convert_parts(stage, manifest, precision, calib, progress).items():
                     records[name].update(changed)
-                manifest["decoder"]["kv_dtype"] = next(s["dtype"] for s in records["decoder"]["inputs"]
+                first_segment = manifest["decoder"]["segments"][0]["part"]
+                manifest["decoder"]["kv_dtype"] = next(s["dtype"] for s in records[first_segment]["inputs"]
                                                        if s["name"].startswith("past_key_values."))
                 write_manifest(stage, manifest)
             steps.update()
     finally:
         steps.close()
     return out
+
+
+def _segments(cuts, num_layers: int) -> list[tuple[str, int, int]]:
+    """(part name, first layer, end layer) of each decoder segment, as models/base.py names them."""
+    bounds = [0, *cuts, num_layers]
+    return [("decoder" if len(bounds) == 2 else f"decoder.{i}", a, b) for i, (a, b) in enumerate(zip(bounds, bounds[1:]))]
+
+
+def default_cuts(method: str, params: dict, num_layers: int) -> tuple[int, ...]:
+    """The cuts the selector's own schedule prunes at, whatever the budget (none before the LLM)."""
+    from ..selector.plan import cut_layers
+
+    return cut_layers(method, params, num_layers) if selectors.get(method).prunes else ()
 
 
 def _check_choice(flag: str, value: str, allowed, later: str = "") -> None:
@@ -205,7 +181,7 @@ def _check_choice(flag: str, value: str, allowed, later: str = "") -> None:
 
 
 def _manifest(adapter, layout, records, arrays, selector, params, budget_spec, precision, opset, exporter,
-              positions, merge) -> dict[str, Any]:
+              positions, merge, cuts) -> dict[str, Any]:
     import onnx
     import transformers
 
@@ -226,8 +202,12 @@ def _manifest(adapter, layout, records, arrays, selector, params, budget_spec, p
             "config_sha256": config_sha256(adapter.config),
         },
         "visual": layout,
-        "selector": {"method": selector, "params": params, **budget_spec, "positions": positions, "merge": merge},
+        "selector": {"method": selector, "params": params, **budget_spec, "positions": positions, "merge": merge,
+                     "stage": selectors.get(selector).stage},
         "decoder": {
+            # segment i holds layers [bounds[i], bounds[i+1]); one segment named `decoder` when uncut
+            "cuts": list(cuts),
+            "segments": [{"part": name, "layers": [first, last]} for name, first, last in _segments(cuts, adapter.num_layers)],
             "num_layers": adapter.num_layers,
             "num_kv_heads": adapter.num_kv_heads,
             "head_dim": adapter.head_dim,

@@ -14,8 +14,9 @@ from typing import Any
 
 from ..errors import ManifestError
 
-SCHEMA_VERSION = 5  # 2: visual layouts (single | anyres), arrays, keep ratio and budget split; 3: parts' precision;
-# 4: the decoder's attention_bias input and selector.merge; 5: the decoder's fixed-size KV cache (cache_position)
+SCHEMA_VERSION = 6  # 2: visual layouts (single | anyres), arrays, keep ratio and budget split; 3: parts' precision;
+# 4: the decoder's attention_bias input and selector.merge; 5: the decoder's fixed-size KV cache (cache_position);
+# 6: the decoder in segments (decoder.cuts, decoder.segments), selector.stage, the selectors' token_groups
 MANIFEST_NAME = "manifest.json"
 
 # key -> type the loader insists on; nested parts are checked separately
@@ -33,11 +34,12 @@ _REQUIRED = {
     "exporter": str,
     "tools": dict,
 }
-_REQUIRED_PARTS = ("vision", "embed", "decoder")
+_REQUIRED_PARTS = ("vision", "embed")  # and every part decoder.segments names
 _REQUIRED_VISUAL = ("layout", "tokens_per_crop", "max_tokens", "max_selectable", "grid", "image_token_id")
-_REQUIRED_SELECTOR = ("method", "params", "default_keep", "default_keep_ratio", "budget", "positions", "merge")
+_REQUIRED_SELECTOR = ("method", "params", "default_keep", "default_keep_ratio", "budget", "positions", "merge", "stage")
 PART_PRECISIONS = ("fp32", "fp16", "int8", "int8-wo")  # a graph's precision (calib/__init__.py: which part gets which)
-_REQUIRED_DECODER = ("num_layers", "num_kv_heads", "head_dim", "hidden_size", "vocab_size", "max_context", "eos_token_ids")
+_REQUIRED_DECODER = ("num_layers", "num_kv_heads", "head_dim", "hidden_size", "vocab_size", "max_context", "eos_token_ids",
+                     "cuts", "segments")
 
 
 def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
@@ -92,7 +94,8 @@ def load_manifest(directory: str | os.PathLike, verify: str = "fast") -> dict[st
     _require(path, "decoder", manifest["decoder"], _REQUIRED_DECODER)
     _require(path, "selector", manifest["selector"], _REQUIRED_SELECTOR)
     parts = manifest["parts"]
-    for name in _REQUIRED_PARTS:
+    _check_segments(path, manifest["decoder"])
+    for name in (*_REQUIRED_PARTS, *(seg["part"] for seg in manifest["decoder"]["segments"])):
         if name not in parts:
             raise ManifestError(f"{path}: part '{name}' is missing")
     for name, part in parts.items():
@@ -104,6 +107,16 @@ def load_manifest(directory: str | os.PathLike, verify: str = "fast") -> dict[st
         for name, record in manifest["arrays"].items():  # small: always hashed
             _verify_part(directory, name, {"files": [record]}, full=True)
     return manifest
+
+
+def _check_segments(path: Path, decoder: dict) -> None:
+    """The segments tile layers 0..L-1 in order, split exactly at the cuts."""
+    segments, cuts, n = decoder["segments"], decoder["cuts"], decoder["num_layers"]
+    bounds = [0, *cuts, n]
+    if not isinstance(segments, list) or len(segments) != len(bounds) - 1 or any(
+            not isinstance(seg, dict) or seg.get("layers") != [a, b] or not isinstance(seg.get("part"), str)
+            for seg, a, b in zip(segments, bounds, bounds[1:])):
+        raise ManifestError(f"{path}: decoder.segments do not split layers 0..{n} at the cuts {cuts}")
 
 
 def _require(path: Path, section: str, data: dict, keys) -> None:

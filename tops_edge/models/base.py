@@ -64,13 +64,6 @@ def cache_argument(model: nn.Module) -> str:
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
-def kv_names(num_layers: int) -> tuple[list[str], list[str]]:
-    """optimum's KV naming: past_key_values.{i}.key|value in, present.{i}.key|value out."""
-    past = [f"past_key_values.{i}.{kind}" for i in range(num_layers) for kind in ("key", "value")]
-    present = [f"present.{i}.{kind}" for i in range(num_layers) for kind in ("key", "value")]
-    return past, present
-
-
 class EmbedTokens(nn.Module):
     """input_ids -> inputs_embeds: the LLM's token-embedding lookup as a part of its own."""
 
@@ -84,6 +77,8 @@ class EmbedTokens(nn.Module):
 
 #: the attention implementation the decoder graph is traced with (registered with transformers below)
 EXPORT_ATTENTION = "tops_edge_export"
+#: set on an attention module (a list) to collect its head-averaged probabilities (DecoderSegment)
+CAPTURE = "_tops_edge_capture"
 
 
 def additive_causal_mask(attention_mask: torch.Tensor, query_length: int, dtype=torch.float32) -> torch.Tensor:
@@ -129,7 +124,7 @@ def _slot_indices(past: torch.Tensor, cache_position: torch.Tensor) -> torch.Ten
     return torch.stack([b, h, s], dim=-1)
 
 
-def _slot_cache(past, cache_position: torch.Tensor, num_layers: int):
+def _slot_cache(past, cache_position: torch.Tensor, num_layers: int, first_layer: int = 0):
     """A transformers cache over fixed-size [B, H, C, D] buffers: each layer's update writes the new
     keys and values into the slots `cache_position` and returns the whole buffers, so the graph's
     present has the past's shape.
@@ -138,16 +133,18 @@ def _slot_cache(past, cache_position: torch.Tensor, num_layers: int):
     tiny-llava-medium (ORT CPU): an element-wise ScatterElements cost 9 ms of a 627-token prefill,
     ScatterND 1.3 ms; torch's own index_put export rebuilt its broadcast indices per layer, ~15
     small nodes each, which decode steps pay in dispatch. The buffers are read as given: building
-    the cache from them (`ddp_cache_data`) would trace a Concat that copies every layer's cache."""
+    the cache from them (`ddp_cache_data`) would trace a Concat that copies every layer's cache.
+    A decoder segment holds layers first_layer.. of the model: `past` holds theirs only."""
     from transformers import DynamicCache
 
     indices = _slot_indices(past[0], cache_position)
 
     class SlotCache(DynamicCache):
         def update(self, key_states, value_states, layer_idx, *args, **kwargs):
-            keys = _ScatterSlots.apply(past[2 * layer_idx], indices, key_states)
-            values = _ScatterSlots.apply(past[2 * layer_idx + 1], indices, value_states)
-            self.present[layer_idx] = (keys, values)
+            i = layer_idx - first_layer
+            keys = _ScatterSlots.apply(past[2 * i], indices, key_states)
+            values = _ScatterSlots.apply(past[2 * i + 1], indices, value_states)
+            self.present[i] = (keys, values)
             return keys, values
 
         def get_seq_length(self, layer_idx: int = 0) -> int:
@@ -173,6 +170,9 @@ def grouped_attention(module, query, key, value, attention_mask, scaling, dropou
         scores = (scores.reshape(batch, kv_heads, groups, seq, -1) + attention_mask[:, :, None]).reshape(
             batch, kv_heads, groups * seq, -1)
     probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    capture = getattr(module, CAPTURE, None)
+    if capture is not None:  # a decoder segment's last layer: what an in-LLM selector reads
+        capture.append(probs.reshape(batch, kv_heads * groups, seq, -1).float().mean(1))  # [B, S, T] over all heads
     out = torch.matmul(probs, value)  # [B, KVH, G*S, D]
     return out.reshape(batch, heads, seq, dim).transpose(1, 2), None
 
@@ -183,61 +183,77 @@ def _register_export_attention() -> None:
     AttentionInterface.register(EXPORT_ATTENTION, grouped_attention)
 
 
-class CausalDecoder(nn.Module):
-    """The LLM on inputs_embeds with an explicit KV cache; returns the last position's logits.
+class DecoderSegment(nn.Module):
+    """Decoder layers [first, last) of the LLM over an explicit KV cache: the whole decoder when
+    first = 0 and last = L, else one segment of a decoder cut at layers where tokens are pruned.
 
-    Only the last position's logits leave the graph: prefill never needs the others, and the lm_head
-    over a 600-token prefill would be a large share of its cost at 7B.
+    The first segment takes `inputs_embeds`, a later one `hidden_states` (what the one before it
+    handed on). The last segment applies the final norm and the LM head and returns the last
+    position's logits: prefill never needs the others, and the lm_head over a 600-token prefill would
+    be a large share of its cost at 7B. A segment that ends at a cut returns instead the hidden states
+    after its last layer (`cut_hidden_states` [B, S, E], the next layer's input) and `cut_attention`
+    [B, S, C]: its last layer's attention probabilities from each of the S query positions to the C
+    cache slots, averaged over heads, which in-LLM selectors read (text -> visual attention; computed
+    inside that layer's attention, so every other layer keeps the plain kernel).
 
     The cache has a fixed size C for a whole generation (optimum's names, onnxruntime-genai's
-    `past_present_share_buffer` shapes): `past_key_values.{i}.*` are [B, H, C, D] buffers,
-    `cache_position` [S] the slots this step writes its S tokens to, `attention_mask` [B, C] which
-    slots hold a token, and `present.{i}.*` the same [B, H, C, D] with those slots written. So every
-    decode step has the same shapes and a runtime binds its buffers once per generation instead of
-    once per token (16 KV bindings a token at 4 layers, most of the decode loop's time outside the
-    graph). Empty slots are masked out; they must hold finite values (a runtime zeroes its buffers).
+    `past_present_share_buffer` shapes): `past_key_values.{i}.*` (i the model's layer index) are
+    [B, H, C, D] buffers, `cache_position` [S] the slots this step writes its S tokens to,
+    `attention_mask` [B, C] which slots hold a token, and `present.{i}.*` the same [B, H, C, D] with
+    those slots written. So every decode step has the same shapes and a runtime binds its buffers once
+    per generation instead of once per token (16 KV bindings a token at 4 layers, most of the decode
+    loop's time outside the graph). Empty slots are masked out; they must hold finite values (a
+    runtime zeroes its buffers). Each segment has its own cache, mask, bias and positions: after a
+    cut it caches only the tokens kept there.
 
     `attention_bias` [B, C] is added to the logits of every query for key slot c: 0 reproduces
     the HF model exactly; log(n) makes one cached token count as n identical ones (the runtime's token
     merging, see selector/merge.py).
 
-    The graph is traced with `grouped_attention` and one additive mask built here (the HF model's own
-    attention setting is restored after each call): measured on tiny-llava-medium's decoder, the SDPA
-    export spent more time copying the cache (repeat_kv, a transposed and a scaled copy of K per
-    layer) than in the attention's matmuls.
+    The layers are HF's own modules, called as the HF model calls them (rotary embeddings once, one
+    additive mask for all layers), traced with `grouped_attention` (the HF model's attention setting
+    is restored after each call): measured on tiny-llava-medium's decoder, the SDPA export spent more
+    time copying the cache (repeat_kv, a transposed and a scaled copy of K per layer) than in the
+    attention's matmuls.
     """
 
-    def __init__(self, language_model: nn.Module, lm_head: nn.Module, num_layers: int):
+    def __init__(self, language_model: nn.Module, lm_head: nn.Module, first: int, last: int):
         super().__init__()
         self.language_model = language_model
         self.lm_head = lm_head
-        self.num_layers = num_layers
+        self.first, self.last = first, last
+        self.num_layers = last - first
+        self.returns_logits = last == len(language_model.layers)
 
-    def forward(self, inputs_embeds, attention_mask, position_ids, attention_bias, cache_position, *past):
+    def forward(self, hidden_states, attention_mask, position_ids, attention_bias, cache_position, *past):
         _register_export_attention()
-        cache = _slot_cache(past, cache_position, self.num_layers)
-        mask = slot_causal_mask(attention_mask, cache_position, inputs_embeds.dtype)
+        lm = self.language_model
+        cache = _slot_cache(past, cache_position, self.num_layers, self.first)
+        mask = slot_causal_mask(attention_mask, cache_position, hidden_states.dtype)
         # per key position, added to every layer's and head's attention logits: log(size) of a kept
         # token that stands for merged tokens (proportional attention), 0 elsewhere
         mask = mask + attention_bias[:, None, None, :].to(mask.dtype)
-        config = self.language_model.config
+        layers = lm.layers[self.first:self.last]
+        captured: list = []
+        if not self.returns_logits:
+            setattr(layers[-1].self_attn, CAPTURE, captured)
+        config = lm.config
         before = config._attn_implementation
         config._attn_implementation = EXPORT_ATTENTION
         try:
-            out = self.language_model(
-                inputs_embeds=inputs_embeds,
-                attention_mask=mask,
-                position_ids=position_ids,
-                use_cache=True,
-                **{cache_argument(self.language_model): cache},
-            )
+            rotary = lm.rotary_emb(hidden_states, position_ids=position_ids)
+            h = hidden_states
+            for layer in layers:
+                h = layer(h, attention_mask=mask, position_ids=position_ids, position_embeddings=rotary,
+                          use_cache=True, **{cache_argument(layer): cache})
         finally:
             config._attn_implementation = before
-        logits = self.lm_head(out.last_hidden_state[:, -1:, :])
-        present = []
-        for keys, values in cache.present:
-            present += [keys, values]
-        return (logits, *present)
+            if hasattr(layers[-1].self_attn, CAPTURE):
+                delattr(layers[-1].self_attn, CAPTURE)
+        present = [t for kv in cache.present for t in kv]
+        if self.returns_logits:
+            return (self.lm_head(lm.norm(h[:, -1:, :])), *present)
+        return (h, captured[0], *present)
 
 
 class ModelAdapter(ABC):
@@ -307,16 +323,50 @@ class ModelAdapter(ABC):
         """Visual tokens per image, their grid and the image token id."""
 
     @abstractmethod
-    def parts(self, cls_attention: bool = False) -> list[PartSpec]:
-        """The exportable parts, in pipeline order (vision, embed, decoder). The vision part outputs
-        image_features and vision_features, plus cls_attention when asked (the attention selector)."""
+    def parts(self, cls_attention: bool = False, cuts=()) -> list[PartSpec]:
+        """The exportable parts, in pipeline order (vision, embed, the decoder or its segments). The
+        vision part outputs image_features and vision_features, plus cls_attention when asked (the
+        attention selector); `cuts` splits the decoder before those layers (decoder_parts)."""
 
-    def decoder_part(self, language_model: nn.Module, lm_head: nn.Module) -> PartSpec:
-        """The KV-cached decoder part; shared by every family whose LLM is HF-causal-LM shaped."""
-        n, h, d, e = self.num_layers, self.num_kv_heads, self.head_dim, self.hidden_size
-        past_names, present_names = kv_names(n)
-        kv_in = [TensorSpec(nm, "float32", ("batch", h, "cache_sequence", d)) for nm in past_names]
-        kv_out = [TensorSpec(nm, "float32", ("batch", h, "cache_sequence", d)) for nm in present_names]
+    def check_cuts(self, cuts) -> tuple[int, ...]:
+        """`--cuts`: decoder layers 1..L-1, ascending, each once; anything else is an InputError."""
+        from ..errors import InputError
+
+        cuts = tuple(cuts or ())
+        n = self.num_layers
+        for c in cuts:
+            if isinstance(c, bool) or not isinstance(c, int):
+                raise InputError(f"--cuts takes decoder layer numbers, got {c!r}")
+            if not 1 <= c <= n - 1:
+                raise InputError(f"--cuts {c} is out of range: this model's decoder has {n} layers, so a cut "
+                                 f"sits before a layer 1..{n - 1}")
+        if list(cuts) != sorted(set(cuts)):
+            raise InputError(f"--cuts must be ascending without repeats, got {','.join(map(str, cuts))}")
+        return cuts
+
+    def decoder_parts(self, language_model: nn.Module, lm_head: nn.Module, cuts=()) -> list[PartSpec]:
+        """The KV-cached decoder, cut before each layer in `cuts` into segments (`decoder` when
+        uncut, else `decoder.0`, `decoder.1`, ...); shared by every family whose LLM is HF-causal-LM
+        shaped. See DecoderSegment for the IO."""
+        bounds = [0, *self.check_cuts(cuts), self.num_layers]
+        parts = []
+        for index, (first, last) in enumerate(zip(bounds, bounds[1:])):
+            name = "decoder" if len(bounds) == 2 else f"decoder.{index}"
+            parts.append(self._segment_part(name, DecoderSegment(language_model, lm_head, first, last)))
+        return parts
+
+    def _segment_part(self, name: str, segment: DecoderSegment) -> PartSpec:
+        h, d, e = self.num_kv_heads, self.head_dim, self.hidden_size
+        layers = range(segment.first, segment.last)
+        past_names = [f"past_key_values.{i}.{kind}" for i in layers for kind in ("key", "value")]
+        present_names = [f"present.{i}.{kind}" for i in layers for kind in ("key", "value")]
+        kv = lambda names: [TensorSpec(nm, "float32", ("batch", h, "cache_sequence", d)) for nm in names]  # noqa: E731
+        first_input = "inputs_embeds" if segment.first == 0 else "hidden_states"
+        if segment.returns_logits:
+            outputs = [TensorSpec("logits", "float32", ("batch", 1, self.text_config.vocab_size))]
+        else:
+            outputs = [TensorSpec("cut_hidden_states", "float32", ("batch", "sequence", e)),
+                       TensorSpec("cut_attention", "float32", ("batch", "sequence", "cache_sequence"))]
 
         def example():
             past_len, seq, capacity = 3, 5, 11
@@ -333,17 +383,17 @@ class ModelAdapter(ABC):
             )
 
         return PartSpec(
-            name="decoder",
-            module=CausalDecoder(language_model, lm_head, n),
+            name=name,
+            module=segment,
             inputs=[
-                TensorSpec("inputs_embeds", "float32", ("batch", "sequence", e)),
+                TensorSpec(first_input, "float32", ("batch", "sequence", e)),
                 TensorSpec("attention_mask", "int64", ("batch", "cache_sequence")),
                 TensorSpec("position_ids", "int64", ("batch", "sequence")),
                 TensorSpec("attention_bias", "float32", ("batch", "cache_sequence")),
                 TensorSpec("cache_position", "int64", ("sequence",)),
-                *kv_in,
+                *kv(past_names),
             ],
-            outputs=[TensorSpec("logits", "float32", ("batch", 1, self.text_config.vocab_size)), *kv_out],
+            outputs=[*outputs, *kv(present_names)],
             example_inputs=example,
         )
 

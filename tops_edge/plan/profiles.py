@@ -41,6 +41,7 @@ def optimization_profiles(manifest: dict, device: DevicePreset) -> dict[str, dic
         "num_images": (1, 1, 1), "batch": (1, 1, 1),
         "num_crops": (1, min(3, crops), crops), "tokens": (1, per_crop, selectable),
         "instruction": (1, 32, prompt),
+        "queries": (1, 32, prompt),  # an in-LLM selector's text rows (the prompt after the image)
         "sequence": (1, 1, prefill),
         "cache_sequence": (1, context // 2, context),
     }

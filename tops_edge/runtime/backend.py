@@ -3,7 +3,7 @@ whose KV cache is allocated once and fed through IO binding.
 
 The decoder follows optimum's IO names over a fixed-size cache (`past_key_values.{i}.key` in,
 `present.{i}.key` out, both [1, H, C, D]; `cache_position` names the slots a step writes; see
-models/base.py `CausalDecoder`). Its KV cache is two buffers per tensor, allocated once: each step
+models/base.py `DecoderSegment`). Its KV cache is two buffers per tensor, allocated once: each step
 reads the past from one and ORT writes `present` straight into the other, then they swap. Every
 decode step has the same shapes, so both directions are bound once per generation: per token the
 loop writes a position and a slot into bound buffers and runs. Nothing in the decode loop allocates
@@ -61,13 +61,24 @@ class Session(ABC):
 
 
 class DecoderRunner(ABC):
-    """Prefill and decode steps over a KV cache that lives inside the runner."""
+    """Prefill and decode steps over a KV cache that lives inside the runner: the whole decoder, or
+    one segment of a decoder cut for in-LLM pruning (models/base.py DecoderSegment). A segment that
+    ends at a cut (`hands_on`) returns hidden states and attention instead of logits; in the decode
+    loop it writes its hidden state straight into the next segment's `token_embeds` (`hand_on_to`)."""
+
+    #: True for a segment that ends at a cut (outputs cut_hidden_states, cut_attention)
+    hands_on: bool = False
 
     def __init__(self, layout: KVLayout, hidden_size: int):
         self.layout = layout
         self.hidden_size = hidden_size
         self.length = 0  # tokens now in the cache
         self.busy_ms = 0.0  # as Session.busy_ms
+        self.next_embeds: np.ndarray | None = None  # a cut segment's decode output: the next one's token_embeds
+
+    def hand_on_to(self, following: "DecoderRunner") -> None:
+        """Decode steps write this segment's hidden state into `following`'s token buffer."""
+        self.next_embeds = following.token_embeds
 
     @abstractmethod
     def reserve(self, capacity: int) -> None:
@@ -76,10 +87,12 @@ class DecoderRunner(ABC):
 
     @abstractmethod
     def step(self, inputs_embeds: np.ndarray, position_ids: np.ndarray,
-             attention_bias: np.ndarray | None = None) -> np.ndarray:
-        """Feed [1, S, D] embeddings at the given positions; returns the last position's logits [V].
-        `attention_bias` [1, S] (default 0) is added to every later attention logit on these tokens:
-        log(n) for a token that stands for n merged ones. It stays with the cached tokens."""
+             attention_bias: np.ndarray | None = None):
+        """Feed [1, S, D] embeddings (a later segment: hidden states) at the given positions; returns
+        the last position's logits [V], or for a segment that hands on, (hidden states [1, S, D],
+        attention [1, S, C]). `attention_bias` [1, S] (default 0) is added to every later attention
+        logit on these tokens: log(n) for a token that stands for n merged ones. It stays with the
+        cached tokens."""
 
     @property
     def token_embeds(self) -> np.ndarray:
@@ -89,10 +102,15 @@ class DecoderRunner(ABC):
             self._token_embeds = np.zeros((1, 1, self.hidden_size), dtype=np.float32)
         return self._token_embeds
 
-    def step_token(self, position: int) -> np.ndarray:
-        """One decode step on `token_embeds` at `position`; returns the logits [V]. Same result as
+    def step_token(self, position: int):
+        """One decode step on `token_embeds` at `position`; returns the logits [V] (a segment that
+        hands on writes its hidden state into `next_embeds` and returns None). Same result as
         `step(token_embeds, [[position]])`; backends skip rebinding what did not change."""
-        return self.step(self.token_embeds, np.array([[position]], dtype=np.int64))
+        out = self.step(self.token_embeds, np.array([[position]], dtype=np.int64))
+        if not self.hands_on:
+            return out
+        self.next_embeds[...] = out[0]
+        return None
 
     def reset(self) -> None:
         self.length = 0
@@ -143,19 +161,23 @@ class OrtSession(Session):
 
 class OrtDecoderRunner(DecoderRunner):
     def __init__(self, sess, layout: KVLayout, device: str):
-        super().__init__(layout, int(next(i for i in sess.get_inputs() if i.name == "inputs_embeds").shape[-1]))
+        inputs = {i.name: i for i in sess.get_inputs()}
+        self.input_name = "inputs_embeds" if "inputs_embeds" in inputs else "hidden_states"  # later segments
+        super().__init__(layout, int(inputs[self.input_name].shape[-1]))
         import onnxruntime as ort
 
         self._ort = ort
         self.sess = sess
         self.device = device
+        self.hands_on = "cut_hidden_states" in {o.name for o in sess.get_outputs()}
+        self._attention = np.zeros((1, 1, 0), dtype=np.float32)  # decode steps' cut_attention: not read
         self.past_names = [i.name for i in sess.get_inputs() if i.name.startswith("past_key_values.")]
         # the KV IO dtype is the graph's: fp16 exports take and give fp16 KV (calib/), the rest fp32
         past_type = next(i.type for i in sess.get_inputs() if i.name in self.past_names)
         self.kv_dtype = np.float16 if past_type == "tensor(float16)" else np.float32
         self.layout = replace(layout, itemsize=np.dtype(self.kv_dtype).itemsize)
         self.present_names = [n.replace("past_key_values.", "present.") for n in self.past_names]
-        vocab = sess.get_outputs()[0].shape[-1]
+        vocab = sess.get_outputs()[0].shape[-1] if not self.hands_on else 0
         self.logits = np.empty((1, 1, vocab), dtype=np.float32)
         self.capacity = 0  # tokens the allocated buffers hold
         self.window = 0  # the cache size C this generation's steps see (<= capacity; see reserve)
@@ -171,7 +193,7 @@ class OrtDecoderRunner(DecoderRunner):
 
     def reserve(self, capacity: int) -> None:
         """Make the cache `capacity` slots for the next generation. Memory is allocated (zeroed: empty
-        slots must be finite, see CausalDecoder) only when it grows; a smaller generation binds a
+        slots must be finite, see DecoderSegment) only when it grows; a smaller generation binds a
         [1, H, capacity, D] view of the same buffers, so its attention spans its own length only."""
         if capacity > self.capacity:
             per = self.layout.num_kv_heads * self.layout.head_dim * capacity
@@ -184,6 +206,8 @@ class OrtDecoderRunner(DecoderRunner):
         if capacity != self.window:
             self._mask = np.zeros((1, capacity), dtype=np.int64)
             self._bias = np.zeros((1, capacity), dtype=np.float32)
+            if self.hands_on:
+                self._attention = np.zeros((1, 1, capacity), dtype=np.float32)
             self._bindings = [self._bind_direction(d, capacity) for d in (0, 1)]
             self._token_bound = [False, False]
             self.window = capacity
@@ -201,7 +225,8 @@ class OrtDecoderRunner(DecoderRunner):
             b.bind_output(out_name, self.device, 0, self.kv_dtype, shape, d)
         for name, buffer in (("attention_mask", self._mask), ("attention_bias", self._bias)):
             _bind_buffer(b, name, buffer)
-        b.bind_output("logits", "cpu", 0, np.float32, list(self.logits.shape), self.logits.ctypes.data)
+        if not self.hands_on:  # a cut segment binds its outputs per step kind (step / step_token)
+            _bind_output(b, "logits", self.logits)
         return b
 
     def reset(self) -> None:
@@ -213,13 +238,20 @@ class OrtDecoderRunner(DecoderRunner):
         seq = inputs_embeds.shape[1]
         past, total = self._check_room(seq)
         b = self._bindings[self._turn]
-        b.bind_cpu_input("inputs_embeds", np.ascontiguousarray(inputs_embeds, dtype=np.float32))
+        b.bind_cpu_input(self.input_name, np.ascontiguousarray(inputs_embeds, dtype=np.float32))
         b.bind_cpu_input("position_ids", np.ascontiguousarray(position_ids, dtype=np.int64))
         b.bind_cpu_input("cache_position", np.arange(past, total, dtype=np.int64))
         self._token_bound[self._turn] = False
         self._mask[0, past:total] = 1
         self._bias[0, past:total] = 0.0 if attention_bias is None else attention_bias[0]
-        return self._run(b, total)
+        if not self.hands_on:
+            return self._run(b, total)
+        hidden = np.empty((1, seq, self.hidden_size), dtype=np.float32)
+        attention = np.empty((1, seq, self.window), dtype=np.float32)
+        _bind_output(b, "cut_hidden_states", hidden)
+        _bind_output(b, "cut_attention", attention)
+        self._run(b, total)
+        return hidden, attention
 
     def step_token(self, position):
         """The decode loop's step: everything is bound, so per token it writes the position, the slot
@@ -228,15 +260,19 @@ class OrtDecoderRunner(DecoderRunner):
         turn = self._turn
         b = self._bindings[turn]
         if not self._token_bound[turn]:
-            for name, buffer in (("inputs_embeds", self.token_embeds), ("position_ids", self._position),
+            for name, buffer in ((self.input_name, self.token_embeds), ("position_ids", self._position),
                                  ("cache_position", self._slot)):
                 _bind_buffer(b, name, buffer)
+            if self.hands_on:  # the hidden state goes straight into the next segment's token buffer
+                _bind_output(b, "cut_hidden_states", self.next_embeds)
+                _bind_output(b, "cut_attention", self._attention)
             self._token_bound[turn] = True
         self._position[0, 0] = position
         self._slot[0] = past
         self._mask[0, past] = 1
         self._bias[0, past] = 0.0
-        return self._run(b, total)
+        logits = self._run(b, total)
+        return None if self.hands_on else logits
 
     def _check_room(self, seq: int) -> tuple[int, int]:
         past, total = self.length, self.length + seq
@@ -250,7 +286,7 @@ class OrtDecoderRunner(DecoderRunner):
         self.busy_ms += (time.perf_counter() - t) * 1e3
         self._turn ^= 1
         self.length = total
-        return self.logits[0, -1]
+        return self.logits[0, -1] if not self.hands_on else None
 
 
 def _aligned_zeros(n: int, dtype, alignment: int = 64) -> np.ndarray:
@@ -265,6 +301,11 @@ def _aligned_zeros(n: int, dtype, alignment: int = 64) -> np.ndarray:
 def _bind_buffer(binding, name: str, buffer: np.ndarray) -> None:
     """Binds a host array by address: the run reads what the array holds at run time."""
     binding.bind_input(name, "cpu", 0, buffer.dtype, list(buffer.shape), buffer.ctypes.data)
+
+
+def _bind_output(binding, name: str, buffer: np.ndarray) -> None:
+    """Binds a host array by address as an output: the run writes into it."""
+    binding.bind_output(name, "cpu", 0, buffer.dtype, list(buffer.shape), buffer.ctypes.data)
 
 
 @functools.lru_cache(maxsize=1)

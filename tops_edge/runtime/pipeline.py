@@ -26,26 +26,31 @@ from .preprocess import Preprocessor
 from .sampling import check_sampling, next_token
 
 JSON_KEYS = ("text", "token_ids", "kept_indices", "timings_ms", "kv_cache_bytes", "num_visual_tokens", "keep",
-             "kept_sizes")
+             "kept_sizes", "stages")
 
 
 @dataclass
 class GenerationResult:
     text: str
     token_ids: list[int]  # new tokens only
-    kept_indices: list[int]  # positions in the image's visual-token sequence, ascending (newlines included)
+    kept_indices: list[int]  # what the first decoder layer sees: positions in the image's visual-token
+    # sequence, ascending (newlines included); later pruning stages are in `stages`
     timings_ms: dict[str, float]
     kv_cache_bytes: int  # KV entries held at the end: prompt (with kept visual tokens) + fed new tokens
     prompt_tokens: int = 0  # prefill length, visual tokens included
     finish_reason: str = "length"  # "eos" or "length"
     num_visual_tokens: int = 0  # the image's visual tokens before pruning (LLaVA-NeXT: varies per image)
-    keep: int = 0  # the budget K used (selectable tokens kept; NeXT's newlines come on top)
+    keep: int = 0  # the budget T used: the visual tokens kept on average over the decoder's layers
+    # (before the LLM: its K; selectable tokens only, NeXT's newlines come on top)
     #: per kept index, the visual tokens it stands for (merge "mean": its group's size; else all 1)
     kept_sizes: list[int] = field(default_factory=list)
     #: per visual token of the image's sequence, the index into `kept_indices` of the kept token that
     #: stands for it: itself when kept, its merged group's token with merge "mean", -1 when dropped
     #: with merge "none". Not part of `to_json`; `tops-run --show-kept` draws it.
     token_groups: list[int] = field(default_factory=list)
+    #: every pruning stage that ran, in order: {"layer": 0 before the LLM or the cut's decoder layer,
+    #: "keep": tokens kept, "kept_indices": their positions in the image's visual-token sequence}
+    stages: list[dict] = field(default_factory=list)
     #: with `output_logits=True`, per new token the raw logits [V] it was chosen from (float32, before
     #: temperature and top-p, as HF generate's `output_logits`); else None. Not part of `to_json`.
     logits: list[np.ndarray] | None = None
@@ -130,25 +135,40 @@ class Pipeline:
         self.vision = backend.session(part_path("vision"))
         self.selector = backend.session(part_path("selector")) if "selector" in parts else None
         self._selectors = {(self.selector_method, _params_key(sel["params"])): self.selector}
+        self.selector_params = dict(sel["params"])
+        self.selector_stage = sel["stage"]  # "vision": before the LLM; "llm": at the decoder's cuts
         self.embed = backend.session(part_path("embed"))
         self._embed_token = None  # the decode loop's bound embedding run (see _token_embedder)
         self._token_id = np.zeros((1, 1), dtype=np.int64)
-        self.decoder = backend.decoder(part_path("decoder"), KVLayout(dec["num_layers"], dec["num_kv_heads"], dec["head_dim"]))
+        #: the decoder's segments in order ([first, last) layers each; one when the export has no cuts),
+        #: each with its own KV cache; a cut segment hands its hidden state to the next one
+        self.num_layers = int(dec["num_layers"])
+        self.cuts = tuple(int(c) for c in dec["cuts"])
+        self.segment_layers = [tuple(seg["layers"]) for seg in dec["segments"]]
+        self.decoders = [backend.decoder(part_path(seg["part"]), KVLayout(b - a, dec["num_kv_heads"], dec["head_dim"]))
+                         for seg, (a, b) in zip(dec["segments"], self.segment_layers)]
+        for runner, following in zip(self.decoders, self.decoders[1:]):
+            runner.hand_on_to(following)
 
     @property
     def needs_instruction(self) -> bool:
         return self.selector is not None and "instruction_embeds" in self.selector.input_names
 
     @property
+    def decoder(self):
+        """The decoder's runner (the first segment's, of a decoder cut into segments)."""
+        return self.decoders[0]
+
+    @property
     def _parts(self):
-        return [p for p in (self.vision, self.selector, self.embed, self.decoder) if p is not None]
+        return [p for p in (self.vision, self.selector, self.embed, *self.decoders) if p is not None]
 
     def use_selector(self, method: str, **params) -> "Pipeline":
         """Switch to another registered selector (and/or parameters) without re-exporting: its graph
         is built from the registry's ONNX form with this export's shapes and kept for later switches.
         The vision graph must provide what the method reads (`cls_attention` for `attention`)."""
         from .. import selector as selectors
-        from ..export.exporter import selector_part
+        from ..selector.parts import selector_part
 
         info = selectors.get(method)
         resolved = info.resolve_params(params)
@@ -169,6 +189,8 @@ class Pipeline:
                 self._selectors[key] = self.backend.session(part.onnx_model().SerializeToString())
         self.selector = self._selectors[key]
         self.selector_method = method
+        self.selector_params = resolved if info.prunes else {}
+        self.selector_stage = info.stage
         return self
 
     @classmethod
@@ -255,6 +277,23 @@ class Pipeline:
             return keep_from_ratio(self.default_keep_ratio, n)
         return n if self.default_keep is None else min(int(self.default_keep), n)
 
+    def plan(self, keep: int, num_selectable: int):
+        """The pruning plan (selector/plan.py) of the current selector at T = `keep` equivalent average
+        visual tokens for an image of `num_selectable` tokens: where it prunes and how much. Every cut
+        it prunes at must be one this export's decoder was cut at."""
+        from ..selector.plan import PruningPlan, plan_for
+
+        if self.selector is None or keep >= num_selectable:
+            return PruningPlan((), num_selectable, self.num_layers)
+        plan = plan_for(self.selector_method, self.selector_params, keep, num_selectable, self.num_layers)
+        missing = [c for c in plan.cuts() if c not in self.cuts]
+        if missing:
+            have = ",".join(map(str, self.cuts)) or "none"
+            raise InputError(f"{self.selector_method} at --keep {keep} prunes inside the LLM at layer "
+                             f"{','.join(map(str, missing))}, which this export's decoder was not cut at (its cuts: "
+                             f"{have}); re-export with tops-export --cuts {','.join(map(str, sorted(set(self.cuts) | set(missing))))}")
+        return plan
+
     def resolve_budget(self, budget: str | None) -> str:
         budget = self.budget if budget is None else budget
         if budget not in BUDGETS:
@@ -325,6 +364,43 @@ class Pipeline:
                                                 {"inputs_embeds": self.decoder.token_embeds})
         return self._embed_token
 
+    def _select_at_cut(self, hidden: np.ndarray, attention: np.ndarray, rows: "_Rows", keep: int) -> np.ndarray:
+        """At a decoder cut: the rows of the prefill sequence that go on (text, kept visual tokens).
+        The stage's selector reads the alive visual tokens' hidden states and the cut layer's
+        attention from the text after the image to them; NeXT's newline tokens are always kept."""
+        visual = rows.visual_rows()
+        choosable = np.flatnonzero(~rows.newline)
+        if keep >= len(choosable):
+            return np.arange(hidden.shape[1])
+        after = np.arange(visual[-1] + 1, hidden.shape[1]) if len(visual) else np.arange(rows.before, hidden.shape[1])
+        cols = visual[choosable]
+        feeds = {"image_features": hidden[:, cols], "keep": np.array(keep, dtype=np.int64),
+                 "text_attention": np.ascontiguousarray(attention[:, after][:, :, cols])}
+        out = self.selector.run({name: feeds[name] for name in self.selector.input_names})
+        kept = np.sort(np.concatenate([choosable[out["kept_indices"][0]], np.flatnonzero(rows.newline)]))
+        return np.concatenate([np.arange(rows.before), visual[kept], after])
+
+    def _prefill(self, embeds: np.ndarray, positions: np.ndarray, bias: np.ndarray, rows: "_Rows", plan,
+                 max_new_tokens: int):
+        """Runs every decoder segment on the prompt, pruning at the plan's cuts. Returns the last
+        position's logits, each segment's next decode position and the stages that ran at cuts."""
+        at_cut = {stage.layer: stage.keep for stage in plan.stages if stage.layer > 0}
+        hidden, stages, next_positions = embeds, [], []
+        for runner, (first, _) in zip(self.decoders, self.segment_layers):
+            if first in at_cut:
+                keep = self._select_at_cut(hidden, attention, rows, at_cut[first])
+                hidden, bias = hidden[:, keep], bias[:, keep]
+                positions = positions[keep] if self.positions == "original" else np.arange(len(keep), dtype=np.int64)
+                rows = rows.taken(keep)
+                stages.append({"layer": first, "keep": int((~rows.newline).sum()), "kept_indices": rows.visual.tolist()})
+            runner.reserve(hidden.shape[1] + max_new_tokens - 1)  # the last token is never fed back
+            runner.reset()
+            out = runner.step(hidden, positions[None], bias)
+            next_positions.append(int(positions[-1]) + 1)
+            if runner.hands_on:
+                hidden, attention = out
+        return out, next_positions, stages
+
     # --- the loop ----------------------------------------------------------------------------
     def _steps(self, image, prompt, max_new_tokens, keep, temperature, top_p, seed, raw_prompt, ignore_eos=False,
                keep_ratio=None, budget=None, output_logits=False):
@@ -343,8 +419,10 @@ class Pipeline:
         pixels, image_size = self.pre.image_inputs(image)
         token_map = self.layout.token_map(image_size)
         keep = self.resolve_keep(keep, token_map.selectable, keep_ratio)
+        plan = self.plan(keep, token_map.selectable)
+        first_keep = plan.stages[0].keep if plan.stages and plan.stages[0].layer == 0 else token_map.selectable
         num_visual = len(token_map)
-        kept_len = keep + len(token_map.newlines) if keep < token_map.selectable else num_visual
+        kept_len = first_keep + len(token_map.newlines) if first_keep < token_map.selectable else num_visual
         prompt_len = len(before) + kept_len + len(after)
         # with `original` positions the ids run to the unpruned length, whatever K is
         span = prompt_len if self.positions == "compact" else len(before) + num_visual + len(after)
@@ -359,19 +437,19 @@ class Pipeline:
 
         vision = self.vision.run({"pixel_values": pixels[: token_map.num_crops]})
         t = clock.add("vision", t)
-        kept, features, sizes, groups = self._select(vision, token_map, instruction, keep, budget)
+        kept, features, sizes, groups = self._select(vision, token_map, instruction, first_keep, budget)
         visual = features[kept][None]
         t = clock.add("select", t)
 
         text = self.embed.run({"input_ids": np.concatenate([before, after])[None]})["inputs_embeds"]
         embeds = np.concatenate([text[:, : len(before)], visual, text[:, len(before) :]], axis=1)
         positions = self.prompt_positions(len(before), kept, len(after), num_visual)
-        next_position = int(positions[-1]) + 1
-        self.decoder.reserve(prompt_len + max_new_tokens - 1)  # the last token is never fed back
-        self.decoder.reset()
         bias = np.zeros((1, prompt_len), dtype=np.float32)  # log(group size) on merged visual tokens
         bias[0, len(before) : len(before) + len(kept)] = np.log(sizes)
-        logits = self.decoder.step(embeds, positions[None], bias)
+        rows = _Rows(len(before), kept, np.isin(kept, token_map.newlines))
+        logits, next_positions, cut_stages = self._prefill(embeds, positions, bias, rows, plan, max_new_tokens)
+        stages = [{"layer": 0, "keep": first_keep, "kept_indices": [int(i) for i in kept]}] \
+            if first_keep < token_map.selectable else []
         t = clock.add("prefill", t)
 
         rng = np.random.default_rng(seed)
@@ -392,9 +470,9 @@ class Pipeline:
                 break
             t = time.perf_counter()  # time spent in the caller between tokens is not ours
             self._token_id[0, 0] = tok
-            embed_token()  # into decoder.token_embeds
-            logits = self.decoder.step_token(next_position)
-            next_position += 1
+            embed_token()  # into the first segment's token_embeds; each segment writes the next one's
+            for runner, position in zip(self.decoders, next_positions):
+                logits = runner.step_token(position + i)
             clock.add("decode", t)
 
         decode_steps = max(len(token_ids) - 1, 0)
@@ -408,11 +486,31 @@ class Pipeline:
             kept_indices=[int(i) for i in kept],
             kept_sizes=[int(n) for n in sizes],
             token_groups=groups.tolist(),
+            stages=stages + cut_stages,
             timings_ms={k: round(v, 3) for k, v in timings.items()},
-            kv_cache_bytes=self.decoder.bytes_used,
+            kv_cache_bytes=sum(runner.bytes_used for runner in self.decoders),
             prompt_tokens=prompt_len,
             finish_reason=finish,
             num_visual_tokens=num_visual,
             keep=keep,
             logits=step_logits,
         )
+
+
+@dataclass(frozen=True)
+class _Rows:
+    """Where the visual tokens sit in a segment's prompt: after `before` text tokens, `visual` (their
+    positions in the image's visual sequence, ascending), `newline` (which of them are NeXT's row
+    newlines, never pruned), then the text after the image."""
+
+    before: int
+    visual: np.ndarray
+    newline: np.ndarray
+
+    def visual_rows(self) -> np.ndarray:
+        return self.before + np.arange(len(self.visual))
+
+    def taken(self, rows: np.ndarray) -> "_Rows":
+        """After a cut kept these prompt rows."""
+        picked = rows[(rows >= self.before) & (rows < self.before + len(self.visual))] - self.before
+        return _Rows(self.before, self.visual[picked], self.newline[picked])

@@ -100,7 +100,7 @@ class TrtDecoderRunner(DecoderRunner):
         torch, ctx = self.e.torch, self.e.context
         if capacity > self.capacity:
             per = self.layout.num_kv_heads * self.layout.head_dim * capacity
-            # zeroed: empty slots are masked out but must hold finite values (models/base.py CausalDecoder)
+            # zeroed: empty slots are masked out but must hold finite values (models/base.py DecoderSegment)
             buffers = [torch.zeros(per, dtype=self.kv_dtype, device="cuda") for _ in range(2 * len(self.past_names))]
             self._src, self._dst = buffers[: len(self.past_names)], buffers[len(self.past_names):]
             vocab = self.e.engine.get_tensor_shape("logits")[-1]
@@ -186,4 +186,10 @@ class TrtBackend(Backend):
         return TrtSession(self._engine_for(path))
 
     def decoder(self, path, layout):
-        return TrtDecoderRunner(self._engine_for(path), layout)
+        engine = self._engine_for(path)
+        if "inputs_embeds" not in engine.input_names or "logits" not in engine.output_names:
+            from ..errors import BackendUnavailableError
+
+            raise BackendUnavailableError("backend 'trt' runs an uncut decoder only in this version; run a decoder "
+                                          "exported with --cuts on backend 'ort'")
+        return TrtDecoderRunner(engine, layout)

@@ -1,0 +1,200 @@
+"""The decoder exported in segments (`--cuts`), pruned inside the LLM: the exported pipeline against HF's
+own decoder layers cut at the same layers with the same kept sets (compact and original positions),
+cuts without pruning against HF generate, the per-segment KV formula, and the one-line refusals."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from cli_helpers import EXAMPLE, one_line_error
+from hf_reference import chat_text, hf_cut_greedy, hf_generate, hf_merged_inputs, hf_pruned_inputs_embeds
+from tops_edge.export import export_model
+from tops_edge.models.llava import LlavaAdapter
+from tops_edge.models.tiny import build_tiny_llava
+from tops_edge.runtime import Pipeline
+
+NEW_TOKENS = 12
+PROMPT = "What shapes are in the picture?"
+
+
+@pytest.fixture(scope="module")
+def deep():
+    """tiny-llava with a 6-layer Llama: room for cuts at 2 and 4."""
+    model, processor = build_tiny_llava(seed=5, text=dict(num_hidden_layers=6))
+    return LlavaAdapter(model, processor, source="tiny-llava-6")
+
+
+@pytest.fixture(scope="module")
+def image():
+    from PIL import Image
+
+    return Image.open(EXAMPLE).convert("RGB")
+
+
+@pytest.fixture(scope="module", params=["compact", "original"])
+def fastv_dir(request, tmp_path_factory, deep):
+    out = tmp_path_factory.mktemp("fastv") / request.param
+    return export_model(deep, out, selector="fastv", keep=300, cuts=[2, 4], positions=request.param, progress=False)
+
+
+def _prompt_rows(deep, prompt):
+    ids = deep.processor.tokenizer(chat_text(deep.processor, prompt)).input_ids
+    slot = ids.index(deep.config.image_token_id)
+    return slot, len(ids) - slot - 1
+
+
+def _keep_rows(stages, slot: int, after: int, num_visual: int):
+    """The reference's rows per cut from the pipeline's reported stages (visual-sequence indices)."""
+    alive = list(range(num_visual))
+    rows = []
+    for stage in stages:
+        kept = stage["kept_indices"]
+        visual = [slot + alive.index(k) for k in kept]
+        rows.append(list(range(slot)) + visual + list(range(slot + len(alive), slot + len(alive) + after)))
+        alive = kept
+    return rows
+
+
+def test_segmented_export_writes_one_graph_per_segment(fastv_dir):
+    manifest = json.loads((fastv_dir / "manifest.json").read_text())
+    dec = manifest["decoder"]
+    assert dec["cuts"] == [2, 4]
+    assert dec["segments"] == [{"part": "decoder.0", "layers": [0, 2]}, {"part": "decoder.1", "layers": [2, 4]},
+                               {"part": "decoder.2", "layers": [4, 6]}]
+    parts = manifest["parts"]
+    first, middle, last = (parts[f"decoder.{i}"] for i in range(3))
+    assert first["inputs"][0]["name"] == "inputs_embeds" and middle["inputs"][0]["name"] == "hidden_states"
+    assert [o["name"] for o in middle["outputs"][:2]] == ["cut_hidden_states", "cut_attention"]
+    assert last["outputs"][0]["name"] == "logits"
+    assert [s["name"] for s in middle["inputs"] if s["name"].startswith("past")] == [
+        "past_key_values.2.key", "past_key_values.2.value", "past_key_values.3.key", "past_key_values.3.value"]
+    assert manifest["selector"]["stage"] == "llm"
+
+
+def test_pruned_inside_the_llm_equals_hf_layers_cut_at_the_same_layers(fastv_dir, deep, image):
+    """fastv prunes at layer 2 only (the plan's one cut); the cut at 4 passes every token on. The
+    greedy tokens equal HF's decoder layers fed the same kept rows, the first logits within 1e-4,
+    and the kept set is fastv's own choice on HF's attention at layer 1."""
+    from tops_edge import selector
+
+    pipe = Pipeline.load(fastv_dir)
+    r = pipe.generate(image, PROMPT, max_new_tokens=NEW_TOKENS, output_logits=True)
+    assert [s["layer"] for s in r.stages] == [2] and r.stages[0]["keep"] == len(r.stages[0]["kept_indices"])
+    slot, after = _prompt_rows(deep, PROMPT)
+    embeds, bias = hf_merged_inputs(deep.model, deep.processor, image, PROMPT, list(range(576)))
+    rows = _keep_rows(r.stages, slot, after, 576)
+    ref, logits, attention = hf_cut_greedy(deep.model, embeds, bias, [2, 4], [rows[0], None], NEW_TOKENS,
+                                           positions=pipe.positions, eos_token_id=deep.eos_token_ids[0])
+    assert len(r.token_ids) >= 8 and r.token_ids == ref
+    np.testing.assert_allclose(r.logits[0], logits.numpy(), atol=1e-4)
+    # the selection itself: fastv's reference on HF's layer-1 attention from the text after the image
+    text_attention = attention[2][slot + 576:, slot:slot + 576][None]
+    info = selector.get("fastv")
+    chosen = info.reference({"image_features": torch.zeros(1, 576, 1), "text_attention": text_attention},
+                            r.stages[0]["keep"], info.resolve_params({}), (24, 24))
+    assert chosen[0].tolist() == r.stages[0]["kept_indices"]
+
+
+def _assert_equals_hf_layers(pipe, model, processor, image, prompt, eos):
+    """The pipeline's greedy tokens and first logits against HF's layers cut at the export's cuts,
+    fed the pipeline's reported kept sets (every visual token enters the LLM: in-LLM plans)."""
+    r = pipe.generate(image, prompt, max_new_tokens=NEW_TOKENS, output_logits=True)
+    assert r.stages and all(s["layer"] > 0 for s in r.stages)
+    ids = processor.tokenizer(chat_text(processor, prompt)).input_ids
+    slot = ids.index(model.config.image_token_id)
+    after = len(ids) - slot - 1
+    embeds = hf_pruned_inputs_embeds(model, processor, image, prompt, list(range(r.num_visual_tokens)))
+    rows = _keep_rows(r.stages, slot, after, r.num_visual_tokens)
+    by_cut = dict(zip([s["layer"] for s in r.stages], rows))
+    ref, logits, _ = hf_cut_greedy(model, embeds, torch.zeros(embeds.shape[1]), list(pipe.cuts),
+                                   [by_cut.get(c) for c in pipe.cuts], NEW_TOKENS, positions=pipe.positions,
+                                   eos_token_id=eos)
+    assert r.token_ids == ref
+    np.testing.assert_allclose(r.logits[0], logits.numpy(), atol=1e-4)
+    return r
+
+
+def test_pdrop_on_a_saved_checkpoint_with_another_config_equals_hf_layers(tmp_path, image):
+    """A LLaVA-1.5 saved to a directory, unlike the built-in: 224px/16 (196 tokens), MHA, 8 layers;
+    pdrop prunes at three cuts (the quarters of its depth), each on the previous one's survivors."""
+    model, processor = build_tiny_llava(
+        seed=13, vision=dict(image_size=224, patch_size=16),
+        text=dict(hidden_size=96, intermediate_size=160, num_hidden_layers=8, num_attention_heads=6,
+                  num_key_value_heads=6))
+    processor.image_processor.size = {"shortest_edge": 224}
+    processor.image_processor.crop_size = {"height": 224, "width": 224}
+    ckpt = tmp_path / "ckpt"
+    model.save_pretrained(ckpt)
+    processor.save_pretrained(ckpt)
+    out = export_model(str(ckpt), tmp_path / "pdrop", selector="pdrop", keep=100, progress=False)
+    pipe = Pipeline.load(out)
+    assert pipe.cuts == (2, 4, 6) and pipe.max_selectable == 196
+    reloaded = type(model).from_pretrained(ckpt).eval()
+    r = _assert_equals_hf_layers(pipe, reloaded, processor, image, PROMPT, reloaded.config.text_config.eos_token_id)
+    assert [s["layer"] for s in r.stages] == [2, 4, 6]
+    keeps = [s["keep"] for s in r.stages]
+    assert keeps == sorted(keeps, reverse=True) and keeps[-1] < 196
+    for earlier, later in zip(r.stages, r.stages[1:]):  # each stage picks among the previous one's survivors
+        assert set(later["kept_indices"]) < set(earlier["kept_indices"])
+
+
+def test_llava_next_pruned_inside_the_llm_keeps_the_newlines_and_equals_hf_layers(tmp_path):
+    from PIL import Image
+
+    model, processor = build_tiny_llava(seed=17, next_config=True,
+                                        text=dict(num_hidden_layers=4, max_position_embeddings=4096))
+    from tops_edge.models.llava_next import LlavaNextAdapter
+
+    adapter = LlavaNextAdapter(model, processor, source="tiny-next-4")
+    out = export_model(adapter, tmp_path / "next", selector="fastv", keep=900, progress=False)
+    pipe = Pipeline.load(out)
+    wide = Image.open(EXAMPLE).convert("RGB").resize((600, 300))
+    token_map = pipe.layout.token_map((300, 600))
+    r = _assert_equals_hf_layers(pipe, model, processor, wide, PROMPT, adapter.eos_token_ids[0])
+    kept = set(r.stages[0]["kept_indices"])
+    assert set(token_map.newlines.tolist()) <= kept
+    assert r.stages[0]["keep"] == len(kept) - len(token_map.newlines) < token_map.selectable
+
+
+def test_kv_cache_bytes_are_the_per_segment_sum(fastv_dir, deep, image):
+    pipe = Pipeline.load(fastv_dir)
+    r = pipe.generate(image, PROMPT, max_new_tokens=4, ignore_eos=True)
+    slot, after = _prompt_rows(deep, PROMPT)
+    per_token_layer = 2 * deep.num_kv_heads * deep.head_dim * 4  # K and V, fp32
+    kept = r.stages[0]["keep"]
+    held = [slot + 576 + after + 3, slot + kept + after + 3, slot + kept + after + 3]  # 3 fed-back tokens
+    assert r.kv_cache_bytes == sum(2 * n * per_token_layer for n in held)  # 2 layers per segment
+    unpruned = 6 * (slot + 576 + after + 3) * per_token_layer
+    assert r.kv_cache_bytes / unpruned == pytest.approx((2 * 576 + 4 * kept + 6 * (slot + after + 3))
+                                                        / (6 * (576 + slot + after + 3)))
+
+
+def test_cuts_without_pruning_equal_hf_generate(tmp_path, deep, image):
+    out = export_model(deep, tmp_path / "cut", selector="none", cuts=[1, 3, 5], progress=False)
+    r = Pipeline.load(out).generate(image, PROMPT, max_new_tokens=NEW_TOKENS)
+    assert r.stages == []
+    assert r.token_ids == hf_generate(deep.model, deep.processor, image, PROMPT, NEW_TOKENS)
+
+
+@pytest.mark.parametrize("cuts, message", [
+    ("0", "out of range"), ("6", "out of range"), ("3,1", "ascending"), ("2,2", "ascending"), ("a", "--cuts"),
+])
+def test_bad_cuts_fail_in_one_line_and_write_nothing(tmp_path, capsys, cuts, message):
+    from tops_edge.cli import export_main
+
+    out = tmp_path / "out"
+    code = export_main(["--model", "tiny-llava-medium", "--out", str(out), "--cuts", cuts])
+    assert message in one_line_error(capsys, code)
+    assert not out.exists()
+
+
+def test_a_plan_at_a_layer_the_export_did_not_cut_is_refused(tmp_path, deep, image):
+    from tops_edge.errors import InputError
+
+    out = export_model(deep, tmp_path / "cut4", selector="fastv", keep=300, cuts=[4], progress=False)
+    with pytest.raises(InputError, match="layer 2, which this export's decoder was not cut at"):
+        Pipeline.load(out).generate(image, PROMPT, max_new_tokens=1)

@@ -155,3 +155,15 @@ def test_bound_session_run_equals_run_and_sees_rewritten_inputs(pipe_uniform):
         expected = embed.run({"input_ids": np.array([[token]])})["inputs_embeds"]
         np.testing.assert_array_equal(out, expected)
         np.testing.assert_array_equal(out_generic, expected)
+
+
+def test_the_runtime_imports_neither_the_exporter_nor_the_precision_passes():
+    """calib -> runtime -> export -> calib was a circle: the runtime reads the manifest and builds
+    selector graphs through selector/, never the exporter."""
+    import subprocess
+    import sys
+
+    code = ("import sys, tops_edge.runtime.pipeline; "
+            "print(sorted(m for m in sys.modules if m.startswith(('tops_edge.export.exporter', 'tops_edge.calib'))))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

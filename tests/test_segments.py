@@ -198,3 +198,21 @@ def test_a_plan_at_a_layer_the_export_did_not_cut_is_refused(tmp_path, deep, ima
     out = export_model(deep, tmp_path / "cut4", selector="fastv", keep=300, cuts=[4], progress=False)
     with pytest.raises(InputError, match="layer 2, which this export's decoder was not cut at"):
         Pipeline.load(out).generate(image, PROMPT, max_new_tokens=1)
+
+
+def test_one_export_serves_pre_and_in_llm_selectors_in_tops_eval(tmp_path, deep, capsys):
+    """A --cuts superset: fastv (cut 2) and pdrop (cuts 2, 3, 5) prune inside the LLM, uniform
+    before it, all at the same equivalent T, switched at run time; tops-run --json lists the stages."""
+    from tops_edge.cli import eval_main, run_main
+
+    out = export_model(deep, tmp_path / "all", selector="fastv", keep=300, cuts=[2, 3, 5], progress=False)
+    report = tmp_path / "eval.json"
+    assert eval_main([str(out), "--limit", "3", "--keep", "300", "--selector", "fastv,pdrop,uniform",
+                      "--types", "count", "--max-new-tokens", "2", "--json", str(report), "--quiet"]) == 0
+    table = json.loads(report.read_text())["table"]
+    capsys.readouterr()
+    assert {name: table[name]["300"]["all"]["n"] for name in ("fastv", "pdrop", "uniform")} == \
+        {"fastv": 3, "pdrop": 3, "uniform": 3}
+    assert run_main([str(out), "--image", str(EXAMPLE), "--prompt", PROMPT, "--max-new-tokens", "2", "--json"]) == 0
+    stages = json.loads(capsys.readouterr().out)["stages"]
+    assert [(s["layer"], s["keep"], len(s["kept_indices"])) for s in stages] == [(2, 162, 162)]

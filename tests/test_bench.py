@@ -49,6 +49,8 @@ def fake_result(pre, vis, sel, pre_fill, tpot, n_tokens, kv=1000, finish="length
         timings_ms={"preprocess": pre, "vision": vis, "select": sel, "prefill": pre_fill, "decode_per_token": tpot,
                     "total": 0.0},
         token_ids=list(range(n_tokens)), kv_cache_bytes=kv, prompt_tokens=100, finish_reason=finish,
+        stages=[{"layer": 0, "keep": 64, "kept_indices": list(range(64))}], segment_prefill_ms=[pre_fill],
+        segment_kv_bytes=[kv],
     )
 
 

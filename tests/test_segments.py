@@ -216,3 +216,20 @@ def test_one_export_serves_pre_and_in_llm_selectors_in_tops_eval(tmp_path, deep,
     assert run_main([str(out), "--image", str(EXAMPLE), "--prompt", PROMPT, "--max-new-tokens", "2", "--json"]) == 0
     stages = json.loads(capsys.readouterr().out)["stages"]
     assert [(s["layer"], s["keep"], len(s["kept_indices"])) for s in stages] == [(2, 162, 162)]
+
+
+def test_tops_bench_times_pre_and_in_llm_plans_side_by_side(fastv_dir):
+    from tops_edge.bench import run_benchmark, validate
+
+    report = run_benchmark(fastv_dir, keeps=[300], runs=1, warmup=0, new_tokens=3, selectors=["uniform", "fastv"])
+    validate(report)
+    uniform, fastv = report["budgets"]
+    assert (uniform["selector"], fastv["selector"]) == ("uniform", "fastv")
+    assert uniform["stages"] == [{"layer": 0, "keep": 300}] and fastv["stages"] == [{"layer": 2, "keep": 162}]
+    for entry in (uniform, fastv):
+        assert len(entry["segment_prefill_ms"]) == len(entry["segment_kv_bytes"]) == 3
+        assert sum(entry["segment_kv_bytes"]) == entry["kv_cache_bytes"]
+    # fastv's first segment holds every visual token, the later ones 162; uniform holds 300 throughout
+    assert fastv["segment_kv_bytes"][0] > uniform["segment_kv_bytes"][0]
+    assert fastv["segment_kv_bytes"][2] < uniform["segment_kv_bytes"][2]
+    assert report["settings"]["cuts"] == [2, 4]

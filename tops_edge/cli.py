@@ -244,6 +244,10 @@ def bench_parser() -> argparse.ArgumentParser:
     p.add_argument("--plot", default=None, metavar="FILE", help="write a PNG of TTFT and KV-cache bytes against kept tokens (needs matplotlib)")
     p.add_argument("--compare", default=None, choices=("hf",), help="also time HF transformers' generate on the source model (unpruned)")
     p.add_argument("--budget", default=None, choices=BUDGETS, help="LLaVA-NeXT: how each K is split over the crops (default: the export's)")
+    p.add_argument("--selector", default=None,
+                   help="comma-separated selectors timed side by side at each budget, switched at run time "
+                        "(default: the export's); in-LLM ones (fastv, pdrop) prune at the export's --cuts, "
+                        "and a budget is then the visual tokens kept on average over the decoder's layers")
     p.add_argument("--backend", default="ort", choices=BACKENDS, help="inference backend (default: ort)")
     p.add_argument("--quiet", action="store_true", help="no progress bar or progress lines on stderr")
     return p
@@ -265,6 +269,7 @@ def _bench(argv) -> int:
         args.dir, keeps=keeps, runs=args.runs, warmup=args.warmup, prompt_len=args.prompt_len,
         new_tokens=args.new_tokens, image=args.image, compare=args.compare, backend=args.backend, log=log,
         budget=args.budget, progress=not args.quiet and sys.stderr.isatty(),
+        selectors=[x.strip() for x in args.selector.split(",") if x.strip()] if args.selector else None,
     )
     print(format_table(report))
     for path, write in ((args.json, write_json), (args.csv, write_csv), (args.plot, write_plot)):

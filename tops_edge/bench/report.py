@@ -1,22 +1,27 @@
 """The `tops-bench` report: its JSON schema, a validator, the terminal table, CSV and PNG writers.
 
-JSON schema ("tops-bench/1"). `Stat` is {"median": float, "p90": float} (linear-interpolated
-percentiles over the timed runs, milliseconds):
+JSON schema ("tops-bench/2"; 2 added the selectors, stages and decoder segments). `Stat` is
+{"median": float, "p90": float} (linear-interpolated percentiles over the timed runs, milliseconds):
 
-    schema            str    "tops-bench/1"
+    schema            str    "tops-bench/2"
     created_utc       str    ISO-8601 time the run started
     directory         str    the export directory (absolute)
     settings          {keeps [int], runs int, warmup int, prompt_len int (asked for),
                        prompt_text_tokens int (the question's tokens as built), new_tokens int,
-                       image str, compare str|null, budget str (how K splits over NeXT crops)}
+                       image str, compare str|null, budget str (how K splits over NeXT crops),
+                       selectors [str] (timed side by side at each budget), cuts [int] (the export's
+                       decoder cuts)}
     device            {cpu str, logical_cores int, platform str, ort_intra_op_threads int (0 = ORT
                        default), ort_providers [str] (in use), ort_available_providers [str],
                        gpu str|null, jetson_power_mode str|null (`nvpmodel -q`), versions {str: str|null},
                        model_source str, selector str, positions str, num_visual_tokens int (the
                        bench image's tokens a budget chooses among), num_visual_tokens_total int (with
                        tokens always kept: LLaVA-NeXT's row newlines), rss_method str (how peak_rss_bytes was measured)}
-    budgets           one per budget, in the order asked:
-                      {keep int, prompt_tokens int (prefill length, kept visual tokens included),
+    budgets           one per budget and selector, budgets in the order asked, selectors within each:
+                      {keep int (T: visual tokens kept on average over the decoder's layers; before
+                       the LLM, its K), selector str, stages [{layer int, keep int}] (each pruning
+                       stage that ran: 0 = before the LLM), prompt_tokens int (the first segment's
+                       prefill length, kept visual tokens included),
                        preprocess_ms Stat, vision_ms Stat, select_ms Stat, prefill_ms Stat,
                        ttft_ms Stat (preprocess+vision+select+prefill of each run),
                        tpot_ms Stat|null (decode ms per token), decode_tok_s float|null (all decode
@@ -24,7 +29,8 @@ percentiles over the timed runs, milliseconds):
                        sessions_ms Stat (time inside the backend's run calls), overhead_pct Stat
                        (orchestration: e2e - preprocess - sessions, in % of sessions),
                        generated_tokens [int] (per timed run), finish_reasons [str] ("eos"|"length"),
-                       kv_cache_bytes int, peak_rss_bytes int|null, gpu_peak_bytes int|null,
+                       kv_cache_bytes int (all segments), segment_prefill_ms [Stat] and segment_kv_bytes
+                       [int] (per decoder segment, one when uncut), peak_rss_bytes int|null, gpu_peak_bytes int|null,
                        hf_e2e_ratio float|null (ours / HF median e2e; only with --compare hf)}
     hf                null, or with --compare hf: {model_source str, config_matches_export bool|null,
                        attn_implementation str, torch_threads int, e2e_ms Stat, generated_tokens [int],
@@ -51,12 +57,14 @@ SCHEMA = {
     "created_utc": str,
     "directory": str,
     "settings": {"keeps": [int], "runs": int, "warmup": int, "prompt_len": int, "prompt_text_tokens": int,
-                 "new_tokens": int, "image": str, "compare": (str, OPT), "budget": str},
+                 "new_tokens": int, "image": str, "compare": (str, OPT), "budget": str, "selectors": [str],
+                 "cuts": [int]},
     "device": {"cpu": str, "logical_cores": int, "platform": str, "ort_intra_op_threads": int,
                "ort_providers": [str], "ort_available_providers": [str], "gpu": (str, OPT),
                "jetson_power_mode": (str, OPT), "versions": dict, "model_source": str, "selector": str,
                "positions": str, "num_visual_tokens": int, "num_visual_tokens_total": int, "rss_method": str},
-    "budgets": [{"keep": int, "prompt_tokens": int, "preprocess_ms": STAT, "vision_ms": STAT, "select_ms": STAT,
+    "budgets": [{"keep": int, "selector": str, "stages": [{"layer": int, "keep": int}], "prompt_tokens": int,
+                 "segment_prefill_ms": [STAT], "segment_kv_bytes": [int], "preprocess_ms": STAT, "vision_ms": STAT, "select_ms": STAT,
                  "prefill_ms": STAT, "ttft_ms": STAT, "tpot_ms": (STAT, OPT), "decode_tok_s": (NUM, OPT),
                  "e2e_ms": STAT, "sessions_ms": STAT, "overhead_pct": STAT, "generated_tokens": [int], "finish_reasons": [str], "kv_cache_bytes": int,
                  "peak_rss_bytes": (int, OPT), "gpu_peak_bytes": (int, OPT), "hf_e2e_ratio": (NUM, OPT)}],
@@ -65,7 +73,7 @@ SCHEMA = {
 }
 
 CSV_COLUMNS = [
-    "keep", "prompt_tokens", "kv_cache_bytes",
+    "keep", "selector", "stages", "prompt_tokens", "kv_cache_bytes", "segment_prefill_ms_median", "segment_kv_bytes",
     *[f"{s}_ms_{q}" for s in ("preprocess", "vision", "select", "prefill", "ttft", "tpot", "e2e") for q in ("median", "p90")],
     "sessions_ms_median", "overhead_pct_median", "decode_tok_s", "generated_tokens_mean", "peak_rss_bytes", "gpu_peak_bytes", "hf_e2e_ratio",
 ]
@@ -106,7 +114,10 @@ def validate(obj, schema=SCHEMA, where: str = "report") -> None:
 def csv_rows(report) -> list[dict]:
     rows = []
     for b in report["budgets"]:
-        row = {"keep": b["keep"], "prompt_tokens": b["prompt_tokens"], "kv_cache_bytes": b["kv_cache_bytes"]}
+        row = {"keep": b["keep"], "selector": b["selector"], "stages": _stages(b["stages"]),
+               "prompt_tokens": b["prompt_tokens"], "kv_cache_bytes": b["kv_cache_bytes"],
+               "segment_prefill_ms_median": " ".join(str(st["median"]) for st in b["segment_prefill_ms"]),
+               "segment_kv_bytes": " ".join(map(str, b["segment_kv_bytes"]))}
         for s in ("preprocess", "vision", "select", "prefill", "ttft", "tpot", "e2e"):
             stat = b[f"{s}_ms"] or {}
             for q in ("median", "p90"):
@@ -137,17 +148,23 @@ def _ms(stat) -> str:
     return "-" if not stat else f"{stat['median']:.1f}/{stat['p90']:.1f}"
 
 
+def _stages(stages) -> str:
+    return " ".join(f"L{st['layer']}:{st['keep']}" for st in stages) or "-"
+
+
 def format_table(report) -> str:
     """The terminal table: medians/p90 in ms, sizes in MiB."""
     d, s = report["device"], report["settings"]
-    head = ["keep", "prompt", "TTFT", "vision", "select", "prefill", "TPOT", "tok/s", "e2e", "ovh %", "KV MiB", "RSS MiB"]
+    head = ["keep", "selector", "stages", "prompt", "TTFT", "vision", "select", "prefill", "per segment", "TPOT",
+            "tok/s", "e2e", "ovh %", "KV MiB", "RSS MiB"]
     hf = report.get("hf")
     if hf:
         head.append("e2e/HF")
     rows = []
     for b in report["budgets"]:
-        row = [str(b["keep"]), str(b["prompt_tokens"]), _ms(b["ttft_ms"]), _ms(b["vision_ms"]), _ms(b["select_ms"]),
-               _ms(b["prefill_ms"]), _ms(b["tpot_ms"]), "-" if b["decode_tok_s"] is None else f"{b['decode_tok_s']:.1f}",
+        row = [str(b["keep"]), b["selector"], _stages(b["stages"]), str(b["prompt_tokens"]), _ms(b["ttft_ms"]),
+               _ms(b["vision_ms"]), _ms(b["select_ms"]), _ms(b["prefill_ms"]),
+               "+".join(f"{st['median']:.1f}" for st in b["segment_prefill_ms"]), _ms(b["tpot_ms"]), "-" if b["decode_tok_s"] is None else f"{b['decode_tok_s']:.1f}",
                _ms(b["e2e_ms"]), f"{b['overhead_pct']['median']:.1f}", _mib(b["kv_cache_bytes"]), _mib(b["peak_rss_bytes"])]
         if hf:
             row.append("-" if b["hf_e2e_ratio"] is None else f"{b['hf_e2e_ratio']:.2f}")
@@ -162,7 +179,10 @@ def format_table(report) -> str:
         f"{', '.join(d['ort_providers'])}" + (f", GPU {d['gpu']}" if d["gpu"] else "")
         + (f", {d['jetson_power_mode']}" if d["jetson_power_mode"] else ""),
         "times: median/p90 ms; TTFT = preprocess+vision+select+prefill; e2e = whole generate() call; "
-        "ovh % = e2e outside preprocessing and the backend's run calls, in % of the latter",
+        "ovh % = e2e outside preprocessing and the backend's run calls, in % of the latter; "
+        "keep = T, the visual tokens kept on average over the decoder's layers; stages = layer:tokens kept "
+        "(L0 = before the LLM); per segment = each decoder segment's prefill step (median ms)"
+        + (f"; decoder cut at {','.join(map(str, s['cuts']))}" if s["cuts"] else ""),
         line(head),
         *(line(r) for r in rows),
     ]

@@ -76,14 +76,17 @@ def synthetic_image(size: int = 336):
 
 def run_benchmark(directory, keeps=None, runs: int = 5, warmup: int = 1, prompt_len: int = 32,
                   new_tokens: int = 32, image=None, compare: str | None = None, backend: str = "ort",
-                  log=None, budget: str | None = None, progress: bool = False) -> BenchReport:
+                  log=None, budget: str | None = None, progress: bool = False, selectors=None) -> BenchReport:
     """Benchmark an export directory at each visual-token budget in `keeps` (default: N, then
     192/128/64 below N). Each budget runs `warmup` untimed and `runs` timed greedy generations of
     `new_tokens` tokens (EOS ignored, as HF's side uses min_new_tokens; the counts are reported) on the same
     image and prompt. `compare="hf"` also times the HF model the export came from (unpruned).
     `budget` splits each budget over a LLaVA-NeXT image's crops (default: the export's).
     `log(str)` receives progress lines; `progress` shows a bar over all the runs (on a terminal).
-    Returns a BenchReport (see report.SCHEMA)."""
+    `selectors` (names or specs such as `pdrop:layers=2,8,16`, switched at run time as tops-eval
+    does) time several methods side by side at each budget, which is then the equivalent average
+    T of each method's plan: before the LLM at K = T, or inside it at the export's cuts. Returns a
+    BenchReport (see report.SCHEMA)."""
     from ..runtime import Pipeline
     from ..runtime.preprocess import load_image
 
@@ -104,15 +107,24 @@ def run_benchmark(directory, keeps=None, runs: int = 5, warmup: int = 1, prompt_
         raise InputError("--keep needs at least one budget")
     keeps = [pipe.resolve_keep(k, n) for k in keeps]  # all checked before anything runs
     prompt, prompt_text_tokens = build_prompt(pipe.pre.tokenizer, check_count("--prompt-len", prompt_len, 1))
+    from ..eval.runner import parse_selector_spec
+
+    selectors = list(selectors or [pipe.selector_method])
+    specs = {spec: parse_selector_spec(spec) for spec in selectors}
+    for spec in selectors:  # every plan checked before anything runs
+        _use(pipe, specs[spec])
+        for k in keeps:
+            pipe.plan(k, n)
 
     report = BenchReport(
-        schema="tops-bench/1",
+        schema="tops-bench/2",
         created_utc=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         directory=str(Path(directory).resolve()),
         settings={
             "keeps": keeps, "runs": runs, "warmup": warmup, "prompt_len": int(prompt_len),
             "prompt_text_tokens": prompt_text_tokens, "new_tokens": new_tokens,
             "image": "synthetic 336x336" if image is None else str(image), "compare": compare, "budget": budget,
+            "selectors": selectors, "cuts": list(pipe.cuts),
         },
         device=dict(device_info(pipe), num_visual_tokens=n, num_visual_tokens_total=total),
         budgets=[],
@@ -120,19 +132,21 @@ def run_benchmark(directory, keeps=None, runs: int = 5, warmup: int = 1, prompt_
     )
     from tqdm.auto import tqdm
 
-    calls = (len(keeps) + (compare == "hf")) * (warmup + runs)
+    calls = (len(keeps) * len(selectors) + (compare == "hf")) * (warmup + runs)
     bar = tqdm(total=calls, desc="tops-bench", unit="run", disable=not progress, leave=False)
     try:
-        for keep in keeps:
-            log(f"keep {keep}/{n}: {warmup} warmup + {runs} timed runs")
-            bar.set_postfix_str(f"K={keep}")
-            call = functools.partial(pipe.generate, picture, prompt, max_new_tokens=new_tokens, keep=keep,
-                                     ignore_eos=True, budget=budget)
-            with PeakMemory() as mem:
-                samples = timed_calls(call, warmup, runs, done=bar.update)
-            entry = {"keep": keep, **aggregate(samples), "peak_rss_bytes": mem.rss_bytes,
-                     "gpu_peak_bytes": mem.gpu_bytes, "hf_e2e_ratio": None}
-            report["budgets"].append(entry)
+        for keep in keeps:  # the methods side by side at each budget: neighbours in time on a noisy host
+            for spec in selectors:
+                _use(pipe, specs[spec])
+                log(f"{spec} keep {keep}/{n}: {warmup} warmup + {runs} timed runs")
+                bar.set_postfix_str(f"{spec} T={keep}")
+                call = functools.partial(pipe.generate, picture, prompt, max_new_tokens=new_tokens, keep=keep,
+                                         ignore_eos=True, budget=budget)
+                with PeakMemory() as mem:
+                    samples = timed_calls(call, warmup, runs, done=bar.update)
+                entry = {"keep": keep, "selector": spec, **aggregate(samples), "peak_rss_bytes": mem.rss_bytes,
+                         "gpu_peak_bytes": mem.gpu_bytes, "hf_e2e_ratio": None}
+                report["budgets"].append(entry)
         if compare == "hf":
             bar.set_postfix_str("HF")
             report["hf"] = hf_benchmark(pipe.manifest, picture, prompt, new_tokens, warmup, runs, log, bar.update)
@@ -143,6 +157,15 @@ def run_benchmark(directory, keeps=None, runs: int = 5, warmup: int = 1, prompt_
         for entry in report["budgets"]:
             entry["hf_e2e_ratio"] = round(entry["e2e_ms"]["median"] / hf_median, 4) if hf_median > 0 else None
     return report
+
+
+def _use(pipe, spec) -> None:
+    """Switch to a parsed selector spec; its `merge=` (if any) sets the runtime's token merging."""
+    name, params = spec
+    params = dict(params)
+    if "merge" in params:
+        pipe.merge = params.pop("merge")
+    pipe.use_selector(name, **params)
 
 
 def hf_benchmark(manifest: dict, image, prompt: str, new_tokens: int, warmup: int, runs: int, log,

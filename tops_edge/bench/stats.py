@@ -54,7 +54,8 @@ def timed_calls(fn: Callable[[], object], warmup: int, runs: int,
 def aggregate(samples: list[tuple[object, float]]) -> dict:
     """Summarise timed runs of one budget. Each sample is (GenerationResult-like, wall ms): the result
     needs `timings_ms` (preprocess, vision, select, prefill, decode_per_token), `token_ids`,
-    `kv_cache_bytes`, `prompt_tokens` and `finish_reason`.
+    `kv_cache_bytes`, `prompt_tokens`, `finish_reason`, `stages`, `segment_prefill_ms` and
+    `segment_kv_bytes`.
 
     ttft = preprocess + vision + select + prefill of the same run. TPOT is the pipeline's decode time
     per fed-back token; decode tokens/s is the total decode steps over the total decode time of all
@@ -82,4 +83,9 @@ def aggregate(samples: list[tuple[object, float]]) -> dict:
     out["finish_reasons"] = [str(r.finish_reason) for r, _ in samples]
     out["kv_cache_bytes"] = int(max(r.kv_cache_bytes for r, _ in samples))
     out["prompt_tokens"] = int(samples[0][0].prompt_tokens)
+    # the decoder's segments (one when uncut): each one's prefill step and the KV it holds
+    segments = len(samples[0][0].segment_prefill_ms)
+    out["segment_prefill_ms"] = [summary(r.segment_prefill_ms[i] for r, _ in samples) for i in range(segments)]
+    out["segment_kv_bytes"] = [int(max(r.segment_kv_bytes[i] for r, _ in samples)) for i in range(segments)]
+    out["stages"] = [{"layer": int(st["layer"]), "keep": int(st["keep"])} for st in samples[0][0].stages]
     return out

@@ -51,6 +51,10 @@ class GenerationResult:
     #: every pruning stage that ran, in order: {"layer": 0 before the LLM or the cut's decoder layer,
     #: "keep": tokens kept, "kept_indices": their positions in the image's visual-token sequence}
     stages: list[dict] = field(default_factory=list)
+    #: per decoder segment: its prefill step's wall ms and the KV bytes it holds at the end (one
+    #: entry for an uncut decoder). Not part of `to_json`; tops-bench reports them.
+    segment_prefill_ms: list[float] = field(default_factory=list)
+    segment_kv_bytes: list[int] = field(default_factory=list)
     #: with `output_logits=True`, per new token the raw logits [V] it was chosen from (float32, before
     #: temperature and top-p, as HF generate's `output_logits`); else None. Not part of `to_json`.
     logits: list[np.ndarray] | None = None
@@ -383,23 +387,28 @@ class Pipeline:
     def _prefill(self, embeds: np.ndarray, positions: np.ndarray, bias: np.ndarray, rows: "_Rows", plan,
                  max_new_tokens: int):
         """Runs every decoder segment on the prompt, pruning at the plan's cuts. Returns the last
-        position's logits, each segment's next decode position and the stages that ran at cuts."""
+        position's logits, each segment's next decode position, the stages that ran at cuts, each
+        segment's step time and the time the cuts' selectors took (ms)."""
         at_cut = {stage.layer: stage.keep for stage in plan.stages if stage.layer > 0}
-        hidden, stages, next_positions = embeds, [], []
+        hidden, stages, next_positions, step_ms, select_ms = embeds, [], [], [], 0.0
         for runner, (first, _) in zip(self.decoders, self.segment_layers):
             if first in at_cut:
+                t = time.perf_counter()
                 keep = self._select_at_cut(hidden, attention, rows, at_cut[first])
+                select_ms += (time.perf_counter() - t) * 1e3
                 hidden, bias = hidden[:, keep], bias[:, keep]
                 positions = positions[keep] if self.positions == "original" else np.arange(len(keep), dtype=np.int64)
                 rows = rows.taken(keep)
                 stages.append({"layer": first, "keep": int((~rows.newline).sum()), "kept_indices": rows.visual.tolist()})
             runner.reserve(hidden.shape[1] + max_new_tokens - 1)  # the last token is never fed back
             runner.reset()
+            t = time.perf_counter()
             out = runner.step(hidden, positions[None], bias)
+            step_ms.append((time.perf_counter() - t) * 1e3)
             next_positions.append(int(positions[-1]) + 1)
             if runner.hands_on:
                 hidden, attention = out
-        return out, next_positions, stages
+        return out, next_positions, stages, step_ms, select_ms
 
     # --- the loop ----------------------------------------------------------------------------
     def _steps(self, image, prompt, max_new_tokens, keep, temperature, top_p, seed, raw_prompt, ignore_eos=False,
@@ -447,10 +456,13 @@ class Pipeline:
         bias = np.zeros((1, prompt_len), dtype=np.float32)  # log(group size) on merged visual tokens
         bias[0, len(before) : len(before) + len(kept)] = np.log(sizes)
         rows = _Rows(len(before), kept, np.isin(kept, token_map.newlines))
-        logits, next_positions, cut_stages = self._prefill(embeds, positions, bias, rows, plan, max_new_tokens)
+        logits, next_positions, cut_stages, segment_ms, cut_select_ms = self._prefill(
+            embeds, positions, bias, rows, plan, max_new_tokens)
         stages = [{"layer": 0, "keep": first_keep, "kept_indices": [int(i) for i in kept]}] \
             if first_keep < token_map.selectable else []
         t = clock.add("prefill", t)
+        clock.ms["prefill"] -= cut_select_ms  # `select` is every stage's selection, in the LLM or before it
+        clock.ms["select"] += cut_select_ms
 
         rng = np.random.default_rng(seed)
         embed_token = self._token_embedder()
@@ -489,6 +501,8 @@ class Pipeline:
             stages=stages + cut_stages,
             timings_ms={k: round(v, 3) for k, v in timings.items()},
             kv_cache_bytes=sum(runner.bytes_used for runner in self.decoders),
+            segment_prefill_ms=[round(ms, 3) for ms in segment_ms],
+            segment_kv_bytes=[runner.bytes_used for runner in self.decoders],
             prompt_tokens=prompt_len,
             finish_reason=finish,
             num_visual_tokens=num_visual,

@@ -213,13 +213,19 @@ QUESTION_MAKERS = {
 def questions(split: str, count: int, types=QUESTION_TYPES, start: int = 0):
     """The first `count` (scene, question) pairs of `split` whose type is in `types`, visiting scenes
     in order from `start` and asking each scene's questions in QUESTION_TYPES order."""
-    unknown = [t for t in types if t not in QUESTION_TYPES]
+    return ask(scene, QUESTION_TYPES, "ShapesVQA", split, count, types, start)
+
+
+def ask(scene_of, known, task: str, split: str, count: int, types, start: int):
+    """`questions` for any scene generator `scene_of(split, index)` whose scenes ask the `known` types
+    (shapesvqa-dense uses it too)."""
+    unknown = [t for t in types if t not in known]
     if unknown:
-        raise ValueError(f"unknown ShapesVQA question type(s) {unknown}; choose from {', '.join(QUESTION_TYPES)}")
+        raise ValueError(f"unknown {task} question type(s) {unknown}; choose from {', '.join(known)}")
     out = []
     index = start
     while len(out) < count:
-        s = scene(split, index)
+        s = scene_of(split, index)
         for q in s.questions():
             if q.qtype in types and len(out) < count:
                 out.append((s, q))

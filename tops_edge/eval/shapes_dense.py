@@ -31,7 +31,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .shapes import BACKGROUND, COLOURS, NUMBERS, SHAPES, SIZE, Question, _rng, draw_shape
+from .shapes import BACKGROUND, COLOURS, NUMBERS, SHAPES, SIZE, Question, _rng, ask, draw_shape
 
 MIN_OBJECTS, MAX_OBJECTS = 8, 16
 MIN_HALF_WIDTH, MAX_HALF_WIDTH = 12, 22  # pixels; ShapesVQA's small objects are 22
@@ -172,20 +172,19 @@ def _unique(objects, key):
     return [o for o in objects if counts[key(o)] == 1]
 
 
-def _shape_of_colour(scene, rng):
-    unique = _unique(scene.objects, lambda o: o.colour)
-    if not unique:
-        return None
-    o = _pick(rng, unique)
-    return TEMPLATES["shape_of_colour"].format(colour=o.colour), o.shape
+def _attribute_of_unique(qtype: str, named: str, asked: str):
+    """A maker for "what <asked> is the object whose <named> is unique?" (the planted referents)."""
+    def make(scene, rng):
+        unique = _unique(scene.objects, lambda o: getattr(o, named))
+        if not unique:
+            return None
+        o = _pick(rng, unique)
+        return TEMPLATES[qtype].format(**{named: getattr(o, named)}), getattr(o, asked)
+    return make
 
 
-def _colour_of_shape(scene, rng):
-    unique = _unique(scene.objects, lambda o: o.shape)
-    if not unique:
-        return None
-    o = _pick(rng, unique)
-    return TEMPLATES["colour_of_shape"].format(shape=o.shape), o.colour
+_shape_of_colour = _attribute_of_unique("shape_of_colour", "colour", "shape")
+_colour_of_shape = _attribute_of_unique("colour_of_shape", "shape", "colour")
 
 
 def _pope(scene, rng):
@@ -228,15 +227,4 @@ QUESTION_MAKERS = {
 def questions(split: str, count: int, types=QUESTION_TYPES, start: int = 0):
     """The first `count` (scene, question) pairs of `split` whose type is in `types`, visiting scenes
     in order from `start` and asking each scene's questions in QUESTION_TYPES order."""
-    unknown = [t for t in types if t not in QUESTION_TYPES]
-    if unknown:
-        raise ValueError(f"unknown ShapesVQA-dense question type(s) {unknown}; choose from {', '.join(QUESTION_TYPES)}")
-    out = []
-    index = start
-    while len(out) < count:
-        s = scene(split, index)
-        for q in s.questions():
-            if q.qtype in types and len(out) < count:
-                out.append((s, q))
-        index += 1
-    return out
+    return ask(scene, QUESTION_TYPES, "ShapesVQA-dense", split, count, types, start)

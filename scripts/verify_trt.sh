@@ -6,7 +6,8 @@
 #
 # Exports tiny-llava twice (ORT form, and --target trt with the tops::Select plugin), builds fp16
 # engines (int8 too when `tops-export --precision int8` exists), compares each part's engine with
-# ONNX Runtime through polygraphy, runs the TRT pipeline against the ORT one, prints a pass/fail table.
+# ONNX Runtime through polygraphy, runs the TRT pipeline against the ORT one, then does the same for a
+# decoder exported in segments (fastv pruning inside the LLM), and prints a pass/fail table.
 set -uo pipefail
 OUT=${1:-out/verify-trt}
 DEVICE=${DEVICE:-rtx}
@@ -113,6 +114,27 @@ for prompt in ["What shapes are in the picture?", "Describe the image.", "How ma
           f"TRT prefill {b.timings_ms['prefill']:.2f} ms, decode {b.timings_ms['decode_per_token']:.2f} ms/token")
 print(f"token agreement {same}/{total}")
 sys.exit(0 if kept_ok and same >= 0.9 * total else 1)
+PY
+
+# A decoder in segments (tiny-llava-medium: 4 layers, fastv cutting at 2): every segment's engine, the
+# in-LLM selector's, and the pipeline's stages and tokens against ORT on the same export.
+step "export tiny-llava-medium --cuts 2 (fastv)" tops-export --model tiny-llava-medium --out "$OUT/cut" --selector fastv --keep 400 --quiet
+step "tops-build fp16 segmented ($DEVICE)" tops-build "$OUT/cut" --device "$DEVICE" --precision fp16
+step "TRT segmented pipeline == ORT (stages, >= 90% tokens)" python - "$OUT" <<'PY'
+import sys
+from tops_edge.runtime import Pipeline
+out = sys.argv[1]
+ort, trt = Pipeline.load(f"{out}/cut"), Pipeline.load(f"{out}/cut", backend="trt")
+same = total = 0
+stages_ok = True
+for prompt in ["What shapes are in the picture?", "Describe the image."]:
+    a = ort.generate("examples/shapes.png", prompt, max_new_tokens=16, ignore_eos=True)
+    b = trt.generate("examples/shapes.png", prompt, max_new_tokens=16, ignore_eos=True)
+    stages_ok &= a.stages == b.stages
+    same += sum(x == y for x, y in zip(a.token_ids, b.token_ids)); total += len(a.token_ids)
+    print(f"{prompt!r}: stages equal {a.stages == b.stages}, segment prefill ms {b.segment_prefill_ms}")
+print(f"token agreement {same}/{total}")
+sys.exit(0 if stages_ok and same >= 0.9 * total else 1)
 PY
 
 echo

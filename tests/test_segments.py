@@ -233,3 +233,38 @@ def test_tops_bench_times_pre_and_in_llm_plans_side_by_side(fastv_dir):
     assert fastv["segment_kv_bytes"][0] > uniform["segment_kv_bytes"][0]
     assert fastv["segment_kv_bytes"][2] < uniform["segment_kv_bytes"][2]
     assert report["settings"]["cuts"] == [2, 4]
+
+
+def test_a_cut_decoder_binds_nothing_per_token(fastv_dir, image):
+    """Every segment binds its buffers once per generation (a cut segment also its outputs: the
+    prefill's, then the next segment's token buffer), however many tokens the loop decodes."""
+    pipe = Pipeline.load(fastv_dir)
+
+    def count_bindings(new_tokens: int) -> list[int]:
+        pipe.generate(image, PROMPT, max_new_tokens=new_tokens, ignore_eos=True)  # sizes the caches
+        calls = [[] for _ in pipe.decoders]
+        for runner, seen in zip(pipe.decoders, calls):
+            for binding in runner._bindings:
+                for method in ("bind_input", "bind_cpu_input", "bind_output", "bind_ortvalue_input"):
+                    real = getattr(binding, method)
+                    setattr(binding, method, lambda *a, _real=real, _seen=seen, **k: (_seen.append(1), _real(*a, **k))[1])
+        r = pipe.generate(image, PROMPT, max_new_tokens=new_tokens, ignore_eos=True)
+        assert len(r.token_ids) == new_tokens
+        return [len(seen) for seen in calls]
+
+    # prefill: input, positions, slots (+ the two outputs of a cut segment); decode: the same, once
+    assert count_bindings(16) == count_bindings(5) == [10, 10, 6]
+
+
+def test_fp16_converts_every_segment_and_int8_refuses_cuts(tmp_path, deep, image):
+    from tops_edge.errors import InputError
+
+    out = export_model(deep, tmp_path / "fp16", selector="fastv", keep=300, cuts=[2], precision="fp16", progress=False)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert {manifest["parts"][f"decoder.{i}"]["precision"] for i in (0, 1)} == {"fp16"}
+    assert manifest["decoder"]["kv_dtype"] == "float16"
+    r = Pipeline.load(out).generate(image, PROMPT, max_new_tokens=4)
+    assert len(r.token_ids) >= 1 and r.stages[0]["layer"] == 2
+    with pytest.raises(InputError, match="int8"):
+        export_model(deep, tmp_path / "int8", selector="fastv", keep=300, cuts=[2], precision="int8", progress=False)
+    assert not (tmp_path / "int8").exists()

@@ -84,9 +84,15 @@ class TrtSession(Session):
 
 
 class TrtDecoderRunner(DecoderRunner):
+    """The decoder, or one segment of a decoder cut for in-LLM pruning: a later segment reads
+    `hidden_states`, and one that ends at a cut returns its hidden states and attention (copied to
+    the host per step; the decode loop's hand-on is DecoderRunner.step_token's)."""
+
     def __init__(self, engine: _Engine, layout: KVLayout):
-        super().__init__(layout, int(engine.engine.get_tensor_shape("inputs_embeds")[-1]))
+        self.input_name = "inputs_embeds" if "inputs_embeds" in engine.input_names else "hidden_states"
+        super().__init__(layout, int(engine.engine.get_tensor_shape(self.input_name)[-1]))
         self.e = engine
+        self.hands_on = "cut_hidden_states" in engine.output_names
         self.past_names = [n for n in engine.input_names if n.startswith("past_key_values.")]
         self.present_names = [n.replace("past_key_values.", "present.") for n in self.past_names]
         self.kv_dtype = engine.dtypes[self.past_names[0]]
@@ -103,8 +109,9 @@ class TrtDecoderRunner(DecoderRunner):
             # zeroed: empty slots are masked out but must hold finite values (models/base.py DecoderSegment)
             buffers = [torch.zeros(per, dtype=self.kv_dtype, device="cuda") for _ in range(2 * len(self.past_names))]
             self._src, self._dst = buffers[: len(self.past_names)], buffers[len(self.past_names):]
-            vocab = self.e.engine.get_tensor_shape("logits")[-1]
-            self._logits = torch.empty((1, 1, vocab), dtype=torch.float32, device="cuda")
+            if not self.hands_on:
+                vocab = self.e.engine.get_tensor_shape("logits")[-1]
+                self._logits = torch.empty((1, 1, vocab), dtype=torch.float32, device="cuda")
             self.capacity = capacity
             self.window = 0
         if capacity != self.window:
@@ -116,7 +123,8 @@ class TrtDecoderRunner(DecoderRunner):
             for name, buffer in (("attention_mask", self._mask), ("attention_bias", self._bias)):
                 ctx.set_input_shape(name, (1, capacity))
                 ctx.set_tensor_address(name, buffer.data_ptr())
-            ctx.set_tensor_address("logits", self._logits.data_ptr())
+            if not self.hands_on:
+                ctx.set_tensor_address("logits", self._logits.data_ptr())
             self.window = capacity
         self.e.stream.wait_stream(torch.cuda.current_stream())  # the zero fills above, before any step
         self.reset()
@@ -136,7 +144,7 @@ class TrtDecoderRunner(DecoderRunner):
         t = time.perf_counter()
         alive: list = []
         with torch.cuda.stream(self.e.stream):
-            self.e.bind_input("inputs_embeds", inputs_embeds, alive)
+            self.e.bind_input(self.input_name, inputs_embeds, alive)
             self.e.bind_input("position_ids", position_ids, alive)
             self.e.bind_input("cache_position", np.arange(past, total, dtype=np.int64), alive)
             self._mask[0, past:total] = 1
@@ -145,12 +153,17 @@ class TrtDecoderRunner(DecoderRunner):
             for name, out_name, src, dst in zip(self.past_names, self.present_names, self._src, self._dst):
                 ctx.set_tensor_address(name, src.data_ptr())
                 ctx.set_tensor_address(out_name, dst.data_ptr())
+            if self.hands_on:  # this step's hidden states and attention, [1, S, D] and [1, S, C]
+                outputs = [torch.empty((1, seq, self.hidden_size), dtype=torch.float32, device="cuda"),
+                           torch.empty((1, seq, self.window), dtype=torch.float32, device="cuda")]
+                for name, buffer in zip(("cut_hidden_states", "cut_attention"), outputs):
+                    ctx.set_tensor_address(name, buffer.data_ptr())
             self.e.execute()
-            result = self._logits.cpu().numpy()
+            result = tuple(o.cpu().numpy() for o in outputs) if self.hands_on else self._logits.cpu().numpy()[0, -1]
         self.busy_ms += (time.perf_counter() - t) * 1e3
         self._src, self._dst = self._dst, self._src
         self.length = total
-        return result[0, -1]
+        return result
 
 
 class TrtBackend(Backend):
@@ -186,10 +199,4 @@ class TrtBackend(Backend):
         return TrtSession(self._engine_for(path))
 
     def decoder(self, path, layout):
-        engine = self._engine_for(path)
-        if "inputs_embeds" not in engine.input_names or "logits" not in engine.output_names:
-            from ..errors import BackendUnavailableError
-
-            raise BackendUnavailableError("backend 'trt' runs an uncut decoder only in this version; run a decoder "
-                                          "exported with --cuts on backend 'ort'")
-        return TrtDecoderRunner(engine, layout)
+        return TrtDecoderRunner(self._engine_for(path), layout)

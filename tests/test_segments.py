@@ -268,3 +268,18 @@ def test_fp16_converts_every_segment_and_int8_refuses_cuts(tmp_path, deep, image
     with pytest.raises(InputError, match="int8"):
         export_model(deep, tmp_path / "int8", selector="fastv", keep=300, cuts=[2], precision="int8", progress=False)
     assert not (tmp_path / "int8").exists()
+
+
+@pytest.mark.parametrize("name, keep", [("tiny-llava", 400), ("tiny-llava-next", 1000)])
+def test_the_builtin_tiny_models_cut_at_1_equal_hf_layers(tmp_path, name, keep, image):
+    """The built-in 2-layer models, cut before layer 1 with fastv pruning there (compact positions;
+    a 500x300 image gives LLaVA-NeXT 1536 selectable tokens, of which layer 1 on keeps about 460)."""
+    from tops_edge.models import load
+
+    adapter = load(name)
+    out = export_model(adapter, tmp_path / name, selector="fastv", keep=keep, selector_params={"layer": 1},
+                       progress=False)
+    pipe = Pipeline.load(out)
+    assert pipe.cuts == (1,)
+    picture = image if name == "tiny-llava" else image.resize((500, 300))
+    _assert_equals_hf_layers(pipe, adapter.model, adapter.processor, picture, PROMPT, adapter.eos_token_ids[0])

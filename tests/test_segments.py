@@ -283,3 +283,15 @@ def test_the_builtin_tiny_models_cut_at_1_equal_hf_layers(tmp_path, name, keep, 
     assert pipe.cuts == (1,)
     picture = image if name == "tiny-llava" else image.resize((500, 300))
     _assert_equals_hf_layers(pipe, adapter.model, adapter.processor, picture, PROMPT, adapter.eos_token_ids[0])
+
+
+def test_the_build_plan_shows_each_segments_kv_and_they_sum_to_the_plans(fastv_dir):
+    import re
+
+    from tops_edge.engines.build import describe_build
+
+    text = describe_build(fastv_dir, "orin-nano", "fp16")
+    kv_row = float(re.search(r"KV cache\s+([\d.]+)", text).group(1))  # GiB, 2 decimals
+    segments = [float(x) for x in re.findall(r"decoder\.\d\s+layers \d+-\d+\s+([\d.]+) MiB", text)]
+    assert len(segments) == 3 and len(set(segments)) == 1  # 2 layers each
+    assert abs(sum(segments) / 1024 - kv_row) < 0.006

@@ -45,7 +45,23 @@ def describe_build(directory, device: str, precision: str) -> str:
         precision = manifest["precision"]  # int8-wo: int8 decoder weights only
     plan = plan_memory(footprint_from_manifest(manifest), preset, precision, manifest["model"]["source"],
                        kv_bytes=kv_bytes_of(manifest))
-    return format_plan(plan) + "\n" + format_profiles(optimization_profiles(manifest, preset))
+    return "\n".join([format_plan(plan), *segment_kv_lines(manifest, plan.context, kv_bytes_of(manifest)),
+                      format_profiles(optimization_profiles(manifest, preset))])
+
+
+def segment_kv_lines(manifest: dict, context: int, kv_bytes: int) -> list[str]:
+    """A decoder in segments: each segment's share of the plan's KV row. Each engine allocates its own
+    cache, sized (as the plan is) for a full-context prompt: the worst case, which no cut lowers,
+    since a long text prompt fills every segment alike. Nothing for an uncut decoder."""
+    dec = manifest["decoder"]
+    if len(dec["segments"]) < 2:
+        return []
+    per_layer = 2 * 2 * dec["num_kv_heads"] * dec["head_dim"] * kv_bytes * context  # 2 buffers x K, V
+    lines = [f"KV cache per decoder segment (cut at {','.join(map(str, dec['cuts']))}; each up to {context} tokens):"]
+    for seg in dec["segments"]:
+        first, last = seg["layers"]
+        lines.append(f"  {seg['part']:<12} layers {first}-{last - 1}  {(last - first) * per_layer / 2**20:10.1f} MiB")
+    return lines
 
 
 def build_engines(directory, device: str, precision: str = "fp16", timing_cache: str | None = None,

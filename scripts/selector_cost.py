@@ -23,7 +23,7 @@ import onnxruntime as ort
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tops_edge import selector  # noqa: E402
-from tops_edge.export.exporter import selector_part  # noqa: E402
+from tops_edge.selector.parts import selector_part  # noqa: E402
 
 D, E, M = 4096, 1024, 16  # projected width, vision width, instruction tokens
 CASES = [(576, 64), (576, 128), (576, 192), (2880, 640)]

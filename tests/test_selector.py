@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, assume, given, settings, strategies as st
 
 from tops_edge import selector
 from tops_edge.errors import InputError
-from tops_edge.export.exporter import selector_part
+from tops_edge.selector.parts import selector_part
 from tops_edge.selector.dpp import conditional_kernel, greedy, relevance, sanitize
 from tops_edge.selector.uniform import UniformGrid
 

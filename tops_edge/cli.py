@@ -52,11 +52,11 @@ def _layers(text: str) -> list[int]:
 # --- tops-export ---------------------------------------------------------------------------
 def export_parser() -> argparse.ArgumentParser:
     from . import selector
-    from .export.exporter import DEFAULT_EXPORTER, POSITIONS, PRECISIONS, TARGETS
+    from .export.exporter import DEFAULT_EXPORTER, PRECISIONS, TARGETS
     from .selector.merge import MERGES
     from .export.onnx_export import EXPORTERS
     from .models import aliases, builtin_models
-    from .runtime.layout import BUDGETS
+    from .runtime.layout import BUDGETS, POSITIONS
 
     p = _Parser(
         prog="tops-export",

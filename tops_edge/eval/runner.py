@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import InputError, check_count
-from ..export.exporter import POSITIONS
+from ..runtime.layout import POSITIONS
 from ..runtime.kept_view import Stage
 from .tasks import Item, load_task, score
 

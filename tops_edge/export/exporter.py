@@ -11,18 +11,17 @@ import torch
 
 from .. import __version__, selector as selectors
 from ..calib import EXPORT_PRECISIONS
-from ..errors import ExportError, InputError
-from ..models import ModelAdapter, PartSpec, TensorSpec, load
+from ..errors import InputError
+from ..models import ModelAdapter, load
 from ..models.base import config_sha256
-from ..runtime.layout import BUDGETS
+from ..runtime.layout import BUDGETS, POSITIONS
 from ..selector.merge import MERGES
-from ..selector.parts import PLUGIN_METHODS, selector_part  # noqa: F401  (PLUGIN_METHODS: the CLI's help)
+from ..selector.parts import selector_part
 from .atomic import staged_directory
 from .manifest import SCHEMA_VERSION, file_record, write_manifest
 from .onnx_export import EXPORTERS, export_part, opset_default
 
 PRECISIONS = EXPORT_PRECISIONS  # calib/__init__.py: what each part becomes at each
-POSITIONS = ("compact", "original")
 TARGETS = ("ort", "trt")
 DEFAULT_EXPORTER = "legacy"  # measured: see docs/design.md "Exporter choice"
 

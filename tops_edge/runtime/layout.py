@@ -22,9 +22,11 @@ import numpy as np
 
 from ..errors import InputError
 
-NEWLINE = -1
+NEWLINE = -1  # `source` of a newline token (it has no vision-graph token)
 #: how a budget K is split over an anyres image's segments (base view and crops)
-BUDGETS = ("proportional", "global")  # `source` of a newline token (it has no vision-graph token)
+BUDGETS = ("proportional", "global")
+#: position ids after pruning: `compact` renumbers the kept tokens, `original` keeps theirs
+POSITIONS = ("compact", "original")
 
 
 @dataclass(frozen=True)

@@ -8,11 +8,9 @@
 
 from __future__ import annotations
 
-import copy
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 
@@ -23,79 +21,8 @@ from ..selector.merge import MERGES
 from .backend import KVLayout, get_backend
 from .layout import BUDGETS, TokenMap, layout_for, split_budget
 from .preprocess import Preprocessor
+from .result import JSON_KEYS, GenerationResult, GenerationStream, PromptRows, StreamChunk  # noqa: F401  (the API's names)
 from .sampling import check_sampling, next_token
-
-JSON_KEYS = ("text", "token_ids", "kept_indices", "timings_ms", "kv_cache_bytes", "num_visual_tokens", "keep",
-             "kept_sizes", "stages")
-
-
-@dataclass
-class GenerationResult:
-    text: str
-    token_ids: list[int]  # new tokens only
-    kept_indices: list[int]  # what the first decoder layer sees: positions in the image's visual-token
-    # sequence, ascending (newlines included); later pruning stages are in `stages`
-    timings_ms: dict[str, float]
-    kv_cache_bytes: int  # KV entries held at the end: prompt (with kept visual tokens) + fed new tokens
-    prompt_tokens: int = 0  # prefill length, visual tokens included
-    finish_reason: str = "length"  # "eos" or "length"
-    num_visual_tokens: int = 0  # the image's visual tokens before pruning (LLaVA-NeXT: varies per image)
-    keep: int = 0  # the budget T used: the visual tokens kept on average over the decoder's layers
-    # (before the LLM: its K; selectable tokens only, NeXT's newlines come on top)
-    #: per kept index, the visual tokens it stands for (merge "mean": its group's size; else all 1)
-    kept_sizes: list[int] = field(default_factory=list)
-    #: per visual token of the image's sequence, the index into `kept_indices` of the kept token that
-    #: stands for it: itself when kept, its merged group's token with merge "mean", -1 when dropped
-    #: with merge "none". Not part of `to_json`; `tops-run --show-kept` draws it.
-    token_groups: list[int] = field(default_factory=list)
-    #: every pruning stage that ran, in order: {"layer": 0 before the LLM or the cut's decoder layer,
-    #: "keep": tokens kept, "kept_indices": their positions in the image's visual-token sequence}
-    stages: list[dict] = field(default_factory=list)
-    #: per decoder segment: its prefill step's wall ms and the KV bytes it holds at the end (one
-    #: entry for an uncut decoder). Not part of `to_json`; tops-bench reports them.
-    segment_prefill_ms: list[float] = field(default_factory=list)
-    segment_kv_bytes: list[int] = field(default_factory=list)
-    #: with `output_logits=True`, per new token the raw logits [V] it was chosen from (float32, before
-    #: temperature and top-p, as HF generate's `output_logits`); else None. Not part of `to_json`.
-    logits: list[np.ndarray] | None = None
-
-    def to_json(self) -> dict:
-        # field by field: asdict would also deep-copy `logits`, which the JSON leaves out
-        return {k: copy.deepcopy(getattr(self, k)) for k in JSON_KEYS}
-
-
-@dataclass
-class StreamChunk:
-    token_id: int | None  # None only for a last chunk that flushes text held back (see below)
-    text: str  # the text this token completes ("" while a multi-byte character is incomplete)
-
-
-class GenerationStream:
-    """Iterates StreamChunks as tokens are decoded; `.result` is set once the iteration ends."""
-
-    def __init__(self, steps, pre: Preprocessor):
-        self._steps = steps
-        self._pre = pre
-        self.result: GenerationResult | None = None
-
-    def __iter__(self) -> Iterator[StreamChunk]:
-        ids: list[int] = []
-        shown = ""
-        while True:
-            try:
-                tok = next(self._steps)
-            except StopIteration as stop:
-                self.result = stop.value
-                if len(self.result.text) > len(shown):  # ended inside an incomplete character
-                    yield StreamChunk(None, self.result.text[len(shown) :])
-                return
-            ids.append(tok)
-            text = self._pre.decode(ids)
-            if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for the next byte
-                yield StreamChunk(tok, "")
-                continue
-            yield StreamChunk(tok, text[len(shown) :])
-            shown = text
 
 
 @dataclass
@@ -140,7 +67,6 @@ class Pipeline:
         self.selector = backend.session(part_path("selector")) if "selector" in parts else None
         self._selectors = {(self.selector_method, _params_key(sel["params"])): self.selector}
         self.selector_params = dict(sel["params"])
-        self.selector_stage = sel["stage"]  # "vision": before the LLM; "llm": at the decoder's cuts
         self.embed = backend.session(part_path("embed"))
         self._embed_token = None  # the decode loop's bound embedding run (see _token_embedder)
         self._token_id = np.zeros((1, 1), dtype=np.int64)
@@ -194,7 +120,6 @@ class Pipeline:
         self.selector = self._selectors[key]
         self.selector_method = method
         self.selector_params = resolved if info.prunes else {}
-        self.selector_stage = info.stage
         return self
 
     @classmethod
@@ -368,7 +293,7 @@ class Pipeline:
                                                 {"inputs_embeds": self.decoder.token_embeds})
         return self._embed_token
 
-    def _select_at_cut(self, hidden: np.ndarray, attention: np.ndarray, rows: "_Rows", keep: int) -> np.ndarray:
+    def _select_at_cut(self, hidden: np.ndarray, attention: np.ndarray, rows: "PromptRows", keep: int) -> np.ndarray:
         """At a decoder cut: the rows of the prefill sequence that go on (text, kept visual tokens).
         The stage's selector reads the alive visual tokens' hidden states and the cut layer's
         attention from the text after the image to them; NeXT's newline tokens are always kept."""
@@ -384,13 +309,13 @@ class Pipeline:
         kept = np.sort(np.concatenate([choosable[out["kept_indices"][0]], np.flatnonzero(rows.newline)]))
         return np.concatenate([np.arange(rows.before), visual[kept], after])
 
-    def _prefill(self, embeds: np.ndarray, positions: np.ndarray, bias: np.ndarray, rows: "_Rows", plan,
+    def _prefill(self, embeds: np.ndarray, positions: np.ndarray, bias: np.ndarray, rows: "PromptRows", plan,
                  max_new_tokens: int):
         """Runs every decoder segment on the prompt, pruning at the plan's cuts. Returns the last
         position's logits, each segment's next decode position, the stages that ran at cuts, each
         segment's step time and the time the cuts' selectors took (ms)."""
         at_cut = {stage.layer: stage.keep for stage in plan.stages if stage.layer > 0}
-        hidden, stages, next_positions, step_ms, select_ms = embeds, [], [], [], 0.0
+        hidden, attention, stages, next_positions, step_ms, select_ms = embeds, None, [], [], [], 0.0
         for runner, (first, _) in zip(self.decoders, self.segment_layers):
             if first in at_cut:
                 t = time.perf_counter()
@@ -455,7 +380,7 @@ class Pipeline:
         positions = self.prompt_positions(len(before), kept, len(after), num_visual)
         bias = np.zeros((1, prompt_len), dtype=np.float32)  # log(group size) on merged visual tokens
         bias[0, len(before) : len(before) + len(kept)] = np.log(sizes)
-        rows = _Rows(len(before), kept, np.isin(kept, token_map.newlines))
+        rows = PromptRows(len(before), kept, np.isin(kept, token_map.newlines))
         logits, next_positions, cut_stages, segment_ms, cut_select_ms = self._prefill(
             embeds, positions, bias, rows, plan, max_new_tokens)
         stages = [{"layer": 0, "keep": first_keep, "kept_indices": [int(i) for i in kept]}] \
@@ -509,22 +434,3 @@ class Pipeline:
             keep=keep,
             logits=step_logits,
         )
-
-
-@dataclass(frozen=True)
-class _Rows:
-    """Where the visual tokens sit in a segment's prompt: after `before` text tokens, `visual` (their
-    positions in the image's visual sequence, ascending), `newline` (which of them are NeXT's row
-    newlines, never pruned), then the text after the image."""
-
-    before: int
-    visual: np.ndarray
-    newline: np.ndarray
-
-    def visual_rows(self) -> np.ndarray:
-        return self.before + np.arange(len(self.visual))
-
-    def taken(self, rows: np.ndarray) -> "_Rows":
-        """After a cut kept these prompt rows."""
-        picked = rows[(rows >= self.before) & (rows < self.before + len(self.visual))] - self.before
-        return _Rows(self.before, self.visual[picked], self.newline[picked])

@@ -295,3 +295,18 @@ def test_the_build_plan_shows_each_segments_kv_and_they_sum_to_the_plans(fastv_d
     segments = [float(x) for x in re.findall(r"decoder\.\d\s+layers \d+-\d+\s+([\d.]+) MiB", text)]
     assert len(segments) == 3 and len(set(segments)) == 1  # 2 layers each
     assert abs(sum(segments) / 1024 - kv_row) < 0.006
+
+
+def test_show_kept_draws_one_row_per_stage(tmp_path, deep, capsys):
+    """pdrop prunes at three cuts: the picture has a row per stage, each stage's kept patches a subset
+    of the one before (selection only: no merged-groups panel)."""
+    from PIL import Image
+
+    from tops_edge.cli import run_main
+
+    out = export_model(deep, tmp_path / "pdrop", selector="pdrop", keep=300, progress=False)
+    picture = tmp_path / "kept.png"
+    assert run_main([str(out), "--image", str(EXAMPLE), "--prompt", PROMPT, "--max-new-tokens", "1",
+                     "--show-kept", str(picture), "--quiet"]) == 0
+    width, height = Image.open(picture).size
+    assert (width, height) == (672, 18 + 3 * (18 + 672) + 2 * 8)  # title, then three captioned rows

@@ -202,7 +202,7 @@ def _run(argv) -> int:
     if args.show_kept is not None:
         from .runtime.kept_view import Stage, show_kept
 
-        show_kept(pipe, args.image, [Stage.of(r)], args.show_kept, title=f"{args.prompt!r} -> {r.text.strip()!r}")
+        show_kept(pipe, args.image, Stage.all_of(r), args.show_kept, title=f"{args.prompt!r} -> {r.text.strip()!r}")
         if not args.quiet:
             print(f"wrote {args.show_kept}", file=sys.stderr)
     if args.json or args.quiet:

@@ -40,10 +40,25 @@ class Stage:
 
     @classmethod
     def of(cls, result, label: str | None = None) -> "Stage":
+        """What the first decoder layer sees (the pruning before the LLM, merged groups included)."""
         n = result.num_visual_tokens
         text = label if label is not None else f"kept {len(result.kept_indices)} of {n} visual tokens"
         groups = result.token_groups or [-1] * n
         return cls(text, tuple(result.kept_indices), tuple(groups))
+
+    @classmethod
+    def all_of(cls, result) -> list["Stage"]:
+        """One Stage per pruning stage that ran (`result.stages`): before the LLM with its merged
+        groups, then each decoder cut (selection only); just `of` when nothing was pruned."""
+        out = []
+        for stage in result.stages:
+            if stage["layer"] == 0:
+                out.append(cls.of(result, f"before the LLM: kept {stage['keep']} of {result.num_visual_tokens}"))
+                continue
+            slot = {t: i for i, t in enumerate(stage["kept_indices"])}
+            groups = tuple(slot.get(t, -1) for t in range(result.num_visual_tokens))
+            out.append(cls(f"at layer {stage['layer']}: kept {stage['keep']}", tuple(stage["kept_indices"]), groups))
+        return out or [cls.of(result)]
 
 
 def slot_colours(count: int) -> np.ndarray:

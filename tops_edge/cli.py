@@ -288,6 +288,7 @@ def bench_main(argv=None) -> int:
 def eval_parser() -> argparse.ArgumentParser:
     from . import selector
     from .eval.shapes import QUESTION_TYPES
+    from .eval.shapes_dense import QUESTION_TYPES as DENSE_TYPES
     from .runtime import BACKENDS
     from .runtime.layout import BUDGETS
 
@@ -301,7 +302,9 @@ def eval_parser() -> argparse.ArgumentParser:
                     "against kept tokens.",
     )
     p.add_argument("dir", help="a tops-export output directory")
-    p.add_argument("--task", default="shapesvqa", help="shapesvqa (built in, test split) or a JSONL file (see docs/fidelity.md)")
+    p.add_argument("--task", default="shapesvqa",
+                   help="shapesvqa or shapesvqa-dense (built in, crowded scenes; --split picks test or val) or a JSONL "
+                        "file (see docs/fidelity.md)")
     p.add_argument("--keep", default="192,128,64", help="comma-separated budgets (default: 192,128,64); unpruned always runs")
     p.add_argument("--selector", default=None,
                    help=f"comma-separated selectors, switched at run time without re-export (default: the export's); "
@@ -316,7 +319,8 @@ def eval_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=None, help="items to evaluate (ShapesVQA default: 1000; JSONL: all)")
     p.add_argument("--skip", type=int, default=0, metavar="N",
                    help="skip the first N items (default: 0): fresh ShapesVQA questions, or one shard of a long run")
-    p.add_argument("--types", default=None, help=f"ShapesVQA question types to ask (default: all: {', '.join(QUESTION_TYPES)})")
+    p.add_argument("--types", default=None, help=f"question types to ask (default: all; shapesvqa: {', '.join(QUESTION_TYPES)}; "
+                                                 f"shapesvqa-dense: {', '.join(DENSE_TYPES)})")
     p.add_argument("--max-new-tokens", type=int, default=8, help="answer length limit (default: 8)")
     p.add_argument("--budget", default=None, choices=BUDGETS, help="LLaVA-NeXT: how K is split over the crops (default: the export's)")
     p.add_argument("--json", default=None, metavar="FILE", help="write the report (schema: tops_edge/eval/report.py)")

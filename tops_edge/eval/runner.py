@@ -22,7 +22,7 @@ import numpy as np
 from ..errors import InputError, check_count
 from ..runtime.layout import POSITIONS
 from ..runtime.kept_view import Stage
-from .tasks import Item, load_task, score
+from .tasks import BUILTIN_TASKS, Item, load_task, score
 
 SCHEMA = "tops-eval/1"
 BOOTSTRAP = 1000
@@ -306,7 +306,7 @@ def run_eval(directory, task: str = "shapesvqa", keeps=None, selectors=None, lim
         "settings": {"keeps": keeps, "selectors": selectors, "items": len(items), "skip": int(skip),
                      "max_new_tokens": max_new_tokens,
                      "budget": budget, "positions": pipe.positions, "merge": merge,
-                     "split": split if task == "shapesvqa" else None, "num_visual_tokens": pipe.max_selectable},
+                     "split": split if task in BUILTIN_TASKS else None, "num_visual_tokens": pipe.max_selectable},
         "elapsed_s": round(time.perf_counter() - t0, 1),
         **summary,
         "agreement": agreement,

@@ -102,13 +102,17 @@ def load_jsonl(path) -> list[Item]:
     return items
 
 
+#: the tasks built in (rendered on the fly, with train / val / test splits)
+BUILTIN_TASKS = ("shapesvqa", "shapesvqa-dense")
+
+
 def load_task(task: str, limit: int | None = None, types=None, split: str = "test", skip: int = 0) -> list[Item]:
     """`shapesvqa` or `shapesvqa-dense` (its `split`: test, or val to tune selector parameters without
     touching the test questions) or a path to a JSONL file; `skip` drops the first items (a fresh
     sample of ShapesVQA, or one shard of a long run), then `limit` keeps the first of the rest."""
     limit = None if limit is None else check_count("--limit", limit, 1)
     skip = check_count("--skip", skip, 0)
-    if task in ("shapesvqa", "shapesvqa-dense"):
+    if task in BUILTIN_TASKS:
         if split not in ("val", "test"):
             raise InputError(f"--split must be val or test (train is what the model learned from), got '{split}'")
         return shapesvqa(1000 if limit is None else limit, split=split, types=types, skip=skip,

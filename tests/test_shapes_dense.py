@@ -187,3 +187,12 @@ def test_unknown_dense_type_is_one_line_input_error():
     assert all(t in message for t in dense.QUESTION_TYPES)
     with pytest.raises(InputError, match="unknown ShapesVQA question type"):
         load_task("shapesvqa", limit=5, types=["count_colour"])  # and the other way round
+
+
+def test_tops_eval_runs_the_dense_task_and_records_its_split(tiny_uniform_dir):
+    from tops_edge.eval import run_eval
+
+    report = run_eval(tiny_uniform_dir, task="shapesvqa-dense", keeps=[64], selectors=["uniform"], limit=5,
+                      split="val", max_new_tokens=2)
+    assert report["settings"]["split"] == "val" and report["settings"]["items"] == 5
+    assert set(report["categories"]) <= set(dense.QUESTION_TYPES)

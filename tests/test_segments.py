@@ -47,9 +47,10 @@ def _prompt_rows(deep, prompt):
     return slot, len(ids) - slot - 1
 
 
-def _keep_rows(stages, slot: int, after: int, num_visual: int):
-    """The reference's rows per cut from the pipeline's reported stages (visual-sequence indices)."""
-    alive = list(range(num_visual))
+def _keep_rows(stages, slot: int, after: int, num_visual: int, alive=None):
+    """The reference's rows per cut from the pipeline's reported stages (visual-sequence indices),
+    starting from the visual tokens `alive` in the prompt (default: all of them)."""
+    alive = list(range(num_visual)) if alive is None else list(alive)
     rows = []
     for stage in stages:
         kept = stage["kept_indices"]
@@ -310,3 +311,41 @@ def test_show_kept_draws_one_row_per_stage(tmp_path, deep, capsys):
                      "--show-kept", str(picture), "--quiet"]) == 0
     width, height = Image.open(picture).size
     assert (width, height) == (672, 18 + 3 * (18 + 672) + 2 * 8)  # title, then three captioned rows
+
+
+def test_a_method_that_prunes_before_and_inside_the_llm_runs_both_graphs(tmp_path, deep, image):
+    """A method with stage "both" (here uniform before the LLM, fastv at the cut): the export writes
+    its two graphs, the runtime runs the first on the projected tokens and the second at the cut on
+    the survivors, and the result equals HF's layers fed the stage-0 tokens and the cut's rows."""
+    from tops_edge import selector as registry
+    from tops_edge.selector.base import _REGISTRY, CutForm, Schedule, SelectorInfo
+
+    uniform, fastv = registry.get("uniform"), registry.get("fastv")
+    registry.register(SelectorInfo(
+        name="uniform+fastv", summary="a test: uniform before the LLM, fastv at layer 2", params={"layer": 2},
+        extra_inputs=uniform.extra_inputs, reference=uniform.reference, onnx_form=uniform.onnx_form, stage="both",
+        schedule=Schedule(layers=lambda p, n: (0, 2), budgets=lambda p, layers, t, n, depth: (3 * t // 2, 3 * t // 4)),
+        cut=CutForm(fastv.extra_inputs, fastv.reference, fastv.onnx_form)))
+    try:
+        out = export_model(deep, tmp_path / "both", selector="uniform+fastv", keep=200, merge="none", progress=False)
+        manifest = json.loads((out / "manifest.json").read_text())
+        assert {"selector", "cut_selector"} <= set(manifest["parts"]) and manifest["decoder"]["cuts"] == [2]
+        pipe = Pipeline.load(out)
+        r = pipe.generate(image, PROMPT, max_new_tokens=NEW_TOKENS, output_logits=True)
+        assert [(s["layer"], s["keep"]) for s in r.stages] == [(0, 300), (2, 150)]
+        first, cut = (s["kept_indices"] for s in r.stages)
+        assert set(cut) < set(first)
+        slot, after = _prompt_rows(deep, PROMPT)
+        embeds = hf_pruned_inputs_embeds(deep.model, deep.processor, image, PROMPT, first)
+        rows = _keep_rows(r.stages[1:], slot, after, 576, alive=first)
+        ref, logits, attention = hf_cut_greedy(deep.model, embeds, torch.zeros(embeds.shape[1]), [2, 4],
+                                               [rows[0], None], NEW_TOKENS, positions=pipe.positions,
+                                               eos_token_id=deep.eos_token_ids[0])
+        assert r.token_ids == ref
+        np.testing.assert_allclose(r.logits[0], logits.numpy(), atol=1e-4)
+        # the cut ran fastv's graph: its reference on HF's layer-1 attention over the 300 survivors
+        text_attention = attention[2][slot + 300:, slot:slot + 300][None]
+        chosen = fastv.reference({"text_attention": text_attention}, 150, {"layer": 2}, (1, 300))[0]
+        assert [first[i] for i in chosen.tolist()] == cut
+    finally:
+        _REGISTRY.pop("uniform+fastv")

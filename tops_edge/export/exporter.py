@@ -117,6 +117,8 @@ def export_model(
         sel = selector_part(selector, params, layout, adapter.hidden_size, vision_width, target)
         if sel is not None:
             parts.insert(1, sel)
+        if info.stage == "both":  # its graph at the decoder's cuts too
+            parts.insert(2, selector_part(selector, params, layout, adapter.hidden_size, vision_width, target, at="llm"))
         steps.total = len(parts) + 2  # load, each part, preprocessing + manifest
         steps.refresh()
         out = Path(out)

@@ -65,7 +65,11 @@ class Pipeline:
         part_path = lambda name: directory / parts[name]["files"][0]["path"]  # noqa: E731
         self.vision = backend.session(part_path("vision"))
         self.selector = backend.session(part_path("selector")) if "selector" in parts else None
-        self._selectors = {(self.selector_method, _params_key(sel["params"])): self.selector}
+        # the graph at decoder cuts: a method's own for an in-LLM one, the second for one that prunes
+        # both before the LLM and inside it, none for a method that prunes only before it
+        self.cut_selector = backend.session(part_path("cut_selector")) if "cut_selector" in parts else \
+            (self.selector if sel["stage"] == "llm" else None)
+        self._selectors = {(self.selector_method, _params_key(sel["params"])): (self.selector, self.cut_selector)}
         self.selector_params = dict(sel["params"])
         self.embed = backend.session(part_path("embed"))
         self._embed_token = None  # the decode loop's bound embedding run (see _token_embedder)
@@ -91,7 +95,8 @@ class Pipeline:
 
     @property
     def _parts(self):
-        return [p for p in (self.vision, self.selector, self.embed, *self.decoders) if p is not None]
+        return list(dict.fromkeys(p for p in (self.vision, self.selector, self.cut_selector, self.embed, *self.decoders)
+                                  if p is not None))
 
     def use_selector(self, method: str, **params) -> "Pipeline":
         """Switch to another registered selector (and/or parameters) without re-exporting: its graph
@@ -105,7 +110,7 @@ class Pipeline:
         key = (method, _params_key(resolved if info.prunes else {}))
         if key not in self._selectors:
             if not info.prunes:
-                self._selectors[key] = None
+                self._selectors[key] = (None, None)
             else:
                 vision_outputs = {o["name"]: o for o in self.manifest["parts"]["vision"]["outputs"]}
                 missing = [name for name in info.extra_inputs(resolved)
@@ -114,10 +119,11 @@ class Pipeline:
                     raise InputError(f"selector '{method}' needs the vision graph's {', '.join(missing)}, which this "
                                      f"export lacks; re-export with tops-export --selector {method}")
                 width = vision_outputs["vision_features"]["shape"][-1]
-                part = selector_part(method, resolved, self.manifest["visual"],
-                                     int(self.manifest["decoder"]["hidden_size"]), int(width))
-                self._selectors[key] = self.backend.session(part.onnx_model().SerializeToString())
-        self.selector = self._selectors[key]
+                graphs = [self.backend.session(selector_part(
+                    method, resolved, self.manifest["visual"], int(self.manifest["decoder"]["hidden_size"]), int(width),
+                    at=at).onnx_model().SerializeToString()) for at in info.stages]
+                self._selectors[key] = (graphs[0], graphs[-1] if "llm" in info.stages else None)
+        self.selector, self.cut_selector = self._selectors[key]
         self.selector_method = method
         self.selector_params = resolved if info.prunes else {}
         return self
@@ -295,8 +301,9 @@ class Pipeline:
 
     def _select_at_cut(self, hidden: np.ndarray, attention: np.ndarray, rows: "PromptRows", keep: int) -> np.ndarray:
         """At a decoder cut: the rows of the prefill sequence that go on (text, kept visual tokens).
-        The stage's selector reads the alive visual tokens' hidden states and the cut layer's
-        attention from the text after the image to them; NeXT's newline tokens are always kept."""
+        The stage's selector reads the alive visual tokens' hidden states, the cut layer's attention
+        from the text after the image to them and that text's hidden states (what a graph asks for);
+        NeXT's newline tokens are always kept."""
         visual = rows.visual_rows()
         choosable = np.flatnonzero(~rows.newline)
         if keep >= len(choosable):
@@ -304,8 +311,10 @@ class Pipeline:
         after = np.arange(visual[-1] + 1, hidden.shape[1]) if len(visual) else np.arange(rows.before, hidden.shape[1])
         cols = visual[choosable]
         feeds = {"image_features": hidden[:, cols], "keep": np.array(keep, dtype=np.int64),
-                 "text_attention": np.ascontiguousarray(attention[:, after][:, :, cols])}
-        out = self.selector.run({name: feeds[name] for name in self.selector.input_names})
+                 "text_attention": np.ascontiguousarray(attention[:, after][:, :, cols]),
+                 "text_features": hidden[:, after]}
+        graph = self.cut_selector
+        out = graph.run({name: feeds[name] for name in graph.input_names})
         kept = np.sort(np.concatenate([choosable[out["kept_indices"][0]], np.flatnonzero(rows.newline)]))
         return np.concatenate([np.arange(rows.before), visual[kept], after])
 

@@ -11,11 +11,14 @@ Selector graph IO (the names are the contract with the runtime, which feeds what
                                    after the image (the last row: the prompt's last token) to each of
                                    the N visual tokens still alive; image_features are then their
                                    hidden states entering the cut's layer
+  text_features [B,Q,D] float32    at a decoder cut: those Q prompt tokens' hidden states there
   -> kept_indices [B,K] int64 ascending, selected_features [B,K,D] float32
 
-A method's `stage` says where it runs: "vision" (before the LLM, on the projected tokens) or "llm"
-(at cuts inside the decoder). Its `schedule` says at which layers and with which budgets, given the
-equivalent average budget --keep T (selector/plan.py turns the two into a PruningPlan).
+A method's `stage` says where it runs: "vision" (before the LLM, on the projected tokens), "llm"
+(at cuts inside the decoder) or "both" (its own fields before the LLM, a `CutForm` at the cuts; it
+exports a `selector` and a `cut_selector` graph). Its `schedule` says at which layers and with which
+budgets, given the equivalent average budget --keep T (selector/plan.py turns the two into a
+PruningPlan).
 """
 
 from __future__ import annotations
@@ -28,7 +31,17 @@ import torch
 from ..errors import InputError
 
 INSTRUCTION = ("instruction_embeds", "instruction_mask")
-STAGES = ("vision", "llm")
+STAGES = ("vision", "llm", "both")
+
+
+@dataclass(frozen=True)
+class CutForm:
+    """The in-LLM stage of a method that also prunes before the LLM (stage "both"): what its graph at
+    a decoder cut reads and computes, as SelectorInfo's own fields do for its stage before the LLM."""
+
+    extra_inputs: Callable[[dict], tuple[str, ...]]
+    reference: Callable[..., torch.Tensor]
+    onnx_form: Callable[[dict, tuple[int, int]], tuple[Any, dict]]
 
 
 class Unreachable(Exception):
@@ -73,15 +86,34 @@ class SelectorInfo:
     reference: Callable[[dict[str, torch.Tensor], int, dict, tuple[int, int]], torch.Tensor] | None = None
     #: ONNX form: (params, grid) -> (onnxscript function, constants for onnx_graph.build_graph)
     onnx_form: Callable[[dict, tuple[int, int]], tuple[Any, dict]] | None = None
-    #: where it prunes: "vision" (before the LLM, on the projected tokens) or "llm" (at decoder cuts;
-    #: reads text_attention and the alive tokens' hidden states)
+    #: where it prunes: "vision" (before the LLM, on the projected tokens), "llm" (at decoder cuts;
+    #: reads text_attention and the alive tokens' hidden states) or "both" (the fields above before
+    #: the LLM, `cut` at the cuts)
     stage: str = "vision"
     #: where and how much it keeps for an equivalent average budget T (plan.plan_for)
     schedule: Schedule = PRE_LLM
+    #: stage "both": the form of its stages at decoder cuts
+    cut: CutForm | None = None
 
     def __post_init__(self):
         if self.stage not in STAGES:
             raise ValueError(f"selector '{self.name}': stage must be one of {', '.join(STAGES)}, got '{self.stage}'")
+        if (self.stage == "both") != (self.cut is not None):
+            raise ValueError(f"selector '{self.name}': a cut form goes with stage 'both', and only with it")
+
+    def form(self, at: str) -> tuple[Callable, Callable, Callable]:
+        """(extra_inputs, reference, onnx_form) of the method's stage before the LLM (`at` "vision")
+        or at a decoder cut (`at` "llm")."""
+        if at == "llm" and self.stage == "both":
+            return self.cut.extra_inputs, self.cut.reference, self.cut.onnx_form
+        if at not in ("vision", "llm") or (self.stage != "both" and at != self.stage):
+            raise ValueError(f"selector '{self.name}' has no stage '{at}' (it prunes at: {self.stage})")
+        return self.extra_inputs, self.reference, self.onnx_form
+
+    @property
+    def stages(self) -> tuple[str, ...]:
+        """Where its graphs run: ("vision",), ("llm",) or ("vision", "llm")."""
+        return ("vision", "llm") if self.stage == "both" else (self.stage,)
 
     @property
     def prunes(self) -> bool:

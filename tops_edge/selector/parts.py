@@ -13,20 +13,23 @@ PLUGIN_METHODS = ("tops", "cdpruner")  # --target trt: these run as the tops::Se
 
 
 def selector_part(method: str, params: dict[str, Any], layout: dict[str, Any], hidden: int, vision_width: int,
-                  target: str = "ort", merge_outputs: bool = True) -> PartSpec | None:
+                  target: str = "ort", merge_outputs: bool = True, at: str | None = None) -> PartSpec | None:
     """The selector graph for `method` from its registered ONNX form (with `target` trt, the plugin
     form for PLUGIN_METHODS); None for `none`. It also outputs the token merge of its selection
     (`merged_features`, `kept_sizes`, `token_groups`; selector/merge.py) unless `merge_outputs` is False (timing).
 
     The graph selects within one segment: a whole image (`single` layout, N fixed) or one crop or the
-    whole of an anyres image (N dynamic). Spatial methods get the segment's grid as inputs.
+    whole of an anyres image (N dynamic). Spatial methods get the segment's grid as inputs. `at`
+    picks the stage of a method that prunes both before the LLM and at cuts ("vision" or "llm";
+    default: its first).
     """
     from .onnx_graph import build_graph
 
     info = get(method)
     if not info.prunes:
         return None
-    if info.stage == "llm":
+    at = at or info.stages[0]
+    if at == "llm":
         return _cut_selector_part(info, params, hidden)
     n = layout["tokens_per_crop"] if layout.get("layout", "single") == "single" else "tokens"
     grid = token_grid(layout["grid"], n) if isinstance(n, int) else (1, n)
@@ -66,17 +69,20 @@ def selector_part(method: str, params: dict[str, Any], layout: dict[str, Any], h
 def _cut_selector_part(info, params: dict[str, Any], hidden: int) -> PartSpec:
     """An in-LLM selector's graph, run at a decoder cut on the visual tokens still alive there:
     `image_features` are their hidden states entering the next layer, `text_attention` [B, Q, N] the
-    cut layer's head-averaged attention from the Q prompt tokens after the image to them. Selection
-    only: the merge tail belongs to the stage before the LLM."""
+    cut layer's head-averaged attention from the Q prompt tokens after the image to them,
+    `text_features` those prompt tokens' hidden states. Selection only: the merge tail belongs to the
+    stage before the LLM. A method that also prunes before the LLM exports it as `cut_selector`."""
     from .onnx_graph import build_graph
 
-    available = {"text_attention": TensorSpec("text_attention", "float32", ("num_images", "queries", "tokens"))}
+    extra_inputs, _, onnx_form = info.form("llm")
+    available = {"text_attention": TensorSpec("text_attention", "float32", ("num_images", "queries", "tokens")),
+                 "text_features": TensorSpec("text_features", "float32", ("num_images", "queries", hidden))}
     inputs = [TensorSpec("image_features", "float32", ("num_images", "tokens", hidden)),
-              TensorSpec("keep", "int64", ()), *(available[name] for name in info.extra_inputs(params))]
+              TensorSpec("keep", "int64", ()), *(available[name] for name in extra_inputs(params))]
     outputs = [TensorSpec("kept_indices", "int64", ("num_images", "kept")),
                TensorSpec("selected_features", "float32", ("num_images", "kept", hidden))]
-    fn, constants = info.onnx_form(params, (1, 0))
-    return PartSpec(name="selector", inputs=inputs, outputs=outputs,
+    fn, constants = onnx_form(params, (1, 0))
+    return PartSpec(name="cut_selector" if info.stage == "both" else "selector", inputs=inputs, outputs=outputs,
                     onnx_model=lambda: build_graph(fn, constants, inputs, outputs))
 
 

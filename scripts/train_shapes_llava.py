@@ -597,6 +597,9 @@ def main(argv=None) -> int:
     p.add_argument("--train-scenes", type=int, default=6000, help="train scenes of each task")
     p.add_argument("--val-scenes", type=int, default=300, help="val scenes of each task")
     p.add_argument("--vision-minutes", type=float, default=15.0)
+    p.add_argument("--tune-tower", type=float, default=0.0, metavar="MINUTES",
+                   help="with --init-from: go on training the inherited vision tower (stage 1, fresh patch heads) "
+                        "on this run's tasks for MINUTES before stage 2 (default 0: the tower stays as it is)")
     p.add_argument("--lm-minutes", type=float, default=60.0)
     p.add_argument("--vision-steps", type=int, default=None,
                    help="stop stage 1 once it has run this many steps in all (reproduces a run exactly; the time limit still applies)")
@@ -625,6 +628,10 @@ def main(argv=None) -> int:
         p.error("--init-from starts a new run: it does not go with --resume or --vision-from")
     if args.grow_layers and not args.init_from:
         p.error("--grow-layers grows the model of --init-from")
+    if args.tune_tower and not args.init_from:
+        p.error("--tune-tower tunes the tower of --init-from")
+    if args.tune_tower < 0:
+        p.error("--tune-tower must be 0 or more minutes")
     if args.grow_layers < 0:
         p.error("--grow-layers must be 0 or more")
     if args.eval_every < 1:
@@ -687,6 +694,11 @@ def main(argv=None) -> int:
     if args.vision_minutes > 0 and not state.get("lm_steps") and not tower_given:
         train_vision(model, train, val, args.vision_minutes, args.vision_batch, args.vision_lr, log, state,
                      max_steps=args.vision_steps)
+    elif args.tune_tower > 0:  # the inherited tower, trained on (e.g. the dense) scenes it has not seen
+        minutes = 0.02 if args.smoke else args.tune_tower
+        train_vision(model, train, val, minutes, args.vision_batch, args.vision_lr, log, state,
+                     max_steps=args.vision_steps)
+        state.setdefault("parent", {})["tower_tuned_minutes"] = args.tune_tower
     for prm in model.model.vision_tower.parameters():
         prm.requires_grad_(False)
     model.model.vision_tower.eval()

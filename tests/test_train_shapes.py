@@ -244,3 +244,30 @@ def test_bad_grow_arguments_are_refused(tmp_path, capsys):
     with pytest.raises(SystemExit):
         train.main(["--smoke", "--out", str(tmp_path / "c"), "--init-from", str(tmp_path)])  # no config.json
     capsys.readouterr()
+
+
+def test_tune_tower_trains_the_inherited_tower_before_stage_2(tmp_path):
+    train = _script()
+    run = tmp_path / "run"
+    assert train.main(["--smoke", "--out", str(run), "--threads", "1", "--init-from", str(COMMITTED),
+                       "--tasks", "shapesvqa,shapesvqa-dense", "--tune-tower", "1", "--lm-steps", "0"]) == 0
+    info = json.loads((run / "model" / "TRAINING.json").read_text())
+    assert info["parent"]["tower_tuned_minutes"] == 1
+    log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    assert [r for r in log if r.get("stage") == "vision" and "val" in r]  # stage 1 ran on the inherited tower
+    assert info["vision_steps"] > info["parent"]["vision_steps"]
+    from safetensors.torch import load_file
+
+    before, after = load_file(COMMITTED / "model.safetensors"), load_file(run / "model" / "model.safetensors")
+    tower = [k for k in before if "vision_tower." in k and k.endswith("q_proj.weight")]
+    assert tower and all(k in after for k in tower)
+    assert not all(torch.equal(before[k], after[k]) for k in tower)  # the tower moved
+
+
+def test_tune_tower_needs_init_from(tmp_path, capsys):
+    import pytest
+
+    train = _script()
+    with pytest.raises(SystemExit):
+        train.main(["--smoke", "--out", str(tmp_path / "a"), "--tune-tower", "5"])
+    assert "--tune-tower" in capsys.readouterr().err

@@ -7,7 +7,7 @@ part's files), and the ORT CPU prefill time as a ratio to fp32. Prompts are Shap
 falls on all of them alike; the ratio is of median prefill times. INT8 calibrates on the built-in
 ShapesVQA *train* pairs (or --calib DIR).
 
---eval adds ShapesVQA accuracy at K=576 and K=64 (tops selector) per precision and its delta to fp32
+--eval adds ShapesVQA accuracy at K=576 and K=64 (dpp-merge selector) per precision and its delta to fp32
 (`tops_edge.eval.run_eval`); meaningful only for a trained model (--model DIR), not random weights.
 
   python scripts/precision_table.py [--model tiny-llava-medium] [--prompts 64] [--out /tmp/precision]
@@ -123,10 +123,10 @@ def accuracy(dirs: dict[str, Path], items: int, types=None) -> dict[str, dict]:
     ref_pipes = _pipelines({"int8": dirs["int8"]}, reference=True) if "int8" in dirs else {}
     runs = [(p, d, None) for p, d in dirs.items()] + [(f"{p} ref.", dirs[p], pipe) for p, pipe in ref_pipes.items()]
     for name, directory, pipe in runs:
-        report = run_eval(directory, "shapesvqa", keeps=[576, 64], selectors=["tops"], limit=items, types=types,
+        report = run_eval(directory, "shapesvqa", keeps=[576, 64], selectors=["dpp-merge"], limit=items, types=types,
                           pipeline=pipe)
         table = report["table"]
-        out[name] = {"576": table["unpruned"]["all"]["accuracy"], "64": table["tops"]["64"]["all"]["accuracy"]}
+        out[name] = {"576": table["unpruned"]["all"]["accuracy"], "64": table["dpp-merge"]["64"]["all"]["accuracy"]}
     return out
 
 
@@ -166,8 +166,8 @@ def main(argv=None) -> int:
     p.add_argument("--json", default=None, help="also write the numbers here")
     args = p.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    # --eval switches selectors at run time; the tops export is also what docs/precision.md's K=64 means
-    dirs = export_all(args.model, Path(args.out), args.calib, selector="tops")
+    # --eval switches selectors at run time; the dpp-merge export is also what docs/precision.md's K=64 means
+    dirs = export_all(args.model, Path(args.out), args.calib, selector="dpp-merge")
     rows = compare(dirs, args.prompts)
     types = [t for t in args.eval_types.split(",") if t] if args.eval_types else None
     acc = accuracy(dirs, args.eval_items, types) if args.eval else None

@@ -21,14 +21,14 @@ import torch
 from tops_edge.plugins.kernel import launch_select, select_order_triton
 from tops_edge.plugins.reference import plugin_inputs, select_order
 
-METHODS = {"tops": dict(alpha=0.5, beta=0.5, sign=1.0), "cdpruner": dict(alpha=0.5, beta=0.0, sign=-1.0)}
+METHODS = {"dpp-merge": dict(alpha=0.5, beta=0.5, sign=1.0), "cdpruner": dict(alpha=0.5, beta=0.0, sign=-1.0)}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n", default="576,2880")
     ap.add_argument("--k", default="64,128,192")
-    ap.add_argument("--methods", default="tops,cdpruner")
+    ap.add_argument("--methods", default="dpp-merge,cdpruner")
     ap.add_argument("--runs", type=int, default=50)
     ap.add_argument("--block-k", type=int, default=None)
     args = ap.parse_args()

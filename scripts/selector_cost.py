@@ -28,9 +28,9 @@ from tops_edge.selector.parts import selector_part  # noqa: E402
 D, E, M = 4096, 1024, 16  # projected width, vision width, instruction tokens
 CASES = [(576, 64), (576, 128), (576, 192), (2880, 640)]
 VARIANTS = [  # (label, method, params)
-    ("tops", "tops", {}),
-    ("tops without the spatial factor (v1)", "tops", {"spatial": 0.0}),
-    ("tops (similarity on projected)", "tops", {"similarity": "projected"}),
+    ("dpp-merge", "dpp-merge", {}),
+    ("dpp-merge without the spatial factor (v1)", "dpp-merge", {"spatial": 0.0}),
+    ("dpp-merge (similarity on projected)", "dpp-merge", {"similarity": "projected"}),
     ("cdpruner", "cdpruner", {}),
     ("divprune", "divprune", {}),
     ("attention", "attention", {}),
@@ -40,7 +40,7 @@ VARIANTS = [  # (label, method, params)
 
 
 def gflop(method: str, params: dict, n: int, k: int) -> float:
-    if method in ("tops", "cdpruner", "divprune"):
+    if method in ("dpp-merge", "cdpruner", "divprune"):
         width = E if params.get("similarity") == "vision" else D
         flops = 2 * n * n * width  # similarity
         if method != "divprune":

@@ -38,7 +38,7 @@ def exports(tmp_path_factory, tiny, small_calib):
     root = tmp_path_factory.mktemp("precisions")
     mp = pytest.MonkeyPatch()
     mp.setenv("TOPS_EDGE_CACHE", str(root / "cache"))
-    out = {p: export_model(tiny, root / p, selector="tops", keep=64, precision=p, progress=False,
+    out = {p: export_model(tiny, root / p, selector="dpp-merge", keep=64, precision=p, progress=False,
                            calib=small_calib if p == "int8" else None)
            for p in ("fp32", "fp16", "int8", "int8-wo")}
     yield out
@@ -376,7 +376,7 @@ def test_trt_target_int8_calibrates_through_the_plugin_selectors_onnx_form(tmp_p
     from tops_edge.plugins.onnx_form import plugin_nodes
 
     monkeypatch.setenv("TOPS_EDGE_CACHE", str(tmp_path / "cache"))
-    out = export_model(tiny, tmp_path / "trt-int8", selector="tops", keep=64, target="trt", precision="int8",
+    out = export_model(tiny, tmp_path / "trt-int8", selector="dpp-merge", keep=64, target="trt", precision="int8",
                        calib=small_calib, progress=False)
     assert plugin_nodes(graph(out, "selector"))  # the deployed selector is still the TensorRT plugin
     assert [n for n in graph(out, "decoder").graph.node if n.op_type == "QuantizeLinear"]

@@ -170,7 +170,7 @@ def test_paired_difference_counts_discordant_items():
 
 def test_versus_pairs_the_reference_with_every_other_selector_per_budget():
     ref, other = np.array([1, 1, 0, 1]), np.array([1, 0, 0, 0])
-    out = versus({("tops", 64): ref, ("cdpruner", 64): other, ("cdpruner", 32): other, ("tops", 32): other}, "tops")
+    out = versus({("dpp-merge", 64): ref, ("cdpruner", 64): other, ("cdpruner", 32): other, ("dpp-merge", 32): other}, "dpp-merge")
     assert set(out) == {"cdpruner"} and set(out["cdpruner"]) == {"64", "32"}
     assert (out["cdpruner"]["64"]["wins"], out["cdpruner"]["64"]["losses"]) == (2, 0)
     assert out["cdpruner"]["32"]["diff"] == 0.0
@@ -192,8 +192,8 @@ def test_kl_of_the_first_answer_token():
 
 def test_versus_with_kls_reports_the_mean_difference_and_who_is_closer():
     ref, other = np.array([1, 1, 0, 1]), np.array([1, 0, 0, 1])
-    kls = {("tops", 64): np.array([0.1, 0.0, 0.3, 0.2]), ("cdpruner", 64): np.array([0.2, 0.4, 0.1, 0.6])}
-    d = versus({("tops", 64): ref, ("cdpruner", 64): other}, "tops", kls)["cdpruner"]["64"]
+    kls = {("dpp-merge", 64): np.array([0.1, 0.0, 0.3, 0.2]), ("cdpruner", 64): np.array([0.2, 0.4, 0.1, 0.6])}
+    d = versus({("dpp-merge", 64): ref, ("cdpruner", 64): other}, "dpp-merge", kls)["cdpruner"]["64"]
     assert d["kl_diff"] == pytest.approx((0.6 - 1.3) / 4) and (d["kl_lower"], d["kl_higher"]) == (0.75, 0.25)
     assert d["kl_diff_ci95"][0] <= d["kl_diff"] <= d["kl_diff_ci95"][1]
     assert d["p_sign"] == pytest.approx(mcnemar_p(3, 1))
@@ -202,15 +202,15 @@ def test_versus_with_kls_reports_the_mean_difference_and_who_is_closer():
     assert many["kl_diff"] > 0 and many["kl_lower"] == pytest.approx(20 / 21) and many["p_sign"] < 1e-4
     equal = kl_comparison(np.array([0.1, 0.2]), np.array([0.1, 0.2]))
     assert (equal["kl_lower"], equal["kl_higher"], equal["p_sign"]) == (0.0, 0.0, 1.0)
-    assert "kl_diff" not in versus({("tops", 64): ref, ("cdpruner", 64): other}, "tops")["cdpruner"]["64"]
+    assert "kl_diff" not in versus({("dpp-merge", 64): ref, ("cdpruner", 64): other}, "dpp-merge")["cdpruner"]["64"]
 
 
 def test_summarize_per_category_and_relative():
     cats = ["a", "a", "b", "b"]
     full = np.array([1, 1, 1, 0])
-    out = summarize(cats, full, {("tops", 64): np.array([1, 0, 1, 0])})
+    out = summarize(cats, full, {("dpp-merge", 64): np.array([1, 0, 1, 0])})
     assert out["categories"] == ["a", "b"]
-    row = out["table"]["tops"]["64"]
+    row = out["table"]["dpp-merge"]["64"]
     assert row["all"]["accuracy"] == 0.5 and row["all"]["relative"] == pytest.approx(2 / 3)
     assert row["a"]["relative"] == 0.5 and row["b"]["relative"] == 1.0
 
@@ -220,8 +220,8 @@ def test_use_selector_equals_an_export_with_that_selector(tiny_uniform_dir, tiny
     from tops_edge.export import export_model
     from tops_edge.runtime import Pipeline
 
-    baked = Pipeline.load(export_model(tiny, tmp_path / "tops", selector="tops", keep=64, progress=False))
-    switched = Pipeline.load(tiny_uniform_dir).use_selector("tops")
+    baked = Pipeline.load(export_model(tiny, tmp_path / "dpp-merge", selector="dpp-merge", keep=64, progress=False))
+    switched = Pipeline.load(tiny_uniform_dir).use_selector("dpp-merge")
     for name in ("wide", "tall"):
         a = baked.generate(images[name], "What is red?", max_new_tokens=3, keep=64)
         b = switched.generate(images[name], "What is red?", max_new_tokens=3, keep=64)
@@ -232,30 +232,30 @@ def test_use_selector_equals_an_export_with_that_selector(tiny_uniform_dir, tiny
 
 
 def test_run_eval_reports_every_selector_budget_and_type(tiny_uniform_dir):
-    report = run_eval(tiny_uniform_dir, keeps=[576, 64], selectors=["uniform", "tops"], limit=18, max_new_tokens=3)
+    report = run_eval(tiny_uniform_dir, keeps=[576, 64], selectors=["uniform", "dpp-merge"], limit=18, max_new_tokens=3)
     assert report["schema"] == "tops-eval/1" and report["settings"]["items"] == 18 and report["settings"]["skip"] == 0
     assert report["categories"] == list(shapes.QUESTION_TYPES)
-    for method in ("uniform", "tops"):
+    for method in ("uniform", "dpp-merge"):
         for keep in ("576", "64"):
             row = report["table"][method][keep]
             assert set(row) == {"all", *shapes.QUESTION_TYPES}
             assert row["all"]["n"] == 18
     # K = N is the unpruned run itself
-    assert report["table"]["tops"]["576"]["all"]["correct"] == report["table"]["unpruned"]["all"]["correct"]
+    assert report["table"]["dpp-merge"]["576"]["all"]["correct"] == report["table"]["unpruned"]["all"]["correct"]
     assert {"question", "answer", "unpruned@576", "tops@64"} <= set(report["examples"][0])
     # the first selector against the others, pruned budgets only, from the same answers as the table
-    assert report["versus"]["reference"] == "uniform" and set(report["versus"]["against"]) == {"tops"}
-    d = report["versus"]["against"]["tops"]["64"]
-    assert set(report["versus"]["against"]["tops"]) == {"64"}
+    assert report["versus"]["reference"] == "uniform" and set(report["versus"]["against"]) == {"dpp-merge"}
+    d = report["versus"]["against"]["dpp-merge"]["64"]
+    assert set(report["versus"]["against"]["dpp-merge"]) == {"64"}
     table = report["table"]
-    assert d["wins"] - d["losses"] == table["uniform"]["64"]["all"]["correct"] - table["tops"]["64"]["all"]["correct"]
+    assert d["wins"] - d["losses"] == table["uniform"]["64"]["all"]["correct"] - table["dpp-merge"]["64"]["all"]["correct"]
     assert "uniform against each selector" in format_table(report)
     # agreement with the unpruned model, per pruned budget, and the KL difference from the same numbers
     agree = report["agreement"]
-    assert set(agree) == {"uniform", "tops"} and all(set(v) == {"64"} for v in agree.values())
-    for cell in (agree["uniform"]["64"], agree["tops"]["64"]):
+    assert set(agree) == {"uniform", "dpp-merge"} and all(set(v) == {"64"} for v in agree.values())
+    for cell in (agree["uniform"]["64"], agree["dpp-merge"]["64"]):
         assert cell["n"] == 18 and 0.0 <= cell["top1"] <= 1.0 and cell["kl"] >= 0.0
-    assert d["kl_diff"] == pytest.approx(agree["uniform"]["64"]["kl"] - agree["tops"]["64"]["kl"])
+    assert d["kl_diff"] == pytest.approx(agree["uniform"]["64"]["kl"] - agree["dpp-merge"]["64"]["kl"])
     assert "agreement with the unpruned model" in format_table(report)
 
 
@@ -296,20 +296,20 @@ def test_selector_specs_with_parameters_are_rows_of_their_own(tiny_uniform_dir):
     a pipeline switched to the same parameters, and they differ from the default's."""
     from tops_edge.runtime import Pipeline
 
-    report = run_eval(tiny_uniform_dir, keeps=[32], selectors=["tops", "tops:spatial=0:beta=0"], limit=6,
+    report = run_eval(tiny_uniform_dir, keeps=[32], selectors=["dpp-merge", "dpp-merge:spatial=0:beta=0"], limit=6,
                       max_new_tokens=1, positions="original", split="val")
-    assert report["settings"]["selectors"] == ["tops", "tops:spatial=0:beta=0"]
+    assert report["settings"]["selectors"] == ["dpp-merge", "dpp-merge:spatial=0:beta=0"]
     assert report["settings"]["positions"] == "original" and report["settings"]["split"] == "val"
-    assert set(report["table"]) == {"unpruned", "tops", "tops:spatial=0:beta=0"}
+    assert set(report["table"]) == {"unpruned", "dpp-merge", "dpp-merge:spatial=0:beta=0"}
     item = load_task("shapesvqa", limit=1, split="val")[0]
     pipe = Pipeline.load(tiny_uniform_dir)
-    kept = {spec: pipe.use_selector("tops", **params).generate(item.image, item.prompt, max_new_tokens=1, keep=32).kept_indices
+    kept = {spec: pipe.use_selector("dpp-merge", **params).generate(item.image, item.prompt, max_new_tokens=1, keep=32).kept_indices
             for spec, params in (("default", {}), ("ablation", {"spatial": 0.0, "beta": 0.0}))}
     assert kept["default"] != kept["ablation"]
     # a caller's own pipeline (other session options, say) is used as given
-    again = run_eval(tiny_uniform_dir, keeps=[32], selectors=["tops"], limit=6, max_new_tokens=1, split="val",
-                     positions="original", pipeline=pipe.use_selector("tops"))
-    assert again["table"]["tops"]["32"]["all"] == report["table"]["tops"]["32"]["all"]
+    again = run_eval(tiny_uniform_dir, keeps=[32], selectors=["dpp-merge"], limit=6, max_new_tokens=1, split="val",
+                     positions="original", pipeline=pipe.use_selector("dpp-merge"))
+    assert again["table"]["dpp-merge"]["32"]["all"] == report["table"]["dpp-merge"]["32"]["all"]
 
 
 def test_merge_in_a_spec_sets_that_rows_token_merging(tiny_uniform_dir):
@@ -317,16 +317,16 @@ def test_merge_in_a_spec_sets_that_rows_token_merging(tiny_uniform_dir):
     row's answers are those of a pipeline with merge none."""
     from tops_edge.runtime import Pipeline
 
-    report = run_eval(tiny_uniform_dir, keeps=[32], selectors=["tops", "tops:merge=none"], limit=8,
+    report = run_eval(tiny_uniform_dir, keeps=[32], selectors=["dpp-merge", "dpp-merge:merge=none"], limit=8,
                       max_new_tokens=4, split="val", merge="mean")
     assert report["settings"]["merge"] == "mean"
-    pipe = Pipeline.load(tiny_uniform_dir).use_selector("tops")
+    pipe = Pipeline.load(tiny_uniform_dir).use_selector("dpp-merge")
     items = load_task("shapesvqa", limit=8, split="val")
     answers = {}
     for merge in ("mean", "none"):
         pipe.merge = merge
         answers[merge] = [pipe.generate(i.image, i.prompt, max_new_tokens=4, keep=32).text.strip() for i in items]
-    shown = [e["tops@32"] for e in report["examples"]], [e["tops:merge=none@32"] for e in report["examples"]]
+    shown = [e["tops@32"] for e in report["examples"]], [e["dpp-merge:merge=none@32"] for e in report["examples"]]
     assert shown == (answers["mean"], answers["none"])
     assert answers["mean"] != answers["none"]
 
@@ -350,10 +350,10 @@ def test_skip_starts_later_in_the_same_question_sequence():
 
 @pytest.mark.parametrize("args, needle", [
     (["--skip", "-1"], "--skip must be"),
-    (["--selector", "tops:alpha"], "key=value"),
-    (["--selector", "tops:gamma=1"], "no parameter 'gamma'"),
-    (["--selector", "tops:spatial=-1"], "spatial must be"),
-    (["--selector", "tops:merge=max"], "merge is one of"),
+    (["--selector", "dpp-merge:alpha"], "key=value"),
+    (["--selector", "dpp-merge:gamma=1"], "no parameter 'gamma'"),
+    (["--selector", "dpp-merge:spatial=-1"], "spatial must be"),
+    (["--selector", "dpp-merge:merge=max"], "merge is one of"),
     (["--keep", "0"], "--keep 0"),
     (["--keep", "700"], "out of range"),
     (["--selector", "none"], "does not prune"),

@@ -47,7 +47,7 @@ def next_dirs(tmp_path_factory, next_tiny):
     root = tmp_path_factory.mktemp("next")
     return {
         method: export_model(next_tiny, root / method, selector=method, keep_ratio=0.222, merge="none", progress=False)
-        for method in ("tops", "uniform")
+        for method in ("dpp-merge", "uniform")
     }
 
 
@@ -121,7 +121,7 @@ def test_local_next_checkpoint_with_other_config_matches_hf(tmp_path, next_image
         assert ours.token_ids == ref, name
 
 
-@pytest.mark.parametrize("method", ["tops", "uniform"])
+@pytest.mark.parametrize("method", ["dpp-merge", "uniform"])
 @pytest.mark.parametrize("budget", ["proportional", "global"])
 def test_pruned_pipeline_equals_hf_fed_the_same_kept_tokens(next_dirs, next_tiny, next_images, method, budget):
     pipe = Pipeline.load(next_dirs[method])
@@ -135,7 +135,7 @@ def test_pruned_pipeline_equals_hf_fed_the_same_kept_tokens(next_dirs, next_tiny
 
 
 def test_newlines_are_always_kept_and_crops_get_proportional_shares(next_dirs, next_tiny, next_images):
-    pipe = Pipeline.load(next_dirs["tops"])
+    pipe = Pipeline.load(next_dirs["dpp-merge"])
     image = next_images["tall"]
     token_map = pipe.layout.token_map(pipe.pre.image_inputs(image)[1])
     counts = [int((token_map.segment == s).sum()) for s in range(len(token_map.grids))]
@@ -156,7 +156,7 @@ def test_newlines_are_always_kept_and_crops_get_proportional_shares(next_dirs, n
 
 
 def test_kv_cache_bytes_ratio_is_exact(next_dirs, next_images):
-    pipe = Pipeline.load(next_dirs["tops"])
+    pipe = Pipeline.load(next_dirs["dpp-merge"])
     image = next_images["square"]
     selectable, total = pipe.visual_tokens(image)
     full = pipe.generate(image, "Describe.", max_new_tokens=4, keep=selectable, ignore_eos=True)
@@ -191,11 +191,11 @@ def test_cli_runs_next_with_keep_ratio_and_budget(next_dirs, tmp_path, capsys):
 
     path = tmp_path / "wide.png"
     make_image(*NEXT_IMAGES["wide"]).save(path)
-    code = run_main([str(next_dirs["tops"]), "--image", str(path), "--prompt", "Hi?", "--keep-ratio", "0.111",
+    code = run_main([str(next_dirs["dpp-merge"]), "--image", str(path), "--prompt", "Hi?", "--keep-ratio", "0.111",
                      "--budget", "global", "--max-new-tokens", "3", "--json"])
     assert code == 0
     out = json.loads(capsys.readouterr().out)
-    selectable, total = Pipeline.load(next_dirs["tops"]).visual_tokens(path)
+    selectable, total = Pipeline.load(next_dirs["dpp-merge"]).visual_tokens(path)
     assert out["num_visual_tokens"] == total
     assert out["keep"] == keep_from_ratio(0.111, selectable)
     assert len(out["kept_indices"]) == out["keep"] + total - selectable  # + the row newlines
@@ -204,14 +204,14 @@ def test_cli_runs_next_with_keep_ratio_and_budget(next_dirs, tmp_path, capsys):
 def test_cli_keep_beyond_this_images_tokens_fails_with_one_line(next_dirs, tmp_path, capsys):
     path = tmp_path / "square.png"
     make_image(*NEXT_IMAGES["square"]).save(path)
-    code = run_main([str(next_dirs["tops"]), "--image", str(path), "--prompt", "Hi?", "--keep", "2000"])
+    code = run_main([str(next_dirs["dpp-merge"]), "--image", str(path), "--prompt", "Hi?", "--keep", "2000"])
     line = one_line_error(capsys, code)
     assert "--keep 2000 is out of range: this image has 1152 visual tokens" in line
-    code = run_main([str(next_dirs["tops"]), "--image", str(path), "--prompt", "Hi?", "--keep", "5000"])
+    code = run_main([str(next_dirs["dpp-merge"]), "--image", str(path), "--prompt", "Hi?", "--keep", "5000"])
     assert "at most 2880" in one_line_error(capsys, code)
-    code = run_main([str(next_dirs["tops"]), "--image", str(path), "--prompt", "Hi?", "--keep-ratio", "0"])
+    code = run_main([str(next_dirs["dpp-merge"]), "--image", str(path), "--prompt", "Hi?", "--keep-ratio", "0"])
     assert "--keep-ratio" in one_line_error(capsys, code)
-    code = export_main(["--model", "tiny-llava-next", "--out", str(tmp_path / "x"), "--selector", "tops", "--keep", "4000"])
+    code = export_main(["--model", "tiny-llava-next", "--out", str(tmp_path / "x"), "--selector", "dpp-merge", "--keep", "4000"])
     assert "out of range" in one_line_error(capsys, code) and not (tmp_path / "x").exists()
 
 
@@ -232,7 +232,7 @@ def test_a_modified_newline_array_is_refused(next_dirs, tmp_path):
 def test_bench_counts_the_bench_images_tokens_and_compares_with_hf(next_dirs):
     from tops_edge.bench import run_benchmark
 
-    report = run_benchmark(next_dirs["tops"], runs=1, warmup=0, new_tokens=2, prompt_len=8, compare="hf")
+    report = run_benchmark(next_dirs["dpp-merge"], runs=1, warmup=0, new_tokens=2, prompt_len=8, compare="hf")
     d = report["device"]
     # the synthetic 336x336 scene takes a 1x2 crop grid: 576 + 2 x 288 tokens, plus 24 row newlines
     assert (d["num_visual_tokens"], d["num_visual_tokens_total"]) == (1152, 1176)
@@ -300,7 +300,7 @@ def test_merge_stays_within_each_crops_share_and_accounts_for_every_token(tmp_pa
     """merge=mean on an anyres image: each kept token stands for a group of its own crop (proportional)
     or of the whole image (global); together the groups cover every selectable token once, and the
     newlines stand for themselves."""
-    pipe = Pipeline.load(export_model(next_tiny, tmp_path / "merge", selector="tops", keep=200, progress=False))
+    pipe = Pipeline.load(export_model(next_tiny, tmp_path / "merge", selector="dpp-merge", keep=200, progress=False))
     assert pipe.merge == "mean"
     image = next_images["tall"]
     token_map = pipe.layout.token_map(pipe.pre.image_inputs(image)[1])

@@ -31,7 +31,7 @@ def budgets(plan: PruningPlan) -> list[int]:
 
 
 # --- pre-LLM methods and no pruning ---------------------------------------------------------------
-@pytest.mark.parametrize("method", ["tops", "cdpruner", "divprune", "attention", "uniform", "random"])
+@pytest.mark.parametrize("method", ["dpp-merge", "cdpruner", "divprune", "attention", "uniform", "random"])
 def test_a_pre_llm_method_is_one_stage_before_the_llm_keeping_t(method):
     plan = plan_for(method, {}, 64, 576, 32)
     assert plan.stages == (Stage(layer=0, method=method, keep=64),)
@@ -40,7 +40,7 @@ def test_a_pre_llm_method_is_one_stage_before_the_llm_keeping_t(method):
     assert selector.get(method).stage == "vision" and cut_layers(method, None, 32) == ()
 
 
-@pytest.mark.parametrize("method", ["tops", "fastv", "pdrop", "none"])
+@pytest.mark.parametrize("method", ["dpp-merge", "fastv", "pdrop", "none"])
 @pytest.mark.parametrize("average", [576, 600])
 def test_t_at_least_n_is_a_plan_with_no_stages(method, average):
     plan = plan_for(method, None, average, 576, 32)
@@ -104,7 +104,7 @@ def test_a_one_layer_model_has_no_cut():
     for method in ("fastv", "pdrop"):
         with pytest.raises(InputError, match="1-layer model has none"):
             plan_for(method, {}, 10, 576, 1)
-    assert plan_for("tops", {}, 10, 576, 1).stages == (Stage(0, "tops", 10),)
+    assert plan_for("dpp-merge", {}, 10, 576, 1).stages == (Stage(0, "dpp-merge", 10),)
 
 
 # --- pdrop ----------------------------------------------------------------------------------------

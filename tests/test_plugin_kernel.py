@@ -1,4 +1,4 @@
-"""tops::Select: the plugin's torch semantics equal the selector reference, and the Triton kernel
+"""dpp-merge::Select: the plugin's torch semantics equal the selector reference, and the Triton kernel
 (run on the CPU by Triton's interpreter) equals them, greedy order included, for every kind of budget.
 
 TRITON_INTERPRET must be set before the kernel is decorated, i.e. before tops_edge.plugins.kernel
@@ -25,7 +25,7 @@ triton = pytest.importorskip("triton")
 from tops_edge.plugins.kernel import select_order_triton  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-METHODS = {"tops": dict(alpha=0.5, beta=0.5, sign=1.0), "cdpruner": dict(alpha=0.5, beta=0.0, sign=-1.0)}
+METHODS = {"dpp-merge": dict(alpha=0.5, beta=0.5, sign=1.0), "cdpruner": dict(alpha=0.5, beta=0.0, sign=-1.0)}
 
 
 def _inputs(n: int, seed: int, batch: int = 2, vision: bool = True):
@@ -86,11 +86,11 @@ def test_kernel_with_every_row_degenerate_keeps_the_lowest_indices():
     x, q, mask, vf = _inputs(16, seed=4, batch=1)
     x[:] = 0.0
     s, c, v = plugin_inputs(x, q, mask, vf)
-    order = _kernel(s, c, v, 5, **METHODS["tops"])
-    assert order[0, :5].tolist() == [0, 1, 2, 3, 4] and torch.equal(order, select_order(s, c, v, 5, **METHODS["tops"]))
+    order = _kernel(s, c, v, 5, **METHODS["dpp-merge"])
+    assert order[0, :5].tolist() == [0, 1, 2, 3, 4] and torch.equal(order, select_order(s, c, v, 5, **METHODS["dpp-merge"]))
 
 
-@pytest.mark.parametrize("method, n, keep, block_k", [("cdpruner", 576, 128, 64), ("tops", 576, 64, 256), ("cdpruner", 2880, 64, 64)])
+@pytest.mark.parametrize("method, n, keep, block_k", [("cdpruner", 576, 128, 64), ("dpp-merge", 576, 64, 256), ("cdpruner", 2880, 64, 64)])
 def test_kernel_at_llava_sizes(method, n, keep, block_k):
     """LLaVA-1.5's 576 tokens, and LLaVA-NeXT's 2880 in one global budget."""
     x, q, mask, vf = _inputs(n, seed=5, batch=1)
@@ -136,7 +136,7 @@ def test_kernel_on_image_like_tokens_keeps_k_distinct_and_agrees_with_the_spatia
     image, vision = (torch.from_numpy(a) for a in image_like_tokens(12, seed=0, width=16, hidden=24))
     q = torch.randn(1, 5, 24, generator=torch.Generator().manual_seed(7))
     mask = torch.ones(1, 5, dtype=torch.int64)
-    p = METHODS["tops"]
+    p = METHODS["dpp-merge"]
     for spatial in (0.0, 1.0):
         for keep in (8, 40):
             s, c, v = plugin_inputs(image, q, mask, vision, spatial=spatial, grid=(12, 12), keep=keep)

@@ -22,8 +22,8 @@ NEW_TOKENS = 16
 
 @pytest.fixture(scope="module", params=["compact", "original"])
 def tops_dir(request, tmp_path_factory, tiny):
-    out = tmp_path_factory.mktemp("tops") / request.param
-    return export_model(tiny, out, selector="tops", keep=64, positions=request.param, progress=False)
+    out = tmp_path_factory.mktemp("dpp-merge") / request.param
+    return export_model(tiny, out, selector="dpp-merge", keep=64, positions=request.param, progress=False)
 
 
 def test_tops_run_json_k64_equals_hf_fed_the_same_kept_tokens(tops_dir, tiny, capsys):
@@ -106,7 +106,7 @@ def test_vision_graph_cls_attention_matches_hf_eager_attentions(tiny, tmp_path, 
 
 @pytest.mark.parametrize("flags, needle", [
     (["--selector", "divprune", "--beta", "0.5"], "no parameter 'beta'"),
-    (["--selector", "tops", "--similarity", "pixels"], "invalid choice"),
+    (["--selector", "dpp-merge", "--similarity", "pixels"], "invalid choice"),
 ])
 def test_export_refuses_parameters_the_selector_does_not_have(tmp_path, capsys, flags, needle):
     from tops_edge.cli import export_main

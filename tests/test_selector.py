@@ -22,7 +22,7 @@ from feature_fixtures import image_like_tokens
 PRUNING = [m for m in selector.available() if selector.get(m).prunes]
 IN_LLM = [m for m in PRUNING if selector.get(m).stage == "llm"]  # fastv, pdrop: read text_attention at a cut
 # uniform and random look only at positions
-CONTENT_BASED = ["tops", "cdpruner", "divprune", "attention", *IN_LLM]
+CONTENT_BASED = ["dpp-merge", "cdpruner", "divprune", "attention", *IN_LLM]
 HIDDEN, VISION, TEXT = 16, 48, 6  # vision width >= N below, so similarity has full rank (no exhausted ties)
 QUERY = 3  # prompt tokens after the image: the rows of text_attention (the last one is read)
 TOKEN_AXIS = {"image_features": 1, "vision_features": 1, "cls_attention": 1, "text_attention": 2}
@@ -119,14 +119,16 @@ def onnx_select(method: str, x: dict, keep: int, params: dict | None = None) -> 
 
 # --- registry -----------------------------------------------------------------------------------
 def test_registry_has_tops_and_every_baseline():
-    assert set(selector.available()) == {"tops", "cdpruner", "divprune", "attention", "uniform", "random", "fastv",
-                                         "pdrop", "none"}
+    assert set(selector.available()) == {"tops", "dpp-merge", "cdpruner", "divprune", "attention", "uniform", "random",
+                                         "fastv", "pdrop", "none"}
     assert {m for m in selector.available() if selector.get(m).stage == "llm"} == {"fastv", "pdrop"}
-    assert all(selector.get(m).stage == "vision" for m in selector.available() if m not in ("fastv", "pdrop"))
+    assert selector.get("tops").stage == "both" and selector.get("tops").merge == "none"
+    assert selector.get("dpp-merge").merge == "mean"
+    assert all(selector.get(m).stage == "vision" for m in selector.available() if m not in ("fastv", "pdrop", "tops"))
     with pytest.raises(InputError, match="unknown selector"):
         selector.get("nope")
     with pytest.raises(InputError, match="no parameter 'gamma'"):
-        selector.get("tops").resolve_params({"gamma": 1.0})
+        selector.get("dpp-merge").resolve_params({"gamma": 1.0})
 
 
 @pytest.mark.parametrize("keep", [0, -1, 577, 2.5, True])
@@ -191,7 +193,7 @@ def test_degenerate_tokens_are_never_chosen_over_finite_ones(method, case):
     rng = np.random.default_rng(seed)
     bad = int(rng.integers(1, n)) if n > 1 else 0
     x = make_inputs(rng, 1, n, degenerate=bad)
-    f = x["vision_features"] if method in ("tops", "cdpruner") else x["image_features"]
+    f = x["vision_features"] if method in ("dpp-merge", "cdpruner") else x["image_features"]
     finite = np.isfinite(x["image_features"]).all(-1) & (np.abs(x["image_features"]).sum(-1) > 0)
     finite &= np.isfinite(f).all(-1) & (np.abs(f).sum(-1) > 0)
     if method == "attention":
@@ -211,7 +213,7 @@ def test_permuting_tokens_permutes_the_chosen_set(method, case):
     """Content-only selection. TOPS's spatial factor ties a token to its grid position (as `uniform`
     is), so the property holds for TOPS with it off; test_spatial_* cover the factor."""
     n, k, seed = case
-    params = {"spatial": 0.0} if method == "tops" else None
+    params = {"spatial": 0.0} if method == "dpp-merge" else None
     rng = np.random.default_rng(seed)
     k = min(k, n)
     x = make_inputs(rng, 1, n)
@@ -370,13 +372,13 @@ def test_tops_with_beta_zero_equals_cdpruner():
             "spatial": cd["spatial"]}
     for _ in range(20):
         x = make_inputs(rng, 2, 49)
-        assert np.array_equal(reference("tops", x, 12, same), reference("cdpruner", x, 12))
-        assert np.array_equal(onnx_select("tops", x, 12, same)[0], onnx_select("cdpruner", x, 12)[0])
+        assert np.array_equal(reference("dpp-merge", x, 12, same), reference("cdpruner", x, 12))
+        assert np.array_equal(onnx_select("dpp-merge", x, 12, same)[0], onnx_select("cdpruner", x, 12)[0])
 
 
 def test_coverage_term_changes_the_selection():
     x = make_inputs(np.random.default_rng(4), 1, 64)
-    picks = {beta: reference("tops", x, 16, {"beta": beta, "spatial": 0.0})[0].tolist() for beta in (0.0, 0.5, 0.9)}
+    picks = {beta: reference("dpp-merge", x, 16, {"beta": beta, "spatial": 0.0})[0].tolist() for beta in (0.0, 0.5, 0.9)}
     assert picks[0.0] != picks[0.5] != picks[0.9]
 
 
@@ -398,8 +400,8 @@ def test_low_rank_features_still_give_k_distinct_tokens_and_the_onnx_form_agrees
     for seed in range(3):
         x = low_rank_inputs(seed=seed)
         for k in (8, 40, 100):
-            ref = reference("tops", x, k, params)[0]
-            got = onnx_select("tops", x, k, params)[0][0]
+            ref = reference("dpp-merge", x, k, params)[0]
+            got = onnx_select("dpp-merge", x, k, params)[0][0]
             for kept in (ref, got):
                 assert len(set(kept.tolist())) == k and np.all(np.diff(kept) > 0)
             if spatial:  # full rank: every step is decided by a real gain, so both forms agree
@@ -416,7 +418,7 @@ def test_spatial_factor_spreads_the_tokens_a_plain_background_cannot_tell_apart(
         x = low_rank_inputs(seed=seed)
         thirds = {}
         for spatial in (0.0, 1.0):
-            rows = reference("tops", x, 40, {"spatial": spatial})[0] // 12
+            rows = reference("dpp-merge", x, 40, {"spatial": spatial})[0] // 12
             thirds[spatial] = np.bincount(rows // 4, minlength=3)
         assert thirds[0.0][0] > 0.6 * 40
         assert all(10 <= t <= 20 for t in thirds[1.0]), thirds[1.0]
@@ -432,7 +434,7 @@ def test_spatial_factor_is_a_gaussian_of_grid_distance_with_the_lattice_spacing(
     assert torch.linalg.eigvalsh(g.double()).min() > -1e-6  # PSD: S * G stays a valid DPP kernel
 
 
-@pytest.mark.parametrize("method, aware", [("tops", True), ("cdpruner", True), ("divprune", False), ("uniform", False)])
+@pytest.mark.parametrize("method, aware", [("dpp-merge", True), ("cdpruner", True), ("divprune", False), ("uniform", False)])
 def test_only_instruction_aware_methods_change_with_the_instruction(method, aware):
     rng = np.random.default_rng(8)
     x = make_inputs(rng, 1, 64)
@@ -483,7 +485,7 @@ def test_merge_dropped_groups_every_token_with_its_most_similar_kept_one():
     assert (sizes_all == 1).all()
 
 
-@pytest.mark.parametrize("method", ["tops", "cdpruner", "divprune", "attention", "uniform", "random"])
+@pytest.mark.parametrize("method", ["dpp-merge", "cdpruner", "divprune", "attention", "uniform", "random"])
 def test_every_selector_graph_merges_as_the_numpy_reference(method):
     """The merge tail of each exported selector graph (merged_features, kept_sizes, token_groups)
     equals merge_dropped / merge_groups on the graph's own selection, at several budgets, duplicate

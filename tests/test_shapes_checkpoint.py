@@ -68,7 +68,7 @@ def shapes_pipe(tmp_path_factory):
     from tops_edge.export import export_model
     from tops_edge.runtime import Pipeline
 
-    out = export_model("shapes-llava", tmp_path_factory.mktemp("shapes") / "export", selector="tops", keep=64,
+    out = export_model("shapes-llava", tmp_path_factory.mktemp("shapes") / "export", selector="dpp-merge", keep=64,
                        progress=False)
     return Pipeline.load(out)
 

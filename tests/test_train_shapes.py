@@ -53,9 +53,9 @@ def test_smoke_training_saves_a_model_that_exports_and_evaluates(tmp_path):
     model_dir = tmp_path / "run" / "model"
     assert json.loads((model_dir / "TRAINING.json").read_text())["lm_steps"] >= 1
     assert (tmp_path / "run" / "checkpoint.pt").is_file()
-    out = export_model(str(model_dir), tmp_path / "export", selector="tops", keep=64, progress=False)
-    report = run_eval(out, keeps=[64], selectors=["tops", "uniform"], limit=6, max_new_tokens=2)
-    assert report["settings"]["items"] == 6 and report["table"]["tops"]["64"]["all"]["n"] == 6
+    out = export_model(str(model_dir), tmp_path / "export", selector="dpp-merge", keep=64, progress=False)
+    report = run_eval(out, keeps=[64], selectors=["dpp-merge", "uniform"], limit=6, max_new_tokens=2)
+    assert report["settings"]["items"] == 6 and report["table"]["dpp-merge"]["64"]["all"]["n"] == 6
     first = json.loads((model_dir / "TRAINING.json").read_text())
     # resuming continues the step count, stops at --lm-steps, and keeps the chain of commands
     assert train.main(["--smoke", "--out", str(tmp_path / "run"), "--resume", str(tmp_path / "run" / "checkpoint.pt"),

@@ -30,7 +30,7 @@ no_trt = pytest.mark.skipif(HAS_TRT, reason="TensorRT is installed: the missing-
 
 @pytest.fixture(scope="module")
 def trt_export(tmp_path_factory, tiny):
-    return export_model(tiny, tmp_path_factory.mktemp("trt") / "tiny-trt", selector="tops", keep=64, target="trt",
+    return export_model(tiny, tmp_path_factory.mktemp("trt") / "tiny-trt", selector="dpp-merge", keep=64, target="trt",
                         selector_params={"alpha": 0.75, "beta": 0.25}, progress=False)
 
 
@@ -51,7 +51,7 @@ def test_trt_selector_graph_has_the_plugin_node_and_its_attributes(trt_export):
 
 
 def test_ort_selector_graph_has_standard_ops_only(tiny_uniform_dir, tmp_path, tiny):
-    out = export_model(tiny, tmp_path / "ort", selector="tops", keep=64, progress=False)
+    out = export_model(tiny, tmp_path / "ort", selector="dpp-merge", keep=64, progress=False)
     model = onnx.load(str(out / "selector.onnx"))
     assert not plugin_nodes(model)
     assert {n.domain for n in model.graph.node} <= {"", "ai.onnx"}

@@ -74,12 +74,12 @@ def export_parser() -> argparse.ArgumentParser:
                    help="LLaVA-NeXT: split K over the base view and crops in proportion to their tokens, or select "
                         "globally over the whole image (default: proportional); row newlines are always kept")
     tops = p.add_argument_group("selector parameters (defaults per method; see docs/selectors.md)")
-    tops.add_argument("--alpha", type=float, default=None, help="tops/cdpruner: weight of task relevance in the kernel (0 = off)")
-    tops.add_argument("--beta", type=float, default=None, help="tops: weight of information coverage (0 = CDPruner's greedy)")
-    tops.add_argument("--relevance-sign", type=float, default=None, choices=(1.0, -1.0), help="tops/cdpruner: sign of cos(token, instruction)")
-    tops.add_argument("--similarity", default=None, choices=("vision", "projected"), help="tops/cdpruner/divprune: features for token similarity")
+    tops.add_argument("--alpha", type=float, default=None, help="dpp-merge/cdpruner: weight of task relevance in the kernel; tops/topv: weight of diversity / feature cost (0 = off)")
+    tops.add_argument("--beta", type=float, default=None, help="dpp-merge: weight of information coverage (0 = CDPruner's greedy)")
+    tops.add_argument("--relevance-sign", type=float, default=None, choices=(1.0, -1.0), help="dpp-merge/cdpruner: sign of cos(token, instruction)")
+    tops.add_argument("--similarity", default=None, choices=("vision", "projected"), help="dpp-merge/cdpruner/divprune: features for token similarity")
     tops.add_argument("--spatial", type=float, default=None,
-                      help="tops/cdpruner: width of the spatial factor in units of the kept-token spacing sqrt(N/K) (0 = off)")
+                      help="dpp-merge/cdpruner: width of the spatial factor in units of the kept-token spacing sqrt(N/K) (0 = off)")
     tops.add_argument("--selector-seed", type=int, default=None, help="random: the seed of the subset")
     from .plan import PLAN_PRECISIONS, PRESETS
 
@@ -94,9 +94,10 @@ def export_parser() -> argparse.ArgumentParser:
     p.add_argument("--cuts", default=None, type=_layers, metavar="L,...",
                    help="export the decoder in segments cut before these layers (e.g. 2,12,24), so selectors can "
                         "prune inside the LLM there; default: the selector's own cuts (none before the LLM)")
-    p.add_argument("--merge", default="mean", choices=MERGES,
+    p.add_argument("--merge", default=None, choices=MERGES,
                    help="what the dropped visual tokens leave: mean = each joins its most similar kept token, which "
-                        "becomes the group's mean and weighs as its size in attention; none = selection only (default: mean)")
+                        "becomes the group's mean and weighs as its size in attention; none = selection only (default: "
+                        "the method's own: none for tops, as in the paper; mean for dpp-merge and the other pre-LLM methods)")
     p.add_argument("--exporter", default=DEFAULT_EXPORTER, choices=EXPORTERS, help=f"torch.onnx exporter (default: {DEFAULT_EXPORTER}, chosen on measured ORT speed)")
     p.add_argument("--opset", type=int, default=None, help="ONNX opset (default: 18)")
     p.add_argument("--quiet", action="store_true", help="no progress bar (it only shows on a terminal anyway)")

@@ -38,7 +38,7 @@ def export_model(
     exporter: str = DEFAULT_EXPORTER,
     opset: int | None = None,
     positions: str = "compact",
-    merge: str = "mean",
+    merge: str | None = None,
     selector_params: dict[str, Any] | None = None,
     progress: bool = True,
     device: str | None = None,
@@ -51,9 +51,10 @@ def export_model(
     recorded in the manifest (the runtime may change it per call); neither means every visual token.
     `budget` splits it over an anyres image's crops: `proportional` (per crop, in proportion to its
     tokens) or `global` (one selection over the whole image). `selector_params` override the
-    method's defaults (e.g. alpha, beta, relevance_sign, similarity for tops; seed for random).
+    method's defaults (e.g. alpha, beta, relevance_sign, similarity for dpp-merge; seed for random).
     `merge` is recorded for the runtime: `mean` merges each dropped visual token into its most
-    similar kept one (proportional attention, selector/merge.py), `none` only selects.
+    similar kept one (proportional attention, selector/merge.py), `none` only selects; default: the
+    method's own (dpp-merge and the other pre-LLM baselines merge, tops does not: the paper has none).
     `device` (a plan/devices.py preset) refuses, before any export work, a model that would not fit
     that device at `precision`. `calib` (int8 only): a folder of images + prompts.jsonl, or a
     calib.CalibrationSet; default: the built-in ShapesVQA pairs. `cuts` (decoder layers) exports the
@@ -70,7 +71,6 @@ def export_model(
         calib = calibration_set(calib)  # a bad folder fails here, before any export work
     _check_choice("target", target, TARGETS)
     _check_choice("positions", positions, POSITIONS)
-    _check_choice("merge", merge, MERGES)
     _check_choice("exporter", exporter, EXPORTERS)
     _check_choice("budget", budget, BUDGETS)
     if keep is not None and keep_ratio is not None:
@@ -78,6 +78,8 @@ def export_model(
     if keep_ratio is not None:
         selectors.check_keep_ratio(keep_ratio)
     info = selectors.get(selector)
+    merge = info.merge if merge is None else merge
+    _check_choice("merge", merge, MERGES)
     params = info.resolve_params(selector_params)
     info.extra_inputs(params)  # validates choices such as `similarity` before any work
     opset = opset or opset_default()

@@ -1,4 +1,4 @@
-"""The TOPS selector as a TensorRT plugin, `tops::Select` (see reference.py for what it computes).
+"""The DPP greedy of dpp-merge and cdpruner as a TensorRT plugin, `tops::Select` (see reference.py for what it computes).
 
     import tops_edge.plugins
     tops_edge.plugins.load()   # before parsing a graph that holds the plugin node

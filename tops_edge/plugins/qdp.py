@@ -1,7 +1,7 @@
 """`tops::Select` through TensorRT's Python plugin API (`tensorrt.plugin`, QDP; TensorRT >= 10.8 for AOT).
 
 Imported only by `tops_edge.plugins.load()`, on a TensorRT host. Inputs, outputs and their meaning:
-see reference.py. Attributes alpha, beta, relevance_sign: TOPS.md's parameters as exported.
+see reference.py. Attributes alpha, beta, relevance_sign: dpp-merge's / cdpruner's parameters as exported.
 
 - `register`: order [B,N] int32 and the Cholesky scratch [B,N,N] float32 (the kernel's C rows);
 - `impl` (JIT): the torch reference on TensorRT's stream; it reads K on the host, so it syncs:

@@ -17,6 +17,7 @@ import numpy as np
 from ..errors import ContextLengthError, InputError
 from ..export.manifest import load_manifest
 from ..selector.base import check_keep, keep_from_ratio
+from ..selector.base import get as get_selector
 from ..selector.merge import MERGES
 from .backend import KVLayout, get_backend
 from .layout import BUDGETS, TokenMap, layout_for, split_budget
@@ -299,7 +300,8 @@ class Pipeline:
                                                 {"inputs_embeds": self.decoder.token_embeds})
         return self._embed_token
 
-    def _select_at_cut(self, hidden: np.ndarray, attention: np.ndarray, rows: "PromptRows", keep: int) -> np.ndarray:
+    def _select_at_cut(self, hidden: np.ndarray, attention: np.ndarray, rows: "PromptRows", keep: int,
+                       plan=None) -> np.ndarray:
         """At a decoder cut: the rows of the prefill sequence that go on (text, kept visual tokens).
         The stage's selector reads the alive visual tokens' hidden states, the cut layer's attention
         from the text after the image to them and that text's hidden states (what a graph asks for);
@@ -313,6 +315,9 @@ class Pipeline:
         feeds = {"image_features": hidden[:, cols], "keep": np.array(keep, dtype=np.int64),
                  "text_attention": np.ascontiguousarray(attention[:, after][:, :, cols]),
                  "text_features": hidden[:, after]}
+        info = get_selector(self.selector_method)
+        if info.cut_feeds is not None and plan is not None:  # e.g. tops's Stage II lam, published per budget
+            feeds.update(info.cut_feeds(self.selector_params, plan, self.manifest["visual"].get("layout", "single")))
         graph = self.cut_selector
         out = graph.run({name: feeds[name] for name in graph.input_names})
         kept = np.sort(np.concatenate([choosable[out["kept_indices"][0]], np.flatnonzero(rows.newline)]))
@@ -328,7 +333,7 @@ class Pipeline:
         for runner, (first, _) in zip(self.decoders, self.segment_layers):
             if first in at_cut:
                 t = time.perf_counter()
-                keep = self._select_at_cut(hidden, attention, rows, at_cut[first])
+                keep = self._select_at_cut(hidden, attention, rows, at_cut[first], plan)
                 select_ms += (time.perf_counter() - t) * 1e3
                 hidden, bias = hidden[:, keep], bias[:, keep]
                 positions = positions[keep] if self.positions == "original" else np.arange(len(keep), dtype=np.int64)

@@ -3,7 +3,7 @@
 Selector graph IO (the names are the contract with the runtime, which feeds what a graph asks for):
   image_features [B,N,D] float32   the projected visual tokens (what the LLM sees)
   keep [] int64                    the budget K, a run-time input (K >= N keeps everything)
-  instruction_embeds [B,M,D] float32 + instruction_mask [B,M] int64   the user's text (tops, cdpruner)
+  instruction_embeds [B,M,D] float32 + instruction_mask [B,M] int64   the user's text (dpp-merge, cdpruner)
   vision_features [B,N,E] float32  the vision tower's features before the projector (similarity)
   cls_attention [B,N] float32      the vision tower's [CLS] attention to each token (attention)
   text_attention [B,Q,N] float32   at a decoder cut (stage "llm": fastv, pdrop): the head-averaged
@@ -12,6 +12,8 @@ Selector graph IO (the names are the contract with the runtime, which feeds what
                                    the N visual tokens still alive; image_features are then their
                                    hidden states entering the cut's layer
   text_features [B,Q,D] float32    at a decoder cut: those Q prompt tokens' hidden states there
+  lam [] float32                   at a decoder cut: tops's Stage II coverage weight, published per
+                                   budget (fed by the runtime from the plan; SelectorInfo.cut_feeds)
   -> kept_indices [B,K] int64 ascending, selected_features [B,K,D] float32
 
 A method's `stage` says where it runs: "vision" (before the LLM, on the projected tokens), "llm"
@@ -94,12 +96,20 @@ class SelectorInfo:
     schedule: Schedule = PRE_LLM
     #: stage "both": the form of its stages at decoder cuts
     cut: CutForm | None = None
+    #: the token merging its stage before the LLM gets unless told otherwise ("mean" or "none";
+    #: the runtime's, selector/merge.py): the export's --merge default
+    merge: str = "mean"
+    #: run-time scalar inputs of its graph at decoder cuts that depend on the plan (e.g. a weight
+    #: published per budget): (params, plan, layout) -> {input name: value}
+    cut_feeds: Callable[[dict, Any, str], dict[str, Any]] | None = None
 
     def __post_init__(self):
         if self.stage not in STAGES:
             raise ValueError(f"selector '{self.name}': stage must be one of {', '.join(STAGES)}, got '{self.stage}'")
         if (self.stage == "both") != (self.cut is not None):
             raise ValueError(f"selector '{self.name}': a cut form goes with stage 'both', and only with it")
+        if self.merge not in ("mean", "none"):
+            raise ValueError(f"selector '{self.name}': merge must be 'mean' or 'none', got '{self.merge}'")
 
     def form(self, at: str) -> tuple[Callable, Callable, Callable]:
         """(extra_inputs, reference, onnx_form) of the method's stage before the LLM (`at` "vision")

@@ -1,6 +1,6 @@
-"""TOPS and CDPruner (torch reference): relevance-weighted DPP kernels and their greedy selection.
+"""dpp-merge (our DPP variant) and CDPruner (torch reference): relevance-weighted DPP kernels and their greedy selection.
 
-Formulation (docs: TOPS.md, v1):
+Formulation (our DPP variant, registered as dpp-merge; TOPS.md section 4):
   r  = min-max( sign * cos(v_i, q_bar) )            task relevance, q_bar = mean normalised instruction
   w  = exp(alpha * r)                                alpha = 0 switches relevance off
   L  = diag(w) S diag(w),  S_ij = cos(f_i, f_j) G_ij  conditional kernel (f: the similarity features)
@@ -161,7 +161,7 @@ def similarity_matrix(unit_rows: torch.Tensor, keep: int, spatial: float = 0.0, 
 def dpp_select(image_features, instruction_embeds, instruction_mask, keep: int, *, alpha: float, beta: float,
                sign: float, vision_features=None, spatial: float = 0.0, grid: tuple[int, int] | None = None
                ) -> torch.Tensor:
-    """TOPS (beta > 0) or CDPruner (beta = 0): [B, keep] ascending indices. `spatial` > 0 multiplies
+    """dpp-merge (beta > 0) or CDPruner (beta = 0): [B, keep] ascending indices. `spatial` > 0 multiplies
     the similarity by a Gaussian of the tokens' distance on `grid` (default 1 x N)."""
     f, valid = similarity_features(image_features, vision_features)
     r = relevance(image_features, valid, instruction_embeds, instruction_mask, sign)

@@ -12,7 +12,7 @@ ONNX ops, so it runs after the TensorRT plugin too); `merge_dropped` is its nump
 runtime reads the graph's `merged_features` / `kept_sizes` when its merge setting is "mean".
 
 Why: a pruned sequence changes the share of attention each kind of content gets, and a model that
-counts by area (the ShapesVQA model does) then miscounts. First probe (test split, K = 64, TOPS with
+counts by area (the ShapesVQA model does) then miscounts. First probe (test split, K = 64, dpp-merge (then named tops) with
 spatial 1, 40-50 count questions a run): counting at 48% with selection alone, 72% with the log-size
 bias alone, 55% with averaging alone, at the unpruned level with both. The full table is in the
 docs/fidelity.md.

@@ -34,10 +34,11 @@ differ in where and how much (their schedules, plan.py):
 from __future__ import annotations
 
 from . import onnx_forms as F
-from .base import INSTRUCTION, SelectorInfo, register
+from . import tops_paper as TP
+from .base import INSTRUCTION, CutForm, SelectorInfo, register
 from .divprune import divprune_select
 from .dpp import dpp_select
-from .plan import FASTV, PDROP, parse_layers
+from .plan import FASTV, PDROP, TOPS, parse_layers
 from .scored import LEHMER_ROUNDS, attention_select, last_token_attention_select, random_select
 from .uniform import UniformGrid
 
@@ -83,8 +84,8 @@ def _dpp_onnx(p, grid):
 
 
 register(SelectorInfo(
-    name="tops",
-    summary="TOPS: relevance x coverage x diversity greedy on a conditional DPP kernel",
+    name="dpp-merge",
+    summary="our DPP variant: relevance x coverage x diversity greedy on a conditional DPP kernel, with token merging",
     params={"alpha": 0.5, "beta": 0.5, "relevance_sign": 1.0, "similarity": "vision", "spatial": 2.0},
     extra_inputs=_dpp_inputs,
     reference=_dpp_reference,
@@ -93,7 +94,7 @@ register(SelectorInfo(
 
 register(SelectorInfo(
     name="cdpruner",
-    summary="CDPruner: conditional-DPP greedy MAP (TOPS with beta = 0)",
+    summary="CDPruner: conditional-DPP greedy MAP (dpp-merge's kernel with beta = 0)",
     params={"alpha": 0.5, "beta": 0.0, "relevance_sign": -1.0, "similarity": "vision", "spatial": 0.0},
     extra_inputs=_dpp_inputs,
     reference=_dpp_reference,
@@ -176,6 +177,64 @@ register(SelectorInfo(
     onnx_form=lambda p, grid: (F.last_token_attention_graph, {}),
     stage="llm",
     schedule=PDROP,
+))
+
+def _tops_check(p) -> dict:
+    """Every parameter of the registered tops checked (a bad one is an InputError naming it)."""
+    TP.stage_params(p, "vision")
+    if str(p["lam2"]).strip().lower() != "auto":
+        TP.stage_ii_lam(p, 1, 2)
+    TP.check_params({"rater_scaling": p["rater_scaling"], "norm": p["norm"]}, "llm")
+    parse_layers(p["layers"], "tops")
+    return p
+
+
+def _tops_vision_inputs(p) -> tuple[str, ...]:
+    return TP.tops_paper_inputs(TP.stage_params(_tops_check(p), "vision"), "vision")
+
+
+def _tops_vision_reference(x, keep, p, grid):
+    return TP.tops_paper_reference(x, keep, TP.stage_params(p, "vision"), "vision")
+
+
+def _tops_vision_onnx(p, grid):
+    return TP.tops_paper_onnx(TP.stage_params(_tops_check(p), "vision"), "vision")
+
+
+def _tops_cut_inputs(p) -> tuple[str, ...]:
+    _tops_check(p)
+    return ("text_attention", "text_features", "lam")
+
+
+def _tops_cut_reference(x, keep, p, grid):
+    return TP.tops_paper_reference(x, keep, TP.stage_params(p, "llm", float(x["lam"])), "llm")
+
+
+def _tops_cut_onnx(p, grid):
+    fn, constants = TP.tops_paper_onnx(TP.stage_params(_tops_check(p), "llm", 0.0), "llm")
+    del constants["lam"]  # a graph input: the runtime feeds the budget's value (cut_feeds)
+    return fn, constants
+
+
+def _tops_cut_feeds(p, plan, layout: str) -> dict:
+    import numpy as np
+
+    family = "llava-next" if layout == "anyres" else "llava-1.5"
+    return {"lam": np.array(TP.stage_ii_lam(p, plan.average_tokens(), plan.num_visual, family), dtype=np.float32)}
+
+
+register(SelectorInfo(
+    name="tops",
+    summary="TOPS (arXiv 2606.27161): relevance + coverage + diversity greedy, before the LLM and at 3/8 and 3/4 of its depth",
+    params=dict(TP.REGISTRY_PARAMS),
+    extra_inputs=_tops_vision_inputs,
+    reference=_tops_vision_reference,
+    onnx_form=_tops_vision_onnx,
+    stage="both",
+    schedule=TOPS,
+    cut=CutForm(extra_inputs=_tops_cut_inputs, reference=_tops_cut_reference, onnx_form=_tops_cut_onnx),
+    merge="none",
+    cut_feeds=_tops_cut_feeds,
 ))
 
 register(SelectorInfo(name="none", summary="keep every visual token (no pruning)"))

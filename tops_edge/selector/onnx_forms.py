@@ -169,7 +169,7 @@ def _greedy_map(kernel: FLOAT["B", "N", "N"], valid: BOOL["B", "N"], keep: INT64
 
 @script()
 def _greedy_coverage(kernel: FLOAT["B", "N", "N"], valid: BOOL["B", "N"], keep: INT64, beta: FLOAT):
-    """TOPS greedy (beta > 0): DPP gain plus coverage, with c = column energies of the residual; the kept set."""
+    """dpp-merge greedy (beta > 0): DPP gain plus coverage, with c = column energies of the residual; the kept set."""
     one = op.Constant(value_ints=[1])
     two = op.Constant(value_ints=[2])
     d, floor, penalty, cols, cols_t, offsets, flat_kernel, column, taken = _greedy_init(kernel, valid)
@@ -246,7 +246,7 @@ def _vision_kernel(image_features: FLOAT["B", "N", "D"], instruction_embeds: FLO
 
 
 # The four DPP graphs: {similarity on the projected tokens, on the vision features} x {greedy MAP
-# (cdpruner, or tops with beta = 0), greedy with coverage (tops)}. Each takes the token grid (the
+# (cdpruner, or dpp-merge with beta = 0), greedy with coverage (dpp-merge)}. Each takes the token grid (the
 # spatial factor's positions; with spatial = 0 it does not change the kernel).
 @script()
 def dpp_map_graph(image_features: FLOAT["B", "N", "D"], keep: INT64, instruction_embeds: FLOAT["B", "M", "D"],

@@ -9,7 +9,7 @@ from ..models.base import PartSpec, TensorSpec
 from . import get, token_grid
 from .merge import add_merge_outputs
 
-PLUGIN_METHODS = ("tops", "cdpruner")  # --target trt: these run as the tops::Select TensorRT plugin
+PLUGIN_METHODS = ("dpp-merge", "cdpruner")  # --target trt: these run as the tops::Select TensorRT plugin
 
 
 def selector_part(method: str, params: dict[str, Any], layout: dict[str, Any], hidden: int, vision_width: int,
@@ -76,7 +76,8 @@ def _cut_selector_part(info, params: dict[str, Any], hidden: int) -> PartSpec:
 
     extra_inputs, _, onnx_form = info.form("llm")
     available = {"text_attention": TensorSpec("text_attention", "float32", ("num_images", "queries", "tokens")),
-                 "text_features": TensorSpec("text_features", "float32", ("num_images", "queries", hidden))}
+                 "text_features": TensorSpec("text_features", "float32", ("num_images", "queries", hidden)),
+                 "lam": TensorSpec("lam", "float32", ())}
     inputs = [TensorSpec("image_features", "float32", ("num_images", "tokens", hidden)),
               TensorSpec("keep", "int64", ()), *(available[name] for name in extra_inputs(params))]
     outputs = [TensorSpec("kept_indices", "int64", ("num_images", "kept")),

@@ -188,7 +188,7 @@ def _fastv_budgets(params: dict, layers: tuple[int, ...], average: int, num_visu
 FASTV = Schedule(layers=_fastv_layers, budgets=_fastv_budgets)
 
 
-def parse_layers(text: str) -> tuple[int, ...]:
+def parse_layers(text: str, owner: str = "pdrop") -> tuple[int, ...]:
     """'8,16,24' (also '[8, 16, 24]', PyramidDrop's own spelling) -> (8, 16, 24); '' -> ()."""
     body = str(text).strip().strip("[]()").strip()
     if not body:
@@ -196,9 +196,9 @@ def parse_layers(text: str) -> tuple[int, ...]:
     try:
         layers = tuple(int(part) for part in body.split(","))
     except ValueError:
-        raise InputError(f"pdrop's layers must be comma-separated whole numbers (e.g. 8,16,24), got '{text}'") from None
+        raise InputError(f"{owner}'s layers must be comma-separated whole numbers (e.g. 8,16,24), got '{text}'") from None
     if any(layer < 1 for layer in layers) or list(layers) != sorted(set(layers)):
-        raise InputError(f"pdrop's layers must be distinct ascending cuts >= 1, got '{text}'")
+        raise InputError(f"{owner}'s layers must be distinct ascending cuts >= 1, got '{text}'")
     return layers
 
 
@@ -261,6 +261,72 @@ def _pdrop_budgets(params: dict, layers: tuple[int, ...], average: int, num_visu
 
 
 PDROP = Schedule(layers=_pdrop_layers, budgets=_pdrop_budgets)
+
+
+
+# --- TOPS as published (selector/tops_paper.py; TOPS.md section 1) ---------------------------------
+TOPS_STAGE_CHOICES = ("1,2", "1", "2")
+
+
+def tops_stage_ii_layers(num_layers: int) -> tuple[int, ...]:
+    """The paper's Stage II cuts: 3/8 L and 3/4 L rounded (halves up): 12, 24 of 32; 15, 30 of 40;
+    3, 6 of 8."""
+    return tuple((3 * num_layers * k + 4) // 8 for k in (1, 2))
+
+
+def _tops_layers(params: dict, num_layers: int) -> tuple[int, ...]:
+    stages = str(params["stages"]).replace(" ", "")
+    if stages not in TOPS_STAGE_CHOICES:
+        raise InputError(f"tops's stages must be one of {', '.join(TOPS_STAGE_CHOICES)} (1: Stage I before the LLM, "
+                         f"2: Stage II inside it), got '{params['stages']}'")
+    out = (0,) if "1" in stages else ()
+    if "2" in stages:
+        cuts = parse_layers(params["layers"], "tops") or tops_stage_ii_layers(num_layers)
+        if num_layers < 2 or any(not 1 <= c <= num_layers - 1 for c in cuts) or len(set(cuts)) < len(cuts):
+            raise InputError(f"tops's Stage II prunes at cuts {', '.join(map(str, cuts))} (3/8 and 3/4 of the depth), "
+                             f"which a {num_layers}-layer model does not have as distinct cuts in 1..{num_layers - 1}; "
+                             f"use tops:stages=1 (Stage I only) or tops:layers=... to choose the cuts")
+        out += cuts
+    return out
+
+
+def _half_up(x: float) -> int:
+    return math.floor(x + 0.5)
+
+
+def _tops_budgets(params: dict, layers: tuple[int, ...], average: int, num_visual: int, num_layers: int) -> tuple[int, ...]:
+    """Stage I keeps 2T; each Stage II cut but the last keeps T/2 and the last keeps what brings the
+    layer average to T (the paper's 2T -> T/2 -> T/4 on 32 layers, exactly; its Table 17's rows
+    all follow this equal-average rule). Stage II alone (stages=2) keeps the same 2:1 ratio between
+    its cuts, both solved for the average. Stage I alone keeps T. Rounded halves up; each stage keeps
+    fewer than the one before (at T >= N/2 Stage I keeps N - 1)."""
+    starts = layers
+    ends = layers[1:] + (num_layers,)
+    spans = [end - start for start, end in zip(starts, ends)]
+    target = average * num_layers
+    if layers == (0,):
+        return (average,)
+    if layers[0] == 0:  # Stage I, then Stage II
+        fixed = [min(2 * average, num_visual - 1)] + [_half_up(average / 2)] * (len(layers) - 2)
+        rest = target - sum(b * w for b, w in zip(fixed, spans))
+        last = _half_up(rest / spans[-1])
+        budgets = fixed + [last]
+    else:  # Stage II alone: the layers before the first cut see all N; budgets 2x, ..., 2x, x
+        before = layers[0] * num_visual
+        weight = 2 * sum(spans[:-1]) + spans[-1]
+        x = (target - before) / weight
+        if x < 0.5:  # x rounds below 1: the first layers alone already average more than T
+            raise Unreachable(-(-(before + weight) // num_layers))
+        last = max(1, _half_up(x))
+        budgets = [min(2 * last, num_visual - 1)] * (len(layers) - 1) + [last]
+    for i in range(1, len(budgets)):  # strictly decreasing, at least 1
+        budgets[i] = max(1, min(budgets[i], budgets[i - 1] - 1))
+    if budgets[-1] < 1 or any(b >= a for a, b in zip(budgets, budgets[1:])):
+        raise Unreachable(None)
+    return tuple(budgets)
+
+
+TOPS = Schedule(layers=_tops_layers, budgets=_tops_budgets)
 
 
 def _check_count(what: str, value) -> int:

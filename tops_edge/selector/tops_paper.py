@@ -1,5 +1,5 @@
-"""TOPS as published (arXiv 2606.27161; docs: TOPS.md section 1): the torch reference. Not yet in the
-registry: `tops` there is still our DPP variant until the paper's method replaces it (issue 19).
+"""TOPS as published (arXiv 2606.27161; docs: TOPS.md section 1): the torch reference of the
+registry's `tops` (selector/methods.py registers it; its schedule is plan.TOPS).
 
 One TOPS pass, the same at every stage, on features h [B,N,D] and a relevance r [B,N]:
   sim    = cos(h_i, h_j)                                           once, O(N^2 D)
@@ -276,3 +276,72 @@ def tops_paper_onnx(params: dict, stage: str):
 __all__ = ["DEFAULT_PARAMS", "NORMS", "RATER_SCALINGS", "check_params", "default_params", "normalise",
            "stage_relevance", "step_scores", "step_terms", "text_rater_relevance", "text_raters",
            "tops_order", "tops_paper_inputs", "tops_paper_onnx", "tops_paper_reference", "tops_select"]
+
+
+# --- the registered method's parameters ------------------------------------------------------------
+#: Stage II lam the paper publishes per model and pruned fraction (its Tables 7-8; Stage I is
+#: alpha = lam = 0.5 everywhere, Stage II alpha = 0.5 for these models): (pruned fraction, lam)
+PUBLISHED_STAGE_II_LAM: dict[str, tuple[tuple[float, float], ...]] = {
+    "llava-1.5": ((1 - 128 / 576, 0.5), (1 - 64 / 576, 1.0), (1 - 32 / 576, 1.0)),
+    "llava-next": ((1 - 640 / 2880, 0.5), (1 - 320 / 2880, 0.4), (1 - 160 / 2880, 0.5)),
+}
+
+#: the registry's `tops` defaults: Stage I (alpha, lam), Stage II (alpha2, lam2: "auto" = the
+#: published value for the budget), the per-stage norm and rater rule, the ablation switches
+#: (relevance / coverage / diversity weights on every stage; stages "1,2" | "1" | "2") and
+#: Stage II's cuts ("" = 3/8 L, 3/4 L)
+REGISTRY_PARAMS: dict[str, Any] = {
+    "alpha": 0.5, "lam": 0.5, "alpha2": 0.5, "lam2": "auto", "norm": "minmax", "rater_scaling": "none",
+    "relevance": 1.0, "coverage": 1.0, "diversity": 1.0, "stages": "1,2", "layers": "",
+}
+
+
+def published_lam(pruned: float, family: str = "llava-1.5") -> float:
+    """The paper's Stage II lam at the published pruned fraction nearest `pruned` (ties: the lower)."""
+    table = PUBLISHED_STAGE_II_LAM[family]
+    return min(table, key=lambda row: (abs(row[0] - pruned), row[0]))[1]
+
+
+def stage_ii_lam(params: dict, average: float, num_visual: int, family: str = "llava-1.5") -> float:
+    """Stage II's lam for an equivalent average of `average` of `num_visual` tokens: lam2 as a
+    number, or ("auto") the published value for that pruned fraction; times the coverage switch."""
+    from ..errors import InputError
+
+    value = params["lam2"]
+    if str(value).strip().lower() == "auto":
+        lam = published_lam(1.0 - float(average) / float(num_visual), family)
+    else:
+        try:
+            lam = float(value)
+        except (TypeError, ValueError):
+            lam = float("nan")
+        if not 0.0 <= lam < float("inf"):
+            raise InputError(f"lam2 must be 'auto' (the paper's value for the budget) or a finite number >= 0, got {value}")
+    return lam * _switch(params, "coverage")
+
+
+def _switch(params: dict, name: str) -> float:
+    from ..errors import InputError
+
+    try:
+        value = float(params[name])
+    except (TypeError, ValueError):
+        value = float("nan")
+    if not 0.0 <= value < float("inf"):
+        raise InputError(f"{name} must be a finite weight >= 0 (0 switches that criterion off, 1 keeps it), got {params[name]}")
+    return value
+
+
+def stage_params(params: dict, stage: str, lam: float | None = None) -> dict[str, Any]:
+    """The registry's parameters as one stage's (tops_select's): Stage I's alpha/lam, or Stage II's
+    alpha2 and `lam` (from stage_ii_lam; None: lam2 itself, which must then be a number), each times
+    its switch; relevance, norm and rater_scaling shared."""
+    diversity, coverage = _switch(params, "diversity"), _switch(params, "coverage")
+    if stage == "vision":
+        out = {"alpha": float(params["alpha"]) * diversity, "lam": float(params["lam"]) * coverage}
+    else:
+        out = {"alpha": float(params["alpha2"]) * diversity,
+               "lam": float(params["lam2"]) * coverage if lam is None else float(lam),
+               "rater_scaling": params["rater_scaling"]}
+    out.update(norm=params["norm"], relevance=_switch(params, "relevance"))
+    return check_params(out, stage)

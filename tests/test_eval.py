@@ -242,7 +242,7 @@ def test_run_eval_reports_every_selector_budget_and_type(tiny_uniform_dir):
             assert row["all"]["n"] == 18
     # K = N is the unpruned run itself
     assert report["table"]["dpp-merge"]["576"]["all"]["correct"] == report["table"]["unpruned"]["all"]["correct"]
-    assert {"question", "answer", "unpruned@576", "tops@64"} <= set(report["examples"][0])
+    assert {"question", "answer", "unpruned@576", "dpp-merge@64"} <= set(report["examples"][0])
     # the first selector against the others, pruned budgets only, from the same answers as the table
     assert report["versus"]["reference"] == "uniform" and set(report["versus"]["against"]) == {"dpp-merge"}
     d = report["versus"]["against"]["dpp-merge"]["64"]
@@ -319,14 +319,14 @@ def test_merge_in_a_spec_sets_that_rows_token_merging(tiny_uniform_dir):
 
     report = run_eval(tiny_uniform_dir, keeps=[32], selectors=["dpp-merge", "dpp-merge:merge=none"], limit=8,
                       max_new_tokens=4, split="val", merge="mean")
-    assert report["settings"]["merge"] == "mean"
+    assert report["settings"]["merge"] == {"dpp-merge": "mean", "dpp-merge:merge=none": "none"}
     pipe = Pipeline.load(tiny_uniform_dir).use_selector("dpp-merge")
     items = load_task("shapesvqa", limit=8, split="val")
     answers = {}
     for merge in ("mean", "none"):
         pipe.merge = merge
         answers[merge] = [pipe.generate(i.image, i.prompt, max_new_tokens=4, keep=32).text.strip() for i in items]
-    shown = [e["tops@32"] for e in report["examples"]], [e["dpp-merge:merge=none@32"] for e in report["examples"]]
+    shown = [e["dpp-merge@32"] for e in report["examples"]], [e["dpp-merge:merge=none@32"] for e in report["examples"]]
     assert shown == (answers["mean"], answers["none"])
     assert answers["mean"] != answers["none"]
 

@@ -81,6 +81,9 @@ def export_parser() -> argparse.ArgumentParser:
     tops.add_argument("--spatial", type=float, default=None,
                       help="dpp-merge/cdpruner: width of the spatial factor in units of the kept-token spacing sqrt(N/K) (0 = off)")
     tops.add_argument("--selector-seed", type=int, default=None, help="random: the seed of the subset")
+    tops.add_argument("--selector-param", action="append", default=[], metavar="KEY=VALUE",
+                      help="any parameter of the selector, repeatable (e.g. --selector-param stages=1 "
+                           "--selector-param lam2=1.0 for tops, layer=3 for fastv); docs/selectors.md lists them")
     from .plan import PLAN_PRECISIONS, PRESETS
 
     p.add_argument("--precision", default="fp32", choices=tuple(dict.fromkeys(PRECISIONS + PLAN_PRECISIONS)),
@@ -112,6 +115,13 @@ def _export(argv) -> int:
 
     params = {"alpha": args.alpha, "beta": args.beta, "relevance_sign": args.relevance_sign,
               "similarity": args.similarity, "spatial": args.spatial, "seed": args.selector_seed}
+    for pair in args.selector_param:
+        key, eq, value = pair.partition("=")
+        if not eq or not key.strip() or not value.strip():
+            from .errors import InputError
+
+            raise InputError(f"--selector-param takes KEY=VALUE, got '{pair}'")
+        params[key.strip().replace("-", "_")] = value.strip()
     out = export_model(
         args.model, args.out, selector=args.selector, keep=args.keep, keep_ratio=args.keep_ratio,
         budget=args.budget, precision=args.precision,
@@ -310,13 +320,15 @@ def eval_parser() -> argparse.ArgumentParser:
     p.add_argument("--selector", default=None,
                    help=f"comma-separated selectors, switched at run time without re-export (default: the export's); "
                         f"any of {', '.join(pruning)}, each optionally with parameters as name:key=value[:key=value] "
-                        f"(e.g. tops:alpha=0 or tops:beta=0 for the ablations; merge=none|mean sets that row's token merging)")
+                        f"(e.g. tops:relevance=0 or tops:stages=1 for the paper's ablations, dpp-merge:beta=0; merge=none|mean "
+                        f"sets that row's token merging)")
     p.add_argument("--split", default="test", choices=("test", "val"),
                    help="ShapesVQA split: test (default; report these) or val (tune selector parameters on it)")
     p.add_argument("--positions", default=None, choices=("compact", "original"),
                    help="position ids of the kept visual tokens for this run (default: the export's)")
     p.add_argument("--merge", default=None, choices=("mean", "none"),
-                   help="token merging for this run, for rows that do not set merge=... (default: the export's)")
+                   help="token merging for every row that does not set merge=... (default: the export's for its own "
+                        "method, each other method's own: none for tops, mean for dpp-merge)")
     p.add_argument("--limit", type=int, default=None, help="items to evaluate (ShapesVQA default: 1000; JSONL: all)")
     p.add_argument("--skip", type=int, default=0, metavar="N",
                    help="skip the first N items (default: 0): fresh ShapesVQA questions, or one shard of a long run")

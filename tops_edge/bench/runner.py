@@ -111,8 +111,9 @@ def run_benchmark(directory, keeps=None, runs: int = 5, warmup: int = 1, prompt_
 
     selectors = list(selectors or [pipe.selector_method])
     specs = {spec: parse_selector_spec(spec) for spec in selectors}
+    exported = (pipe.selector_method, pipe.merge)
     for spec in selectors:  # every plan checked before anything runs
-        _use(pipe, specs[spec])
+        _use(pipe, specs[spec], exported)
         for k in keeps:
             pipe.plan(k, n)
 
@@ -137,7 +138,7 @@ def run_benchmark(directory, keeps=None, runs: int = 5, warmup: int = 1, prompt_
     try:
         for keep in keeps:  # the methods side by side at each budget: neighbours in time on a noisy host
             for spec in selectors:
-                _use(pipe, specs[spec])
+                _use(pipe, specs[spec], exported)
                 log(f"{spec} keep {keep}/{n}: {warmup} warmup + {runs} timed runs")
                 bar.set_postfix_str(f"{spec} T={keep}")
                 call = functools.partial(pipe.generate, picture, prompt, max_new_tokens=new_tokens, keep=keep,
@@ -159,12 +160,18 @@ def run_benchmark(directory, keeps=None, runs: int = 5, warmup: int = 1, prompt_
     return report
 
 
-def _use(pipe, spec) -> None:
-    """Switch to a parsed selector spec; its `merge=` (if any) sets the runtime's token merging."""
+def _use(pipe, spec, exported: tuple[str, str] | None = None) -> None:
+    """Switch to a parsed selector spec; its `merge=` (if any) sets the runtime's token merging, else
+    the export's for the export's own method (`exported`: its method and merge), else the method's
+    own default (as tops-eval does)."""
+    from .. import selector as selector_registry
+
     name, params = spec
     params = dict(params)
     if "merge" in params:
         pipe.merge = params.pop("merge")
+    elif exported is not None:
+        pipe.merge = exported[1] if name == exported[0] else selector_registry.get(name).merge
     pipe.use_selector(name, **params)
 
 

@@ -196,9 +196,10 @@ def run_eval(directory, task: str = "shapesvqa", keeps=None, selectors=None, lim
     """Evaluate an export on `task` (`shapesvqa` or a JSONL path) for each selector and budget.
     `selectors` are names or specs with parameters (`tops:alpha=0`, see parse_selector_spec); each spec
     is a row of the report under its own text; `merge=none|mean` in a spec sets that row's token
-    merging (e.g. `tops:merge=none`). `positions` overrides the export's position convention
-    (`compact` or `original`) for this run, `merge` the export's token merging for rows that do not
-    set their own. `skip` drops the task's first items (then `limit` counts from there). `gallery`, a
+    merging (e.g. `dpp-merge:merge=none`). `positions` overrides the export's position convention
+    (`compact` or `original`) for this run; `merge` sets the token merging of every row that does
+    not set its own (default: the export's for the export's own method, each other method's own
+    default, e.g. none for tops and mean for dpp-merge). `skip` drops the task's first items (then `limit` counts from there). `gallery`, a
     folder, receives one PNG per item and pruned budget for the first `gallery_items` items: each
     selector's kept patches side by side (runtime/kept_view.py). Returns the report (schema
     `tops-eval/1`, see report.py)."""
@@ -225,7 +226,7 @@ def run_eval(directory, task: str = "shapesvqa", keeps=None, selectors=None, lim
         pipe.positions = positions
     if merge is not None and merge not in MERGES:
         raise InputError(f"merge must be one of {', '.join(MERGES)}, got '{merge}'")
-    merge = pipe.merge if merge is None else merge
+    exported = (pipe.selector_method, pipe.merge)
     if not selectors:
         selectors = [pipe.selector_method]
         specs = {pipe.selector_method: (pipe.selector_method, {})}
@@ -273,12 +274,13 @@ def run_eval(directory, task: str = "shapesvqa", keeps=None, selectors=None, lim
         return np.array([score(item, p) for item, p in zip(items, preds)], dtype=np.int64)
 
     try:
-        _use(pipe, specs[selectors[0]], merge)
+        merges = {}
+        merges[selectors[0]] = _use(pipe, specs[selectors[0]], merge, exported)
         full_keep = pipe.max_selectable
         full = answer_all(("unpruned", full_keep), None)
         runs = {}
         for method in selectors:
-            _use(pipe, specs[method], merge)
+            merges[method] = _use(pipe, specs[method], merge, exported)
             for keep in keeps:
                 if keep >= full_keep:
                     runs[(method, keep)] = full
@@ -305,7 +307,7 @@ def run_eval(directory, task: str = "shapesvqa", keeps=None, selectors=None, lim
         "task": task,
         "settings": {"keeps": keeps, "selectors": selectors, "items": len(items), "skip": int(skip),
                      "max_new_tokens": max_new_tokens,
-                     "budget": budget, "positions": pipe.positions, "merge": merge,
+                     "budget": budget, "positions": pipe.positions, "merge": merges,
                      "split": split if task in BUILTIN_TASKS else None, "num_visual_tokens": pipe.max_selectable},
         "elapsed_s": round(time.perf_counter() - t0, 1),
         **summary,
@@ -350,11 +352,17 @@ def _write_gallery(pipe, folder: Path, items, answers, stages) -> int:
     return len(stages)
 
 
-def _use(pipe, spec, merge: str):
+def _use(pipe, spec, merge: str | None, exported: tuple[str, str]) -> str:
+    """Switch to a parsed spec; returns the token merging it runs with: its own merge=..., else the
+    run's `merge`, else the export's (for the export's method) or the method's own default."""
+    from .. import selector as selector_registry
+
     name, params = spec
     params = dict(params)
-    pipe.merge = params.pop("merge", merge)  # a row's own merge=..., else the run's
+    default = exported[1] if name == exported[0] else selector_registry.get(name).merge
+    pipe.merge = params.pop("merge", merge if merge is not None else default)
     pipe.use_selector(name, **params)
+    return pipe.merge
 
 
 __all__ = ["Item", "run_eval", "parse_selector_spec", "summarize", "wilson", "relative_interval", "paired_difference",

@@ -138,7 +138,12 @@ class SelectorInfo:
             if key not in params:
                 known = ", ".join(params) or "none"
                 raise InputError(f"selector '{self.name}' has no parameter '{key}' (its parameters: {known})")
-            params[key] = type(params[key])(value)
+            kind = type(params[key])
+            try:
+                params[key] = kind(value)
+            except (TypeError, ValueError):
+                what = {int: "a whole number", float: "a number"}.get(kind, f"a {kind.__name__}")
+                raise InputError(f"selector '{self.name}': {key} takes {what}, got {value!r}") from None
         return params
 
 

@@ -277,15 +277,15 @@ def tops_stage_ii_layers(num_layers: int) -> tuple[int, ...]:
 def _tops_layers(params: dict, num_layers: int) -> tuple[int, ...]:
     stages = str(params["stages"]).replace(" ", "")
     if stages not in TOPS_STAGE_CHOICES:
-        raise InputError(f"tops's stages must be one of {', '.join(TOPS_STAGE_CHOICES)} (1: Stage I before the LLM, "
-                         f"2: Stage II inside it), got '{params['stages']}'")
+        raise InputError(f"tops's stages must be '1,2' (both), '1' (Stage I, before the LLM) or '2' (Stage II, inside it), "
+                         f"got '{params['stages']}'")
     out = (0,) if "1" in stages else ()
     if "2" in stages:
         cuts = parse_layers(params["layers"], "tops") or tops_stage_ii_layers(num_layers)
         if num_layers < 2 or any(not 1 <= c <= num_layers - 1 for c in cuts) or len(set(cuts)) < len(cuts):
             raise InputError(f"tops's Stage II prunes at cuts {', '.join(map(str, cuts))} (3/8 and 3/4 of the depth), "
                              f"which a {num_layers}-layer model does not have as distinct cuts in 1..{num_layers - 1}; "
-                             f"use tops:stages=1 (Stage I only) or tops:layers=... to choose the cuts")
+                             f"set tops's stages=1 (Stage I only) or its layers=... (the cuts)")
         out += cuts
     return out
 

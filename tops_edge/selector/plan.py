@@ -297,8 +297,10 @@ def _half_up(x: float) -> int:
 def _tops_budgets(params: dict, layers: tuple[int, ...], average: int, num_visual: int, num_layers: int) -> tuple[int, ...]:
     """Stage I keeps 2T; each Stage II cut but the last keeps T/2 and the last keeps what brings the
     layer average to T (the paper's 2T -> T/2 -> T/4 on 32 layers, exactly; its Table 17's rows
-    all follow this equal-average rule). Stage II alone (stages=2) keeps the same 2:1 ratio between
-    its cuts, both solved for the average. Stage I alone keeps T. Rounded halves up; each stage keeps
+    all follow this equal-average rule). Where that leaves the last cut nothing below T/2 (cuts the
+    rule does not fit, e.g. layers=2,14, or a shallow model), the Stage II budgets fall geometrically
+    from 2T instead, their ratio solved for the average closest to T. Stage II alone (stages=2) keeps
+    the same 2:1 ratio between its cuts, both solved for the average. Stage I alone keeps T. Rounded halves up; each stage keeps
     fewer than the one before (at T >= N/2 Stage I keeps N - 1)."""
     starts = layers
     ends = layers[1:] + (num_layers,)
@@ -311,6 +313,8 @@ def _tops_budgets(params: dict, layers: tuple[int, ...], average: int, num_visua
         rest = target - sum(b * w for b, w in zip(fixed, spans))
         last = _half_up(rest / spans[-1])
         budgets = fixed + [last]
+        if not 1 <= last < fixed[-1]:  # cuts the T/2 rule does not fit (e.g. an early first cut)
+            budgets = list(_geometric_after(fixed[0], spans, target))
     else:  # Stage II alone: the layers before the first cut see all N; budgets 2x, ..., 2x, x
         before = layers[0] * num_visual
         weight = 2 * sum(spans[:-1]) + spans[-1]
@@ -324,6 +328,38 @@ def _tops_budgets(params: dict, layers: tuple[int, ...], average: int, num_visua
     if budgets[-1] < 1 or any(b >= a for a, b in zip(budgets, budgets[1:])):
         raise Unreachable(None)
     return tuple(budgets)
+
+
+def _geometric_after(first: int, spans: list[int], target: int) -> tuple[int, ...]:
+    """Stage I's `first`, then Stage II budgets first * rho^s (geometric_budgets) with rho in (0, 1)
+    by bisection so the layer-sum is closest to `target` (ties: the larger); the layers' spans."""
+    def total(budgets):
+        return sum(b * w for b, w in zip(budgets, spans))
+
+    def at(ratio):
+        return (first, *geometric_budgets(first, len(spans) - 1, ratio))
+
+    lo, hi = 0.0, 1.0  # the smallest ratio whose last budget is >= 1
+    for _ in range(_BISECTION_STEPS):
+        mid = (lo + hi) / 2
+        if mid in (lo, hi):
+            break
+        lo, hi = (lo, mid) if at(mid)[-1] >= 1 else (mid, hi)
+    if at(hi)[-1] < 1:
+        raise Unreachable(None)
+    lo = hi
+    if total(at(lo)) >= target:
+        return at(lo)
+    hi = 1.0
+    if total(at(hi)) <= target:
+        return at(hi)
+    for _ in range(_BISECTION_STEPS):
+        mid = (lo + hi) / 2
+        if mid in (lo, hi):
+            break
+        lo, hi = (mid, hi) if total(at(mid)) <= target else (lo, mid)
+    below, above = at(lo), at(hi)
+    return above if total(above) - target <= target - total(below) else below
 
 
 TOPS = Schedule(layers=_tops_layers, budgets=_tops_budgets)

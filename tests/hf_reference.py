@@ -188,3 +188,26 @@ def _hf_layers(lm, h, mask, positions, cache, first: int, last: int):
         h = layer(h, attention_mask=mask, position_ids=positions[None], position_embeddings=rotary, use_cache=True,
                   **{cache_argument(layer): cache})
     return h
+
+
+@torch.no_grad()
+def hf_layer_probe(model, inputs_embeds: torch.Tensor, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(h, t) on the whole prompt: h [1, L, D] the hidden states entering decoder layer `layer`
+    (HF's forward, `output_hidden_states`), t [1, L, D] = post_attention_layernorm(h +
+    self_attn(input_layernorm(h))) of that layer, run here with HF's own modules (eager attention,
+    causal mask, positions 0..L-1): TopV's sources and targets at that layer."""
+    lm = model.model.language_model
+    before = model.config.get_text_config(decoder=True)._attn_implementation
+    model.set_attn_implementation("eager")
+    try:
+        h = lm(inputs_embeds=inputs_embeds, output_hidden_states=True).hidden_states[layer]
+        length = h.shape[1]
+        positions = torch.arange(length)[None]
+        mask = torch.triu(torch.full((length, length), torch.finfo(torch.float32).min), diagonal=1)[None, None]
+        block = lm.layers[layer]
+        attended, _ = block.self_attn(hidden_states=block.input_layernorm(h), attention_mask=mask,
+                                      position_embeddings=lm.rotary_emb(h, position_ids=positions),
+                                      position_ids=positions)
+        return h, block.post_attention_layernorm(h + attended)
+    finally:
+        model.set_attn_implementation(before)

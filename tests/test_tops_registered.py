@@ -42,15 +42,20 @@ def test_tops_keeps_2t_then_half_then_a_quarter_at_three_eighths_and_three_quart
     assert plan.average_tokens() == keep  # T equivalent average tokens, exactly
 
 
-def test_the_last_budget_brings_the_average_to_t_on_other_depths():
-    for layers in (12, 20, 28, 30):
+def test_the_average_is_t_up_to_rounding_on_other_depths_and_cuts():
+    """The T/2 rule where it fits (the last cut then makes the average T up to one budget's rounding);
+    geometric Stage II budgets from 2T where it does not (12 layers, cuts 2,14 of 32)."""
+    for layers in (12, 20, 28, 30, 32):
         for keep in (32, 64, 100, 128):
-            plan = plan_for("tops", {}, keep, 576, layers)
-            first, middle, last = plan.stages
-            assert (first.layer, first.keep, middle.keep) == (0, 2 * keep, (keep + 1) // 2)
-            # off by the rounding of one budget, or above T where the first two stages leave nothing to the last
-            assert abs(plan.average_tokens() - keep) <= (layers - last.layer) / (2 * layers) or (
-                last.keep == 1 and plan.average_tokens() > keep)
+            for params in ({}, {"layers": "2,14"} if layers == 32 else {}):
+                plan = plan_for("tops", params, keep, 576, layers)
+                keeps = [s.keep for s in plan.stages]
+                assert keeps[0] == 2 * keep and keeps == sorted(set(keeps), reverse=True)
+                last = plan.stages[-1]
+                assert abs(plan.average_tokens() - keep) <= (layers - plan.stages[1].layer) / (2 * layers)
+                if not params and layers >= 20:
+                    assert keeps[1] == (keep + 1) // 2, (layers, keep, keeps)  # the paper's T/2
+                assert last.keep >= 1
 
 
 def test_stage_ablations_plan_one_stage_or_stage_ii_alone():
@@ -276,3 +281,22 @@ def test_tops_on_the_2_layer_model_says_how_to_run_stage_i_alone(tmp_path, capsy
     code = export_main(["--model", "tiny-llava", "--out", str(tmp_path / "z"), "--selector", "tops",
                         "--selector-param", "stages"])
     assert "KEY=VALUE" in one_line_error(capsys, code)
+
+
+def test_target_trt_exports_tops_as_standard_ops_that_ort_also_runs(tmp_path):
+    """tops has no plugin: its --target trt graphs are the standard-op ones (a Loop), so the export
+    loads on ORT; a plugin method's --target trt export is refused there in one clear error."""
+    import onnx
+
+    from tops_edge.export import export_model
+    from tops_edge.runtime import Pipeline
+
+    out = export_model("tiny-llava-medium", tmp_path / "tops", selector="tops", keep=64, target="trt", progress=False)
+    for part in ("selector", "cut_selector"):
+        model = onnx.load(out / f"{part}.onnx")
+        assert {n.domain for n in model.graph.node} <= {"", "ai.onnx"} and "Loop" in {n.op_type for n in model.graph.node}
+    r = Pipeline.load(out).generate(EXAMPLE, PROMPTS[0], max_new_tokens=1)
+    assert [s["layer"] for s in r.stages] == [0, 2, 3]
+    plugin = export_model("tiny-llava", tmp_path / "dpp", selector="dpp-merge", keep=64, target="trt", progress=False)
+    with pytest.raises(InputError, match="tops::Select"):
+        Pipeline.load(plugin)

@@ -16,6 +16,7 @@ from ..models import ModelAdapter, load
 from ..models.base import config_sha256
 from ..runtime.layout import BUDGETS, POSITIONS
 from ..selector.merge import MERGES
+from ..selector.methods import probe_cuts, refuse_layout
 from ..selector.parts import selector_part
 from .atomic import staged_directory
 from .manifest import SCHEMA_VERSION, file_record, write_manifest
@@ -60,7 +61,9 @@ def export_model(
     calib.CalibrationSet; default: the built-in ShapesVQA pairs. `cuts` (decoder layers) exports the
     decoder in segments cut before those layers, so selectors can prune inside the LLM there
     (models/base.py DecoderSegment); default: the cuts of the selector's own plan at the default
-    budget (none for the methods that prune before the LLM).
+    budget (none for the methods that prune before the LLM). Where the selector's graph at a cut
+    reads the next layer's post-attention states (topv's target_features), the segment ending at
+    that cut also outputs them (`cut_target_features`; manifest `decoder.segments[i].probe`).
     """
     _check_choice("precision", precision, PRECISIONS)
     if calib is not None and precision != "int8":
@@ -92,6 +95,7 @@ def export_model(
         adapter = model if isinstance(model, ModelAdapter) else load(model)
         steps.update()
         layout = adapter.visual_layout()
+        refuse_layout(selector, params, layout.get("layout", "single"))
         n = layout["max_selectable"]
         from ..plan import footprint_of
 
@@ -114,7 +118,9 @@ def export_model(
         if cuts and precision == "int8":
             raise InputError("--precision int8 calibrates one decoder graph; a decoder cut at --cuts "
                              f"{','.join(map(str, cuts))} takes fp32, fp16 or int8-wo in this version")
-        parts = adapter.parts(cls_attention=True, cuts=cuts)
+        # the next layer's probe, only before the cuts whose selector reads it (no cost elsewhere)
+        probes = tuple(c for c in probe_cuts(selector, params, adapter.num_layers) if c in cuts)
+        parts = adapter.parts(cls_attention=True, cuts=cuts, probes=probes)
         vision_width = next(o for o in parts[0].outputs if o.name == "vision_features").shape[-1]
         sel = selector_part(selector, params, layout, adapter.hidden_size, vision_width, target)
         if sel is not None:
@@ -144,7 +150,7 @@ def export_model(
                 arrays[name] = file_record(stage, f"{name}.npy")
             budget_spec = {"default_keep": keep, "default_keep_ratio": keep_ratio, "budget": budget}
             manifest = _manifest(adapter, layout, records, arrays, selector, params, budget_spec, precision, opset,
-                                 exporter, positions, merge, cuts)
+                                 exporter, positions, merge, cuts, probes)
             manifest["target"] = target
             manifest["footprint"] = footprint.to_json()  # the memory planner's input (tops-build)
             write_manifest(stage, manifest)
@@ -184,7 +190,7 @@ def _check_choice(flag: str, value: str, allowed, later: str = "") -> None:
 
 
 def _manifest(adapter, layout, records, arrays, selector, params, budget_spec, precision, opset, exporter,
-              positions, merge, cuts) -> dict[str, Any]:
+              positions, merge, cuts, probes=()) -> dict[str, Any]:
     import onnx
     import transformers
 
@@ -208,9 +214,11 @@ def _manifest(adapter, layout, records, arrays, selector, params, budget_spec, p
         "selector": {"method": selector, "params": params, **budget_spec, "positions": positions, "merge": merge,
                      "stage": selectors.get(selector).stage},
         "decoder": {
-            # segment i holds layers [bounds[i], bounds[i+1]); one segment named `decoder` when uncut
+            # segment i holds layers [bounds[i], bounds[i+1]); one segment named `decoder` when uncut;
+            # `probe`: true on a segment that also outputs cut_target_features (absent: it does not)
             "cuts": list(cuts),
-            "segments": [{"part": name, "layers": [first, last]} for name, first, last in _segments(cuts, adapter.num_layers)],
+            "segments": [{"part": name, "layers": [first, last], **({"probe": True} if last in probes else {})}
+                         for name, first, last in _segments(cuts, adapter.num_layers)],
             "num_layers": adapter.num_layers,
             "num_kv_heads": adapter.num_kv_heads,
             "head_dim": adapter.head_dim,

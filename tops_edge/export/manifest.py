@@ -17,6 +17,8 @@ from ..errors import ManifestError
 SCHEMA_VERSION = 6  # 2: visual layouts (single | anyres), arrays, keep ratio and budget split; 3: parts' precision;
 # 4: the decoder's attention_bias input and selector.merge; 5: the decoder's fixed-size KV cache (cache_position);
 # 6: the decoder in segments (decoder.cuts, decoder.segments), selector.stage, the selectors' token_groups
+# (6 also: a segment's optional `probe: true`, its extra cut_target_features output; absent means none,
+# so manifests written before it read as they did)
 MANIFEST_NAME = "manifest.json"
 
 # key -> type the loader insists on; nested parts are checked separately
@@ -117,6 +119,11 @@ def _check_segments(path: Path, decoder: dict) -> None:
             not isinstance(seg, dict) or seg.get("layers") != [a, b] or not isinstance(seg.get("part"), str)
             for seg, a, b in zip(segments, bounds, bounds[1:])):
         raise ManifestError(f"{path}: decoder.segments do not split layers 0..{n} at the cuts {cuts}")
+    for seg in segments[:-1]:
+        if not isinstance(seg.get("probe", False), bool):
+            raise ManifestError(f"{path}: decoder segment '{seg['part']}' has a probe that is not true or false")
+    if segments[-1].get("probe", False):
+        raise ManifestError(f"{path}: the last decoder segment '{segments[-1]['part']}' ends at no cut and has no probe")
 
 
 def _require(path: Path, section: str, data: dict, keys) -> None:

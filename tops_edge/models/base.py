@@ -206,6 +206,17 @@ class DecoderSegment(nn.Module):
     runtime zeroes its buffers). Each segment has its own cache, mask, bias and positions: after a
     cut it caches only the tokens kept there.
 
+    A segment built with `probe` (only where the selector at its cut reads `target_features`:
+    TopV) also outputs `cut_target_features` [B, S, E]: the next layer's attention sub-block run on
+    this step's whole sequence, h' = post_attention_layernorm(h + self_attn(input_layernorm(h))) of
+    decoder layer `last` (HF's Llama-style decoder layer modules), i.e. what that layer's
+    post-attention norm would see with nothing pruned at this cut. The next segment then runs layer
+    `last` itself on the kept rows only, so that layer's KV cache holds only kept tokens: the probe
+    writes no cache. Its attention spans this step's own tokens (causal, this step's mask and bias
+    entries), which at prefill, from an empty cache, is the whole prompt; on decode steps it is a
+    one-token attention whose output nobody reads (the cost of one attention sub-block per token in
+    the first segment, paid only by exports that asked for the probe).
+
     `attention_bias` [B, C] is added to the logits of every query for key slot c: 0 reproduces
     the HF model exactly; log(n) makes one cached token count as n identical ones (the runtime's token
     merging, see selector/merge.py).
@@ -217,13 +228,16 @@ class DecoderSegment(nn.Module):
     attention's matmuls.
     """
 
-    def __init__(self, language_model: nn.Module, lm_head: nn.Module, first: int, last: int):
+    def __init__(self, language_model: nn.Module, lm_head: nn.Module, first: int, last: int, probe: bool = False):
         super().__init__()
         self.language_model = language_model
         self.lm_head = lm_head
         self.first, self.last = first, last
         self.num_layers = last - first
         self.returns_logits = last == len(language_model.layers)
+        if probe and self.returns_logits:
+            raise ValueError("a probe of the next layer needs a segment that ends at a cut")
+        self.probe = probe
 
     def forward(self, hidden_states, attention_mask, position_ids, attention_bias, cache_position, *past):
         _register_export_attention()
@@ -246,6 +260,9 @@ class DecoderSegment(nn.Module):
             for layer in layers:
                 h = layer(h, attention_mask=mask, position_ids=position_ids, position_embeddings=rotary,
                           use_cache=True, **{cache_argument(layer): cache})
+            if self.probe:
+                target = self._probe(lm.layers[self.last], h, attention_mask, attention_bias, cache_position,
+                                     position_ids, rotary)
         finally:
             config._attn_implementation = before
             if hasattr(layers[-1].self_attn, CAPTURE):
@@ -253,7 +270,20 @@ class DecoderSegment(nn.Module):
         present = [t for kv in cache.present for t in kv]
         if self.returns_logits:
             return (self.lm_head(lm.norm(h[:, -1:, :])), *present)
-        return (h, captured[0], *present)
+        return (h, captured[0], *((target,) if self.probe else ()), *present)
+
+    @staticmethod
+    def _probe(layer, h, attention_mask, attention_bias, cache_position, position_ids, rotary):
+        """post_attention_layernorm(h + self_attn(input_layernorm(h))) of `layer` over this step's S
+        tokens only (keys = queries, no cache): causal by slot, this step's slots' mask and bias."""
+        step_mask = attention_mask[:, cache_position]  # [B, S]: which of this step's slots hold a token
+        allowed = (cache_position[None, :] <= cache_position[:, None])[None, None] & step_mask[:, None, None, :].bool()
+        zero = torch.zeros((), dtype=h.dtype, device=h.device)
+        mask = torch.where(allowed, zero, torch.tensor(torch.finfo(h.dtype).min, dtype=h.dtype))
+        mask = mask + attention_bias[:, cache_position][:, None, None, :].to(mask.dtype)
+        attended, _ = layer.self_attn(hidden_states=layer.input_layernorm(h), attention_mask=mask,
+                                      position_ids=position_ids, position_embeddings=rotary)
+        return layer.post_attention_layernorm(h + attended)
 
 
 class ModelAdapter(ABC):
@@ -323,10 +353,11 @@ class ModelAdapter(ABC):
         """Visual tokens per image, their grid and the image token id."""
 
     @abstractmethod
-    def parts(self, cls_attention: bool = False, cuts=()) -> list[PartSpec]:
+    def parts(self, cls_attention: bool = False, cuts=(), probes=()) -> list[PartSpec]:
         """The exportable parts, in pipeline order (vision, embed, the decoder or its segments). The
         vision part outputs image_features and vision_features, plus cls_attention when asked (the
-        attention selector); `cuts` splits the decoder before those layers (decoder_parts)."""
+        attention selector); `cuts` splits the decoder before those layers, and the segment before
+        each cut in `probes` also outputs the next layer's post-attention states (decoder_parts)."""
 
     def check_cuts(self, cuts) -> tuple[int, ...]:
         """`--cuts`: decoder layers 1..L-1, ascending, each once; anything else is an InputError."""
@@ -344,15 +375,20 @@ class ModelAdapter(ABC):
             raise InputError(f"--cuts must be ascending without repeats, got {','.join(map(str, cuts))}")
         return cuts
 
-    def decoder_parts(self, language_model: nn.Module, lm_head: nn.Module, cuts=()) -> list[PartSpec]:
+    def decoder_parts(self, language_model: nn.Module, lm_head: nn.Module, cuts=(), probes=()) -> list[PartSpec]:
         """The KV-cached decoder, cut before each layer in `cuts` into segments (`decoder` when
         uncut, else `decoder.0`, `decoder.1`, ...); shared by every family whose LLM is HF-causal-LM
-        shaped. See DecoderSegment for the IO."""
-        bounds = [0, *self.check_cuts(cuts), self.num_layers]
+        shaped. The segment ending at each cut in `probes` (a subset of `cuts`) also outputs
+        `cut_target_features`. See DecoderSegment for the IO."""
+        cuts = self.check_cuts(cuts)
+        if not set(probes) <= set(cuts):
+            raise ValueError(f"probes {sorted(set(probes) - set(cuts))} are not among the cuts {list(cuts)}")
+        bounds = [0, *cuts, self.num_layers]
         parts = []
         for index, (first, last) in enumerate(zip(bounds, bounds[1:])):
             name = "decoder" if len(bounds) == 2 else f"decoder.{index}"
-            parts.append(self._segment_part(name, DecoderSegment(language_model, lm_head, first, last)))
+            segment = DecoderSegment(language_model, lm_head, first, last, probe=last in probes)
+            parts.append(self._segment_part(name, segment))
         return parts
 
     def _segment_part(self, name: str, segment: DecoderSegment) -> PartSpec:
@@ -367,6 +403,8 @@ class ModelAdapter(ABC):
         else:
             outputs = [TensorSpec("cut_hidden_states", "float32", ("batch", "sequence", e)),
                        TensorSpec("cut_attention", "float32", ("batch", "sequence", "cache_sequence"))]
+            if segment.probe:
+                outputs.append(TensorSpec("cut_target_features", "float32", ("batch", "sequence", e)))
 
         def example():
             past_len, seq, capacity = 3, 5, 11

@@ -127,9 +127,9 @@ class LlavaAdapter(ModelAdapter):
             "has_cls_token": self.config.vision_feature_select_strategy == "full",
         }
 
-    def parts(self, cls_attention: bool = False, cuts=()) -> list[PartSpec]:
-        """vision, embed, the decoder (its segments with `cuts`). `cls_attention` adds that output to
-        the vision part (attention selector)."""
+    def parts(self, cls_attention: bool = False, cuts=(), probes=()) -> list[PartSpec]:
+        """vision, embed, the decoder (its segments with `cuts`; `probes`: see decoder_parts).
+        `cls_attention` adds that output to the vision part (attention selector)."""
         cfg = self.config
         vc = self.vision_config
         n = self.visual_layout()["tokens_per_crop"]
@@ -148,4 +148,4 @@ class LlavaAdapter(ModelAdapter):
             example_inputs=lambda: (torch.randn(1, vc.num_channels, vc.image_size, vc.image_size),),
         )
         lm = self.model.model.language_model
-        return [vision, self.embed_part(lm.get_input_embeddings()), *self.decoder_parts(lm, self.model.lm_head, cuts)]
+        return [vision, self.embed_part(lm.get_input_embeddings()), *self.decoder_parts(lm, self.model.lm_head, cuts, probes)]

@@ -68,6 +68,9 @@ class DecoderRunner(ABC):
 
     #: True for a segment that ends at a cut (outputs cut_hidden_states, cut_attention)
     hands_on: bool = False
+    #: True for a cut segment that also outputs cut_target_features (the next layer's probe, for
+    #: selectors that read target_features: DecoderSegment `probe`)
+    probes: bool = False
 
     def __init__(self, layout: KVLayout, hidden_size: int):
         self.layout = layout
@@ -90,7 +93,8 @@ class DecoderRunner(ABC):
              attention_bias: np.ndarray | None = None):
         """Feed [1, S, D] embeddings (a later segment: hidden states) at the given positions; returns
         the last position's logits [V], or for a segment that hands on, (hidden states [1, S, D],
-        attention [1, S, C]). `attention_bias` [1, S] (default 0) is added to every later attention
+        attention [1, S, C]), and with `probes` a third, the next layer's post-attention-norm states
+        [1, S, D] (cut_target_features). `attention_bias` [1, S] (default 0) is added to every later attention
         logit on these tokens: log(n) for a token that stands for n merged ones. It stays with the
         cached tokens."""
 
@@ -169,8 +173,11 @@ class OrtDecoderRunner(DecoderRunner):
         self._ort = ort
         self.sess = sess
         self.device = device
-        self.hands_on = "cut_hidden_states" in {o.name for o in sess.get_outputs()}
+        outputs = {o.name for o in sess.get_outputs()}
+        self.hands_on = "cut_hidden_states" in outputs
+        self.probes = "cut_target_features" in outputs
         self._attention = np.zeros((1, 1, 0), dtype=np.float32)  # decode steps' cut_attention: not read
+        self._target = np.zeros((1, 1, self.hidden_size), dtype=np.float32)  # decode steps' probe: not read
         self.past_names = [i.name for i in sess.get_inputs() if i.name.startswith("past_key_values.")]
         # the KV IO dtype is the graph's: fp16 exports take and give fp16 KV (calib/), the rest fp32
         past_type = next(i.type for i in sess.get_inputs() if i.name in self.past_names)
@@ -250,8 +257,13 @@ class OrtDecoderRunner(DecoderRunner):
         attention = np.empty((1, seq, self.window), dtype=np.float32)
         _bind_output(b, "cut_hidden_states", hidden)
         _bind_output(b, "cut_attention", attention)
+        if not self.probes:
+            self._run(b, total)
+            return hidden, attention
+        target = np.empty((1, seq, self.hidden_size), dtype=np.float32)
+        _bind_output(b, "cut_target_features", target)
         self._run(b, total)
-        return hidden, attention
+        return hidden, attention, target
 
     def step_token(self, position):
         """The decode loop's step: everything is bound, so per token it writes the position, the slot
@@ -266,6 +278,8 @@ class OrtDecoderRunner(DecoderRunner):
             if self.hands_on:  # the hidden state goes straight into the next segment's token buffer
                 _bind_output(b, "cut_hidden_states", self.next_embeds)
                 _bind_output(b, "cut_attention", self._attention)
+                if self.probes:
+                    _bind_output(b, "cut_target_features", self._target)
             self._token_bound[turn] = True
         self._position[0, 0] = position
         self._slot[0] = past

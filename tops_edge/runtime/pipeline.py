@@ -19,6 +19,7 @@ from ..export.manifest import load_manifest
 from ..selector.base import check_keep, keep_from_ratio
 from ..selector.base import get as get_selector
 from ..selector.merge import MERGES
+from ..selector.methods import probe_cuts, refuse_layout
 from .backend import KVLayout, get_backend
 from .layout import BUDGETS, TokenMap, layout_for, split_budget
 from .preprocess import Preprocessor
@@ -80,6 +81,9 @@ class Pipeline:
         self.num_layers = int(dec["num_layers"])
         self.cuts = tuple(int(c) for c in dec["cuts"])
         self.segment_layers = [tuple(seg["layers"]) for seg in dec["segments"]]
+        #: the cuts whose segment before them also outputs the next layer's post-attention states
+        #: (cut_target_features: what topv's target_features are read from)
+        self.probed_cuts = tuple(b for seg, (a, b) in zip(dec["segments"], self.segment_layers) if seg.get("probe"))
         self.decoders = [backend.decoder(part_path(seg["part"]), KVLayout(b - a, dec["num_kv_heads"], dec["head_dim"]))
                          for seg, (a, b) in zip(dec["segments"], self.segment_layers)]
         for runner, following in zip(self.decoders, self.decoders[1:]):
@@ -113,6 +117,9 @@ class Pipeline:
             if not info.prunes:
                 self._selectors[key] = (None, None)
             else:
+                info.extra_inputs(resolved)  # the parameters, checked (an InputError names a bad one)
+                refuse_layout(method, resolved, self.layout.name)
+                self._check_probes(method, resolved)
                 vision_outputs = {o["name"]: o for o in self.manifest["parts"]["vision"]["outputs"]}
                 missing = [name for name in info.extra_inputs(resolved)
                            if name in ("vision_features", "cls_attention") and name not in vision_outputs]
@@ -129,12 +136,28 @@ class Pipeline:
         self.selector_params = resolved if info.prunes else {}
         return self
 
+    def _check_probes(self, method: str, params: dict) -> None:
+        """A method whose graph at a cut reads target_features (topv) needs the segment before that
+        cut to output the next layer's post-attention states, which only an export for it computes."""
+        missing = [c for c in probe_cuts(method, params, self.num_layers) if c not in self.probed_cuts]
+        if missing:
+            layer = missing[0]
+            why = (f"this export ({self.manifest['selector']['method']}) does not compute them" if layer in self.cuts
+                   else f"this export's decoder is not cut there (its cuts: {','.join(map(str, self.cuts)) or 'none'})")
+            default = get_selector(method).params.get("layer")
+            tail = f" --selector-param layer={layer}" if "layer" in params and params["layer"] != default else ""
+            raise InputError(f"selector '{method}' reads layer {layer}'s post-attention-norm states at the cut before "
+                             f"it, and {why}; re-export with tops-export --selector {method}{tail}")
+
     @classmethod
     def load(cls, directory, backend: str = "ort", verify: str = "fast", **backend_options) -> "Pipeline":
         """Validate DIR/manifest.json (schema and graph hashes) and open every part on `backend`."""
         directory = Path(directory)
         manifest = load_manifest(directory, verify=verify)
-        if manifest.get("target") == "trt" and backend != "trt" and "selector" in manifest["parts"]:
+        from ..selector.parts import PLUGIN_METHODS
+
+        if manifest.get("target") == "trt" and backend != "trt" and "selector" in manifest["parts"] \
+                and manifest["selector"]["method"] in PLUGIN_METHODS:
             raise InputError(f"{directory} was exported with --target trt: its selector is the tops::Select TensorRT "
                              "plugin, which only backend 'trt' runs; re-export with --target ort for this backend")
         return cls(directory, manifest, get_backend(backend, **backend_options))
@@ -301,11 +324,12 @@ class Pipeline:
         return self._embed_token
 
     def _select_at_cut(self, hidden: np.ndarray, attention: np.ndarray, rows: "PromptRows", keep: int,
-                       plan=None) -> np.ndarray:
+                       plan=None, target: np.ndarray | None = None) -> np.ndarray:
         """At a decoder cut: the rows of the prefill sequence that go on (text, kept visual tokens).
         The stage's selector reads the alive visual tokens' hidden states, the cut layer's attention
-        from the text after the image to them and that text's hidden states (what a graph asks for);
-        NeXT's newline tokens are always kept."""
+        from the text after the image to them and that text's hidden states, the alive tokens' rows
+        of the next layer's probe (`target` [1, S, D], the segment's cut_target_features) and their
+        (row, col) on the patch grid (what a graph asks for); NeXT's newline tokens are always kept."""
         visual = rows.visual_rows()
         choosable = np.flatnonzero(~rows.newline)
         if keep >= len(choosable):
@@ -319,9 +343,28 @@ class Pipeline:
         if info.cut_feeds is not None and plan is not None:  # e.g. tops's Stage II lam, published per budget
             feeds.update(info.cut_feeds(self.selector_params, plan, self.manifest["visual"].get("layout", "single")))
         graph = self.cut_selector
+        if "target_features" in graph.input_names:
+            if target is None:  # use_selector refuses this first; a hand-edited manifest could still get here
+                raise InputError(f"selector '{self.selector_method}' reads the next layer's post-attention states, "
+                                 f"which this export does not compute; re-export with tops-export --selector "
+                                 f"{self.selector_method}")
+            feeds["target_features"] = np.ascontiguousarray(target[:, cols])
+        if "token_positions" in graph.input_names:
+            feeds["token_positions"] = self._token_positions(rows.visual[choosable])[None]
         out = graph.run({name: feeds[name] for name in graph.input_names})
         kept = np.sort(np.concatenate([choosable[out["kept_indices"][0]], np.flatnonzero(rows.newline)]))
         return np.concatenate([np.arange(rows.before), visual[kept], after])
+
+    def _token_positions(self, visual: np.ndarray) -> np.ndarray:
+        """[N, 2] float32 (row, col) on the image's patch grid of the visual tokens at these positions
+        of its visual sequence (selector/topv.token_positions). One grid: `single` layouts only
+        (selector/methods.refuse_layout refuses the others before a generation gets here)."""
+        from ..selector.topv import token_positions
+
+        if self.layout.name != "single":
+            refuse_layout(self.selector_method, self.selector_params, self.layout.name)
+            raise InputError(f"token positions need one patch grid; the '{self.layout.name}' layout has none")
+        return token_positions(visual, *self.layout.grid)
 
     def _prefill(self, embeds: np.ndarray, positions: np.ndarray, bias: np.ndarray, rows: "PromptRows", plan,
                  max_new_tokens: int):
@@ -329,11 +372,11 @@ class Pipeline:
         position's logits, each segment's next decode position, the stages that ran at cuts, each
         segment's step time and the time the cuts' selectors took (ms)."""
         at_cut = {stage.layer: stage.keep for stage in plan.stages if stage.layer > 0}
-        hidden, attention, stages, next_positions, step_ms, select_ms = embeds, None, [], [], [], 0.0
+        hidden, attention, target, stages, next_positions, step_ms, select_ms = embeds, None, None, [], [], [], 0.0
         for runner, (first, _) in zip(self.decoders, self.segment_layers):
             if first in at_cut:
                 t = time.perf_counter()
-                keep = self._select_at_cut(hidden, attention, rows, at_cut[first], plan)
+                keep = self._select_at_cut(hidden, attention, rows, at_cut[first], plan, target)
                 select_ms += (time.perf_counter() - t) * 1e3
                 hidden, bias = hidden[:, keep], bias[:, keep]
                 positions = positions[keep] if self.positions == "original" else np.arange(len(keep), dtype=np.int64)
@@ -345,8 +388,8 @@ class Pipeline:
             out = runner.step(hidden, positions[None], bias)
             step_ms.append((time.perf_counter() - t) * 1e3)
             next_positions.append(int(positions[-1]) + 1)
-            if runner.hands_on:
-                hidden, attention = out
+            if runner.hands_on:  # (hidden, attention) or, from a segment with the probe, (hidden, attention, target)
+                hidden, attention, target = out if len(out) == 3 else (*out, None)
         return out, next_positions, stages, step_ms, select_ms
 
     # --- the loop ----------------------------------------------------------------------------

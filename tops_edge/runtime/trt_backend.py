@@ -86,13 +86,15 @@ class TrtSession(Session):
 class TrtDecoderRunner(DecoderRunner):
     """The decoder, or one segment of a decoder cut for in-LLM pruning: a later segment reads
     `hidden_states`, and one that ends at a cut returns its hidden states and attention (copied to
-    the host per step; the decode loop's hand-on is DecoderRunner.step_token's)."""
+    the host per step; the decode loop's hand-on is DecoderRunner.step_token's), and with `probes`
+    its cut_target_features too (as OrtDecoderRunner.step)."""
 
     def __init__(self, engine: _Engine, layout: KVLayout):
         self.input_name = "inputs_embeds" if "inputs_embeds" in engine.input_names else "hidden_states"
         super().__init__(layout, int(engine.engine.get_tensor_shape(self.input_name)[-1]))
         self.e = engine
         self.hands_on = "cut_hidden_states" in engine.output_names
+        self.probes = "cut_target_features" in engine.output_names
         self.past_names = [n for n in engine.input_names if n.startswith("past_key_values.")]
         self.present_names = [n.replace("past_key_values.", "present.") for n in self.past_names]
         self.kv_dtype = engine.dtypes[self.past_names[0]]
@@ -153,10 +155,13 @@ class TrtDecoderRunner(DecoderRunner):
             for name, out_name, src, dst in zip(self.past_names, self.present_names, self._src, self._dst):
                 ctx.set_tensor_address(name, src.data_ptr())
                 ctx.set_tensor_address(out_name, dst.data_ptr())
-            if self.hands_on:  # this step's hidden states and attention, [1, S, D] and [1, S, C]
+            if self.hands_on:  # this step's hidden states and attention, [1, S, D] and [1, S, C] (+ the probe)
+                names = ("cut_hidden_states", "cut_attention") + (("cut_target_features",) if self.probes else ())
                 outputs = [torch.empty((1, seq, self.hidden_size), dtype=torch.float32, device="cuda"),
                            torch.empty((1, seq, self.window), dtype=torch.float32, device="cuda")]
-                for name, buffer in zip(("cut_hidden_states", "cut_attention"), outputs):
+                if self.probes:
+                    outputs.append(torch.empty((1, seq, self.hidden_size), dtype=torch.float32, device="cuda"))
+                for name, buffer in zip(names, outputs):
                     ctx.set_tensor_address(name, buffer.data_ptr())
             self.e.execute()
             result = tuple(o.cpu().numpy() for o in outputs) if self.hands_on else self._logits.cpu().numpy()[0, -1]

@@ -29,16 +29,33 @@ differ in where and how much (their schedules, plan.py):
   with the released code: it computes that attention row afresh with the next stage's first layer's
   own query/key projections on the states entering it; we use the attention of the last layer
   before the cut, as fastv does (what the segmented decoder outputs).
+
+- topv (TopV, CVPR 2025, arXiv 2503.18278; selector/topv.py, TOPS.md section 2): one cut at layer
+  `layer` (2, "following FastV"), fastv's schedule and budget arithmetic. It reads no attention and
+  no text: an optimal-transport plan between the visual tokens' hidden states entering that layer
+  (image_features, the sources) and the same tokens after that layer's post-attention norm
+  (target_features), on a cost of feature distance, grid distance (token_positions) and distance to
+  the image centre; it keeps the tokens with the largest share of the plan plus a stride of the
+  rest. Our reading of where the targets come from: the segment that ends at the cut also runs the
+  next layer's attention sub-block on the whole (unpruned) prompt as a probe and outputs it
+  (`cut_target_features`, models/base.py DecoderSegment; the export asks for it only where the
+  selector at a cut reads target_features); the selector picks; then the next segment runs that
+  layer itself on the kept rows only, so its KV cache, and every later one, holds only kept tokens.
+  Positions are (row, col) on LLaVA-1.5's patch grid; LLaVA-NeXT's anyres sequences (a base view
+  and stitched crops on two different grids) are refused, see `refuse_layout`.
 """
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from . import onnx_forms as F
 from . import tops_paper as TP
+from . import topv as TV
 from .base import INSTRUCTION, CutForm, SelectorInfo, register
 from .divprune import divprune_select
 from .dpp import dpp_select
-from .plan import FASTV, PDROP, TOPS, parse_layers
+from .plan import FASTV, PDROP, TOPS, check_cut, parse_layers
 from .scored import LEHMER_ROUNDS, attention_select, last_token_attention_select, random_select
 from .uniform import UniformGrid
 
@@ -139,12 +156,17 @@ register(SelectorInfo(
 ))
 
 
-def _fastv_inputs(p) -> tuple[str, ...]:
-    layer = p["layer"]
+def _check_cut_layer(owner: str, layer) -> int:
+    """A one-cut method's `layer`: a decoder cut >= 1 (the model's depth bounds it in plan.py)."""
     if isinstance(layer, bool) or int(layer) != layer or layer < 1:
         from ..errors import InputError
 
-        raise InputError(f"fastv's layer must be a decoder cut >= 1 (the cut before that decoder layer), got {layer}")
+        raise InputError(f"{owner}'s layer must be a decoder cut >= 1 (the cut before that decoder layer), got {layer}")
+    return int(layer)
+
+
+def _fastv_inputs(p) -> tuple[str, ...]:
+    _check_cut_layer("fastv", p["layer"])
     return ("text_attention",)
 
 
@@ -237,4 +259,63 @@ register(SelectorInfo(
     cut_feeds=_tops_cut_feeds,
 ))
 
+def _topv_inputs(p) -> tuple[str, ...]:
+    _check_cut_layer("topv", p["layer"])
+    TV.check_params(p)  # alpha .. recover, each named when bad
+    return TV.TOPV_INPUTS
+
+
+#: fastv's one cut and budget arithmetic, its layer's range worded for topv
+_TOPV_SCHEDULE = replace(FASTV, layers=lambda p, num_layers: (check_cut("topv's layer", p["layer"], num_layers),))
+
+#: the inputs of a graph at a decoder cut that only a probe of the next layer provides (DecoderSegment `probe`)
+PROBED_INPUTS = ("target_features",)
+
+
+def refuse_layout(method: str, params: dict, layout: str) -> None:
+    """An InputError where `method` cannot run on a visual layout: topv's token_positions are (row,
+    col) on one patch grid, and an anyres sequence (LLaVA-NeXT: a base view and the stitched crops,
+    two grids of different scales) has no single grid to read TopV's spatial and centre terms on
+    without inventing a convention; refused rather than guessed."""
+    from .base import get
+
+    info = get(method)
+    if not info.prunes or "llm" not in info.stages:
+        return
+    if layout == "anyres" and "token_positions" in info.form("llm")[0](params):
+        from ..errors import InputError
+
+        raise InputError(f"selector '{method}' reads token positions on one patch grid, which LLaVA-NeXT's anyres "
+                         "sequence (a base view plus stitched crops) does not have; it runs on single-grid "
+                         "(LLaVA-1.5) models in this version")
+
+
+register(SelectorInfo(
+    name="topv",
+    summary="TopV: at one decoder cut, the visual tokens carrying most of a Sinkhorn transport plan from their "
+            "states to their post-attention-norm states (feature + spatial + centre cost), plus a stride of the rest",
+    params={"layer": 2, **TV.DEFAULT_PARAMS},
+    extra_inputs=_topv_inputs,
+    reference=lambda x, keep, p, grid: TV.topv_reference(x, keep, p),
+    onnx_form=lambda p, grid: TV.topv_onnx(p),
+    stage="llm",
+    schedule=_TOPV_SCHEDULE,
+    merge="none",
+))
+
 register(SelectorInfo(name="none", summary="keep every visual token (no pruning)"))
+
+
+def probe_cuts(method: str, params: dict, num_layers: int) -> tuple[int, ...]:
+    """The decoder cuts at which `method`'s graph reads an input only a probe of the next layer gives
+    (PROBED_INPUTS: topv's target_features): the segments ending there must output
+    `cut_target_features` (models/base.py DecoderSegment). Empty for every other method."""
+    from .base import get
+    from .plan import cut_layers
+
+    info = get(method)
+    if not info.prunes or "llm" not in info.stages:
+        return ()
+    if not any(name in PROBED_INPUTS for name in info.form("llm")[0](params)):
+        return ()
+    return cut_layers(method, params, num_layers)

@@ -70,14 +70,18 @@ def _cut_selector_part(info, params: dict[str, Any], hidden: int) -> PartSpec:
     """An in-LLM selector's graph, run at a decoder cut on the visual tokens still alive there:
     `image_features` are their hidden states entering the next layer, `text_attention` [B, Q, N] the
     cut layer's head-averaged attention from the Q prompt tokens after the image to them,
-    `text_features` those prompt tokens' hidden states. Selection only: the merge tail belongs to the
-    stage before the LLM. A method that also prunes before the LLM exports it as `cut_selector`."""
+    `text_features` those prompt tokens' hidden states, `target_features` the alive tokens' states
+    after the next layer's post-attention norm (the probe of the segment before the cut: TopV),
+    `token_positions` their (row, col) on the patch grid. Selection only: the merge tail belongs to
+    the stage before the LLM. A method that also prunes before the LLM exports it as `cut_selector`."""
     from .onnx_graph import build_graph
 
     extra_inputs, _, onnx_form = info.form("llm")
     available = {"text_attention": TensorSpec("text_attention", "float32", ("num_images", "queries", "tokens")),
                  "text_features": TensorSpec("text_features", "float32", ("num_images", "queries", hidden)),
-                 "lam": TensorSpec("lam", "float32", ())}
+                 "lam": TensorSpec("lam", "float32", ()),
+                 "target_features": TensorSpec("target_features", "float32", ("num_images", "tokens", hidden)),
+                 "token_positions": TensorSpec("token_positions", "float32", ("num_images", "tokens", 2))}
     inputs = [TensorSpec("image_features", "float32", ("num_images", "tokens", hidden)),
               TensorSpec("keep", "int64", ()), *(available[name] for name in extra_inputs(params))]
     outputs = [TensorSpec("kept_indices", "int64", ("num_images", "kept")),

@@ -10,7 +10,7 @@ and relative_ci95 [lo, hi]|null (paired bootstrap, 1000 resamples):
     model_source  str
     task          str            "shapesvqa", "shapesvqa-dense" or the JSONL path
     settings      {keeps [int], selectors [str] (each a name or a spec with parameters, e.g.
-                   "tops:alpha=0"), items int, skip int (items skipped before the first: --skip),
+                   "tops:stages=1"), items int, skip int (items skipped before the first: --skip),
                    max_new_tokens int, budget str, positions str
                    ("compact" | "original"), split str|null (ShapesVQA: "test" | "val"),
                    num_visual_tokens int}

@@ -159,7 +159,7 @@ def summarize(categories: list[str], full: np.ndarray, runs: dict) -> dict:
 
 
 def parse_selector_spec(spec: str) -> tuple[str, dict]:
-    """`name` or `name:key=value[:key=value...]` (e.g. `tops:alpha=0`, `tops:beta=0:relevance_sign=-1`) ->
+    """`name` or `name:key=value[:key=value...]` (e.g. `tops:relevance=0`, `dpp-merge:beta=0:relevance_sign=-1`) ->
     (name, params); names and parameters are checked against the selector registry."""
     from .. import selector as selector_registry
 
@@ -194,7 +194,7 @@ def run_eval(directory, task: str = "shapesvqa", keeps=None, selectors=None, lim
              log=None, progress: bool = False, positions: str | None = None, split: str = "test",
              pipeline=None, merge: str | None = None, skip: int = 0, gallery=None, gallery_items: int = 4) -> dict:
     """Evaluate an export on `task` (`shapesvqa` or a JSONL path) for each selector and budget.
-    `selectors` are names or specs with parameters (`tops:alpha=0`, see parse_selector_spec); each spec
+    `selectors` are names or specs with parameters (`tops:stages=1`, see parse_selector_spec); each spec
     is a row of the report under its own text; `merge=none|mean` in a spec sets that row's token
     merging (e.g. `dpp-merge:merge=none`). `positions` overrides the export's position convention
     (`compact` or `original`) for this run; `merge` sets the token merging of every row that does

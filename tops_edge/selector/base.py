@@ -14,6 +14,9 @@ Selector graph IO (the names are the contract with the runtime, which feeds what
   text_features [B,Q,D] float32    at a decoder cut: those Q prompt tokens' hidden states there
   lam [] float32                   at a decoder cut: tops's Stage II coverage weight, published per
                                    budget (fed by the runtime from the plan; SelectorInfo.cut_feeds)
+  target_features [B,N,D] float32  at topv's cut: the alive visual tokens after the cut layer's
+                                   post-attention norm (the segment before the cut's probe output)
+  token_positions [B,N,2] float32  at a cut: the alive tokens' (row, col) on the patch grid
   -> kept_indices [B,K] int64 ascending, selected_features [B,K,D] float32
 
 A method's `stage` says where it runs: "vision" (before the LLM, on the projected tokens), "llm"

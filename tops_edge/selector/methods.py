@@ -1,13 +1,19 @@
 """The registered methods: each pairs its torch reference with its ONNX form.
 
-Defaults: `tops` and `cdpruner` use alpha = 0.5 (CDPruner's theta = 0.5) and compute similarity on the
-vision features before the projector (1024 wide on LLaVA-1.5 instead of 4096: 4x cheaper, see
+The seeds as published: `tops` (the TOPS paper, arXiv 2606.27161; selector/tops_paper.py: one greedy
+pass before the LLM on [CLS]-attention relevance, two at 3/8 L and 3/4 L on the text raters'
+attention; schedule plan.TOPS; no merging) and `topv` (TopV, CVPR 2025; selector/topv.py: Sinkhorn at
+cut 2 between the layer's input visual states and its post-attention-norm outputs).
+
+Our own variant, `dpp-merge` (wave 1's method, once registered as `tops`; not the paper's), and
+`cdpruner` use alpha = 0.5 (CDPruner's theta = 0.5) and compute similarity on the vision features
+before the projector (1024 wide on LLaVA-1.5 instead of 4096: 4x cheaper, see
 scripts/selector_cost.py). `cdpruner` keeps CDPruner's released semantics (relevance sign -1, found
-for CLIP features; no spatial factor). `tops` multiplies the similarity by a Gaussian of grid
+for CLIP features; no spatial factor). `dpp-merge` multiplies the similarity by a Gaussian of grid
 distance, sigma = spatial * sqrt(N/K) (dpp.spatial_factor), with spatial = 2 chosen on ShapesVQA's
-val split with the runtime's token merging on (docs/selectors.md, "TOPS formulation": 1.5 to 3 is a plateau,
-1 and below lose tokens of small objects at K <= 64; without merging 1 was best); its alpha, beta
-and sign were left where they were: on that split they moved accuracy by less than the noise.
+val split with the runtime's token merging on (docs/selectors.md, the `dpp-merge` section: 1.5 to 3
+is a plateau, 1 and below lose tokens of small objects at K <= 64; without merging 1 was best); its
+alpha, beta and sign were left where they were: on that split they moved accuracy by less than the noise.
 
 The in-LLM baselines (stage "llm") prune at decoder cuts, from the attention of the layer before the
 cut (text_attention, base.py); both keep the tokens the prompt's last token attends to most, and

@@ -64,7 +64,7 @@ def stage_gflop(method: str, n: int, k: int, at: str) -> float:
     if method == "tops":
         return (2 * n * n * D + (2 * n * Q * D if at == "llm" else 0) + 4 * k * n * n) / 1e9
     if method == "topv":
-        return (3 * n * n * D + 12 * n * n) / 1e9
+        return (2 * n * n * D + 12 * n * n) / 1e9  # the feature-distance GEMM, then N x N terms
     return 0.0
 
 

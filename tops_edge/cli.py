@@ -75,7 +75,7 @@ def export_parser() -> argparse.ArgumentParser:
                         "globally over the whole image (default: proportional); row newlines are always kept")
     tops = p.add_argument_group("selector parameters (defaults per method; see docs/selectors.md)")
     tops.add_argument("--alpha", type=float, default=None, help="dpp-merge/cdpruner: weight of task relevance in the kernel; tops/topv: weight of diversity / feature cost (0 = off)")
-    tops.add_argument("--beta", type=float, default=None, help="dpp-merge: weight of information coverage (0 = CDPruner's greedy)")
+    tops.add_argument("--beta", type=float, default=None, help="dpp-merge: weight of information coverage (0 = CDPruner's greedy); topv: weight of the spatial cost")
     tops.add_argument("--relevance-sign", type=float, default=None, choices=(1.0, -1.0), help="dpp-merge/cdpruner: sign of cos(token, instruction)")
     tops.add_argument("--similarity", default=None, choices=("vision", "projected"), help="dpp-merge/cdpruner/divprune: features for token similarity")
     tops.add_argument("--spatial", type=float, default=None,

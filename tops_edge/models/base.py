@@ -215,7 +215,7 @@ class DecoderSegment(nn.Module):
     writes no cache. Its attention spans this step's own tokens (causal, this step's mask and bias
     entries), which at prefill, from an empty cache, is the whole prompt; on decode steps it is a
     one-token attention whose output nobody reads (the cost of one attention sub-block per token in
-    the first segment, paid only by exports that asked for the probe).
+    the segment that ends at the cut, paid only by exports that asked for the probe).
 
     `attention_bias` [B, C] is added to the logits of every query for key slot c: 0 reproduces
     the HF model exactly; log(n) makes one cached token count as n identical ones (the runtime's token

@@ -1,5 +1,5 @@
-"""TopV (CVPR 2025, arXiv 2503.18278; docs: TOPS.md section 2): the torch reference. Not yet in the
-registry (issue 19 registers it and wires it into the runtime); its ONNX form is topv_forms.py.
+"""TopV (CVPR 2025, arXiv 2503.18278; docs: TOPS.md section 2): the torch reference of the registry's
+`topv` (selector/methods.py); its ONNX form is topv_forms.py.
 
 TopV prunes once, at prefill, at a decoder cut (LLM layer 2, "following FastV"). It scores the
 visual tokens with an optimal-transport problem between

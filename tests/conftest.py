@@ -70,3 +70,23 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def deep():
+    """tiny-llava with a 6-layer Llama: room for decoder cuts at 2 and 4 (tests of in-LLM pruning)."""
+    from tops_edge.models.llava import LlavaAdapter
+    from tops_edge.models.tiny import build_tiny_llava
+
+    model, processor = build_tiny_llava(seed=5, text=dict(num_hidden_layers=6))
+    return LlavaAdapter(model, processor, source="tiny-llava-6")
+
+
+@pytest.fixture(scope="module")
+def image():
+    """examples/shapes.png as an RGB PIL image."""
+    from PIL import Image
+
+    from cli_helpers import EXAMPLE
+
+    return Image.open(EXAMPLE).convert("RGB")

@@ -13,26 +13,11 @@ import torch
 from cli_helpers import EXAMPLE, one_line_error
 from hf_reference import chat_text, hf_cut_greedy, hf_generate, hf_merged_inputs, hf_pruned_inputs_embeds
 from tops_edge.export import export_model
-from tops_edge.models.llava import LlavaAdapter
 from tops_edge.models.tiny import build_tiny_llava
 from tops_edge.runtime import Pipeline
 
 NEW_TOKENS = 12
 PROMPT = "What shapes are in the picture?"
-
-
-@pytest.fixture(scope="module")
-def deep():
-    """tiny-llava with a 6-layer Llama: room for cuts at 2 and 4."""
-    model, processor = build_tiny_llava(seed=5, text=dict(num_hidden_layers=6))
-    return LlavaAdapter(model, processor, source="tiny-llava-6")
-
-
-@pytest.fixture(scope="module")
-def image():
-    from PIL import Image
-
-    return Image.open(EXAMPLE).convert("RGB")
 
 
 @pytest.fixture(scope="module", params=["compact", "original"])

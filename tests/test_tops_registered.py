@@ -180,13 +180,6 @@ def tops32(deep32, tmp_path_factory):
     return export_model(deep32, tmp_path_factory.mktemp("tops32") / "out", selector="tops", keep=64, progress=False)
 
 
-@pytest.fixture(scope="module")
-def image():
-    from PIL import Image
-
-    return Image.open(EXAMPLE).convert("RGB")
-
-
 def test_the_export_cuts_at_12_and_24_and_records_no_merging(tops32):
     manifest = json.loads((tops32 / "manifest.json").read_text())
     assert manifest["decoder"]["cuts"] == [12, 24]

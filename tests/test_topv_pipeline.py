@@ -17,8 +17,6 @@ from hf_reference import chat_text, hf_cut_greedy, hf_layer_probe, hf_pruned_inp
 from tops_edge import selector
 from tops_edge.errors import InputError
 from tops_edge.export import export_model
-from tops_edge.models.llava import LlavaAdapter
-from tops_edge.models.tiny import build_tiny_llava
 from tops_edge.runtime import Pipeline
 from tops_edge.selector import topv as T
 
@@ -30,20 +28,6 @@ OTHER_PROMPT = "How many circles are there, and what colour is the largest one?"
 # the next) is 2.6e-4, the widest of the budgets 200..550 (most are 2e-5..1e-4: an importance spread
 # of 0.065 over 576 tokens); fp32 rounding between ORT and torch is ~1e-6.
 KEEP = 220
-
-
-@pytest.fixture(scope="module")
-def deep():
-    """tiny-llava with a 6-layer Llama (as tests/test_segments.py): room for cuts at 2 and 4."""
-    model, processor = build_tiny_llava(seed=5, text=dict(num_hidden_layers=6))
-    return LlavaAdapter(model, processor, source="tiny-llava-6")
-
-
-@pytest.fixture(scope="module")
-def image():
-    from PIL import Image
-
-    return Image.open(EXAMPLE).convert("RGB")
 
 
 @pytest.fixture(scope="module")

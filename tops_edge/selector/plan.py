@@ -237,19 +237,34 @@ def _pdrop_budgets(params: dict, layers: tuple[int, ...], average: int, num_visu
     def at(ratio):
         return geometric_budgets(num_visual, len(layers), ratio)
 
-    if at(1.0)[-1] < 1:
+    found = closest_ratio(at, total, average * num_layers)
+    if found is None:
         raise Unreachable(None)
+    budgets, smallest = found
+    if average * num_layers < smallest:
+        raise Unreachable(-(-smallest // num_layers))
+    return budgets
+
+
+def closest_ratio(at, total, target: int):
+    """Geometric budgets `at(ratio)` (ratio in (0, 1]) whose layer-sum `total(budgets)` is closest to
+    `target` (ties: the larger), among the ratios whose last budget is >= 1: (budgets, the smallest
+    such layer-sum); those budgets are the smallest ones when the target is below it. None when even
+    ratio 1 leaves the last budget below 1. The layer-sum is a non-decreasing step function of the
+    ratio: bisection finds the step at the target and both sides are compared."""
+    if at(1.0)[-1] < 1:
+        return None
     lo, hi = 0.0, 1.0  # the smallest ratio whose last budget is >= 1: at(lo) is not, at(hi) is
     for _ in range(_BISECTION_STEPS):
         mid = (lo + hi) / 2
         if mid in (lo, hi):
             break
         lo, hi = (lo, mid) if at(mid)[-1] >= 1 else (mid, hi)
-    target, smallest = average * num_layers, total(at(hi))
-    if target < smallest:
-        raise Unreachable(-(-smallest // num_layers))
+    smallest = total(at(hi))
+    if target <= smallest:
+        return at(hi), smallest
     if total(at(1.0)) <= target:
-        return at(1.0)
+        return at(1.0), smallest
     lo, hi = hi, 1.0  # total(at(lo)) <= target < total(at(hi))
     for _ in range(_BISECTION_STEPS):
         mid = (lo + hi) / 2
@@ -257,8 +272,7 @@ def _pdrop_budgets(params: dict, layers: tuple[int, ...], average: int, num_visu
             break
         lo, hi = (mid, hi) if total(at(mid)) <= target else (lo, mid)
     below, above = at(lo), at(hi)
-    return above if total(above) - target <= target - total(below) else below
-
+    return (above if total(above) - target <= target - total(below) else below), smallest
 
 PDROP = Schedule(layers=_pdrop_layers, budgets=_pdrop_budgets)
 
@@ -339,27 +353,10 @@ def _geometric_after(first: int, spans: list[int], target: int) -> tuple[int, ..
     def at(ratio):
         return (first, *geometric_budgets(first, len(spans) - 1, ratio))
 
-    lo, hi = 0.0, 1.0  # the smallest ratio whose last budget is >= 1
-    for _ in range(_BISECTION_STEPS):
-        mid = (lo + hi) / 2
-        if mid in (lo, hi):
-            break
-        lo, hi = (lo, mid) if at(mid)[-1] >= 1 else (mid, hi)
-    if at(hi)[-1] < 1:
+    found = closest_ratio(at, total, target)
+    if found is None:
         raise Unreachable(None)
-    lo = hi
-    if total(at(lo)) >= target:
-        return at(lo)
-    hi = 1.0
-    if total(at(hi)) <= target:
-        return at(hi)
-    for _ in range(_BISECTION_STEPS):
-        mid = (lo + hi) / 2
-        if mid in (lo, hi):
-            break
-        lo, hi = (mid, hi) if total(at(mid)) <= target else (lo, mid)
-    below, above = at(lo), at(hi)
-    return above if total(above) - target <= target - total(below) else below
+    return found[0]
 
 
 TOPS = Schedule(layers=_tops_layers, budgets=_tops_budgets)

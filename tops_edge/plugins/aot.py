@@ -1,4 +1,5 @@
-"""Ahead-of-time compilation of the kernel to PTX for TensorRT's AOT plugin path (`aot_impl`).
+"""Ahead-of-time compilation of the plugin kernels (tops::Select, tops::PaperSelect) to PTX for
+TensorRT's AOT plugin path (`aot_impl`).
 
 TensorRT launches an AOT kernel with exactly (input pointers, int32 scalars, output pointers).
 Triton >= 3.3 appends two pointer parameters of its own (global and profile scratch); this kernel
@@ -13,6 +14,9 @@ from dataclasses import dataclass
 
 KERNEL_ARGS = ("sim_ptr", "cos_ptr", "valid_ptr", "keep_ptr", "n", "order_ptr", "chol_ptr")
 ARG_TYPES = ("*fp32", "*fp32", "*i32", "*i32", "i32", "*i32", "*fp32")
+# tops::PaperSelect (tops_paper_kernel.py): similarity, relevance, valid, keep, N, order, scratch
+PAPER_KERNEL_ARGS = ("sim_ptr", "r_ptr", "valid_ptr", "keep_ptr", "n", "order_ptr", "mc_ptr")
+PAPER_ARG_TYPES = ("*fp32", "*fp32", "*i32", "*i32", "i32", "*i32", "*fp32")
 
 
 @dataclass(frozen=True)
@@ -29,25 +33,45 @@ def compile_select(n: int, *, alpha: float, beta: float, sign: float, arch: int 
                    block_k: int | None = None, num_warps: int | None = None) -> CompiledSelect:
     """PTX of the kernel for N tokens with the attributes baked in; `arch` e.g. 87 (Orin), 90 (H100);
     None compiles for the GPU of this process."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-
     from .kernel import block_sizes, default_num_warps, tops_select_kernel
 
     block_n, bk = block_sizes(n, block_k)
     constexprs = {"ALPHA": float(alpha), "BETA": float(beta), "SIGN": float(sign), "BLOCK_N": block_n, "BLOCK_K": bk}
-    signature = dict(zip(KERNEL_ARGS, ARG_TYPES)) | {name: "constexpr" for name in constexprs}
-    src = triton.compiler.ASTSource(fn=tops_select_kernel, signature=signature, constexprs=constexprs)
+    return _compile(tops_select_kernel, KERNEL_ARGS, ARG_TYPES, constexprs, num_warps or default_num_warps(block_n),
+                    arch, block_n, bk)
+
+
+def compile_paper_select(n: int, *, alpha: float, lam: float, relevance_weight: float, norm: str,
+                         arch: int | None = None, block_j: int | None = None,
+                         num_warps: int | None = None) -> CompiledSelect:
+    """PTX of the paper's TOPS kernel (tops_paper_kernel.py, `tops::PaperSelect`) for N tokens with the
+    attributes baked in; `block_k` of the result is its BLOCK_J. `arch` as in compile_select."""
+    from .kernel import default_num_warps
+    from .tops_paper_kernel import block_sizes, paper_constexprs, tops_paper_kernel
+
+    block_n, bj = block_sizes(n, block_j)
+    constexprs = paper_constexprs(alpha, lam, relevance_weight, norm) | {"BLOCK_N": block_n, "BLOCK_J": bj}
+    return _compile(tops_paper_kernel, PAPER_KERNEL_ARGS, PAPER_ARG_TYPES, constexprs,
+                    num_warps or default_num_warps(block_n), arch, block_n, bj)
+
+
+def _compile(fn, kernel_args, arg_types, constexprs: dict, num_warps: int, arch: int | None, block_n: int,
+             block: int) -> CompiledSelect:
+    import triton
+    from triton.backends.compiler import GPUTarget
+
+    signature = dict(zip(kernel_args, arg_types)) | {name: "constexpr" for name in constexprs}
+    src = triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=constexprs)
     target = GPUTarget("cuda", int(arch), 32) if arch is not None else None
     # fp fusion off: no FMA contraction, so the arithmetic rounds as the torch reference's does
-    options = {"num_warps": num_warps or default_num_warps(block_n), "enable_fp_fusion": False}
+    options = {"num_warps": num_warps, "enable_fp_fusion": False}
     compiled = triton.compile(src, target=target, options=options)
     meta = compiled.metadata
     for scratch in ("global_scratch_size", "profile_scratch_size"):
         if getattr(meta, scratch, 0):
             raise RuntimeError(f"the compiled kernel needs {scratch}={getattr(meta, scratch)}; TensorRT cannot pass it")
-    ptx = trim_params(compiled.asm["ptx"], meta.name, len(KERNEL_ARGS))
-    return CompiledSelect(meta.name, ptx, meta.num_warps, meta.shared, block_n, bk)
+    ptx = trim_params(compiled.asm["ptx"], meta.name, len(kernel_args))
+    return CompiledSelect(meta.name, ptx, meta.num_warps, meta.shared, block_n, block)
 
 
 def entry_params(ptx: str, name: str) -> list[str]:

@@ -334,3 +334,23 @@ def test_a_method_that_prunes_before_and_inside_the_llm_runs_both_graphs(tmp_pat
         assert [first[i] for i in chosen.tolist()] == cut
     finally:
         _REGISTRY.pop("uniform+fastv")
+
+
+def test_tops_eval_reports_a_budget_a_plan_cannot_reach_and_runs_the_rest(tmp_path, deep, capsys):
+    """fastv at layer 2 of 6 layers cannot average 64 of 576 tokens (its smallest is 193): that cell
+    is reported unreachable, found before any answer, and the other cells run."""
+    from tops_edge.cli import eval_main
+
+    out = export_model(deep, tmp_path / "fastv", selector="fastv", keep=300, cuts=[2], progress=False)
+    report = tmp_path / "eval.json"
+    plot = tmp_path / "eval.png"
+    assert eval_main([str(out), "--limit", "2", "--keep", "300,64", "--selector", "fastv,uniform",
+                      "--types", "count", "--max-new-tokens", "1", "--json", str(report), "--plot", str(plot),
+                      "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    data = json.loads(report.read_text())
+    assert set(data["unreachable"]) == {"fastv"} and set(data["unreachable"]["fastv"]) == {"64"}
+    assert "smallest it reaches is 193" in data["unreachable"]["fastv"]["64"]
+    assert set(data["table"]["fastv"]) == {"300"} and set(data["table"]["uniform"]) == {"300", "64"}
+    assert "64" not in data["agreement"]["fastv"] and "64" not in data["versus"]["against"].get("uniform", {})
+    assert "unreachable" in printed and plot.stat().st_size > 0

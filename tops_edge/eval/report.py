@@ -18,6 +18,9 @@ and relative_ci95 [lo, hi]|null (paired bootstrap, 1000 resamples):
     categories    [str]          question types (ShapesVQA) or the JSONL's categories
     table         {"unpruned": {"all": Cell, <category>: Cell, ...},
                    <selector>: {"<keep>": {"all": Cell, <category>: Cell, ...}, ...}, ...}
+    unreachable   {<selector>: {"<keep>": str (why: the plan's one-line error)}}: budgets a row's
+                   plan cannot reach (e.g. fastv at layer 2 below its smallest average); they have
+                   no table, agreement or versus cell
     agreement     {<selector>: {"<keep>": {n int, top1 float (share of items whose most likely first
                    answer token is the unpruned run's), top1_ci95 [lo, hi] (Wilson), kl float (mean
                    over items of KL(unpruned || pruned) of the first answer token's distribution, in
@@ -55,8 +58,12 @@ def format_table(report: dict) -> str:
     full = report["table"]["unpruned"]
     lines.append(f"{'unpruned':<{name}} {report['settings']['num_visual_tokens']:>5}  "
                  + "  ".join(f"{100 * full[c]['accuracy']:>{width}.1f}" for c in cats))
+    unreachable = report.get("unreachable") or {}
     for method in report["settings"]["selectors"]:
         for keep in report["settings"]["keeps"]:
+            if str(keep) in unreachable.get(method, {}):
+                lines.append(f"{method:<{name}} {keep:>5}  unreachable: {unreachable[method][str(keep)]}")
+                continue
             row = report["table"][method][str(keep)]
             cells = []
             for c in cats:
@@ -117,12 +124,15 @@ def write_plot(report: dict, path) -> None:
     else:
         fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
     for method in report["settings"]["selectors"]:
-        rows = [report["table"][method][str(k)]["all"] for k in keeps]
+        reached = [k for k in keeps if str(k) in report["table"].get(method, {})]  # unreachable budgets: no point
+        if not reached:
+            continue
+        rows = [report["table"][method][str(k)]["all"] for k in reached]
         rel = [100 * (r["relative"] or 0.0) for r in rows]
-        ax.plot(keeps, rel, marker="o", label=method)
+        ax.plot(reached, rel, marker="o", label=method)
         cis = [r.get("relative_ci95") for r in rows]
         if all(cis):
-            ax.fill_between(keeps, [100 * c[0] for c in cis], [100 * c[1] for c in cis], alpha=0.12)
+            ax.fill_between(reached, [100 * c[0] for c in cis], [100 * c[1] for c in cis], alpha=0.12)
     ax.axhline(100, color="grey", lw=0.8, ls="--")
     _kept_tokens_axis(ax, keeps, report)
     ax.set_ylabel("accuracy relative to unpruned (%)")

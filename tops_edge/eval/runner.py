@@ -273,15 +273,33 @@ def run_eval(directory, task: str = "shapesvqa", keeps=None, selectors=None, lim
             top1s[key] = (logprobs.argmax(-1) == full_logprobs.argmax(-1)).astype(np.int64)
         return np.array([score(item, p) for item, p in zip(items, preds)], dtype=np.int64)
 
+    full_keep = pipe.max_selectable
+    # a budget a row's plan cannot reach (e.g. fastv at layer 2 below its smallest average) is
+    # reported as unreachable, found before any answer is computed, and the rest of the run goes on
+    counts = sorted({pipe.visual_tokens(item.image)[0] for item in items}) if pipe.layout.name != "single" \
+        else [pipe.max_selectable]
+    unreachable: dict = {}
+    for method in selectors:
+        _use(pipe, specs[method], merge, exported)
+        for keep in keeps:
+            for n in counts:
+                try:
+                    pipe.plan(min(keep, n), n)
+                except InputError as exc:
+                    unreachable.setdefault(method, {})[str(keep)] = str(exc)
+                    log(f"{method} K={keep}: unreachable: {exc}")
+                    bar.update(len(items))
+                    break
     try:
         merges = {}
         merges[selectors[0]] = _use(pipe, specs[selectors[0]], merge, exported)
-        full_keep = pipe.max_selectable
         full = answer_all(("unpruned", full_keep), None)
         runs = {}
         for method in selectors:
             merges[method] = _use(pipe, specs[method], merge, exported)
             for keep in keeps:
+                if str(keep) in unreachable.get(method, {}):
+                    continue
                 if keep >= full_keep:
                     runs[(method, keep)] = full
                     bar.update(len(items))
@@ -311,6 +329,7 @@ def run_eval(directory, task: str = "shapesvqa", keeps=None, selectors=None, lim
                      "split": split if task in BUILTIN_TASKS else None, "num_visual_tokens": pipe.max_selectable},
         "elapsed_s": round(time.perf_counter() - t0, 1),
         **summary,
+        "unreachable": unreachable,
         "agreement": agreement,
         "versus": {"reference": selectors[0], "against": versus(pruned, selectors[0], kls)},
         "examples": [

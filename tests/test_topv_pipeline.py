@@ -216,3 +216,20 @@ def test_an_anyres_model_is_refused_before_any_export_work(tmp_path):
                      progress=False)
     _one_line(e, "selector 'topv'", "anyres")
     assert not out.exists()
+
+
+def test_the_manifest_footprint_counts_the_probes_copy_of_layer_2s_attention(topv_dir, deep):
+    """A topv export's decoder graphs hold layer 2's attention twice (the probe in decoder.0, the
+    layer itself in decoder.1): the recorded footprint counts both, as the memory planner must."""
+    import onnx
+
+    from tops_edge.plan import footprint_of
+
+    manifest = json.loads((topv_dir / "manifest.json").read_text())
+    recorded, plain = manifest["footprint"], footprint_of(deep)
+    attention = deep.model.model.language_model.layers[2].self_attn
+    extra = sum(p.numel() for p in attention.parameters()) + 2 * deep.hidden_size  # + its two norms
+    assert recorded["decoder_matmul"] + recorded["decoder_other"] == plain.decoder_matmul + plain.decoder_other + extra
+    held = sum(int(np.prod(t.dims)) for part in ("decoder.0", "decoder.1", "decoder.2")
+               for t in onnx.load(str(topv_dir / f"{part}.onnx")).graph.initializer)
+    assert held == pytest.approx(recorded["decoder_matmul"] + recorded["decoder_other"], rel=0.01)

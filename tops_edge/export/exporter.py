@@ -97,13 +97,6 @@ def export_model(
         layout = adapter.visual_layout()
         refuse_layout(selector, params, layout.get("layout", "single"))
         n = layout["max_selectable"]
-        from ..plan import footprint_of
-
-        footprint = footprint_of(adapter)
-        if device is not None:
-            from ..plan import check_fits, get_preset
-
-            check_fits(footprint, get_preset(device), precision, adapter.source)
         if not info.prunes:
             if keep not in (None, n) or keep_ratio not in (None, 1.0):
                 raise InputError("--selector none keeps every visual token; pass a --selector to export a budget")
@@ -120,6 +113,14 @@ def export_model(
                              f"{','.join(map(str, cuts))} takes fp32, fp16 or int8-wo in this version")
         # the next layer's probe, only before the cuts whose selector reads it (no cost elsewhere)
         probes = tuple(c for c in probe_cuts(selector, params, adapter.num_layers) if c in cuts)
+        from ..plan import footprint_of
+        from ..plan.footprint import with_probes
+
+        footprint = with_probes(footprint_of(adapter), adapter, probes)  # a probe copies one layer's attention
+        if device is not None:
+            from ..plan import check_fits, get_preset
+
+            check_fits(footprint, get_preset(device), precision, adapter.source)
         parts = adapter.parts(cls_attention=True, cuts=cuts, probes=probes)
         vision_width = next(o for o in parts[0].outputs if o.name == "vision_features").shape[-1]
         sel = selector_part(selector, params, layout, adapter.hidden_size, vision_width, target)

@@ -111,6 +111,24 @@ def footprint_of(adapter) -> Footprint:
     )
 
 
+def with_probes(footprint: Footprint, adapter, probes) -> Footprint:
+    """The footprint of an export whose segments before the cuts `probes` also run the next layer's
+    attention sub-block (topv's probe, models/base.py): each such segment's graph holds a copy of that
+    layer's input norm, attention projections and post-attention norm."""
+    from dataclasses import replace
+
+    if not probes:
+        return footprint
+    layers = adapter.model.model.language_model.layers
+    modules = []
+    for c in probes:
+        layer = layers[c]
+        modules += [*layer.self_attn.modules(), layer.input_layernorm, layer.post_attention_layernorm]
+    matmul, other = _split((m, m.named_parameters(recurse=False)) for m in modules)
+    return replace(footprint, decoder_matmul=footprint.decoder_matmul + matmul,
+                   decoder_other=footprint.decoder_other + other)
+
+
 def footprint_from_manifest(manifest: dict) -> Footprint:
     if "footprint" not in manifest:
         raise ManifestError("this export has no 'footprint' in its manifest (made by an older tops-export); re-export it")

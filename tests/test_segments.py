@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from cli_helpers import EXAMPLE, one_line_error
+from cli_helpers import EXAMPLE, count_bindings, one_line_error
 from hf_reference import chat_text, hf_cut_greedy, hf_generate, hf_merged_inputs, hf_pruned_inputs_embeds
 from tops_edge.export import export_model
 from tops_edge.models.tiny import build_tiny_llava
@@ -226,20 +226,8 @@ def test_a_cut_decoder_binds_nothing_per_token(fastv_dir, image):
     prefill's, then the next segment's token buffer), however many tokens the loop decodes."""
     pipe = Pipeline.load(fastv_dir)
 
-    def count_bindings(new_tokens: int) -> list[int]:
-        pipe.generate(image, PROMPT, max_new_tokens=new_tokens, ignore_eos=True)  # sizes the caches
-        calls = [[] for _ in pipe.decoders]
-        for runner, seen in zip(pipe.decoders, calls):
-            for binding in runner._bindings:
-                for method in ("bind_input", "bind_cpu_input", "bind_output", "bind_ortvalue_input"):
-                    real = getattr(binding, method)
-                    setattr(binding, method, lambda *a, _real=real, _seen=seen, **k: (_seen.append(1), _real(*a, **k))[1])
-        r = pipe.generate(image, PROMPT, max_new_tokens=new_tokens, ignore_eos=True)
-        assert len(r.token_ids) == new_tokens
-        return [len(seen) for seen in calls]
-
     # prefill: input, positions, slots (+ the two outputs of a cut segment); decode: the same, once
-    assert count_bindings(16) == count_bindings(5) == [10, 10, 6]
+    assert count_bindings(pipe, image, PROMPT, 16) == count_bindings(pipe, image, PROMPT, 5) == [10, 10, 6]
 
 
 def test_fp16_converts_every_segment_and_int8_refuses_cuts(tmp_path, deep, image):

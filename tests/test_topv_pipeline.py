@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from cli_helpers import EXAMPLE
+from cli_helpers import EXAMPLE, count_bindings
 from hf_reference import chat_text, hf_cut_greedy, hf_layer_probe, hf_pruned_inputs_embeds
 from tops_edge import selector
 from tops_edge.errors import InputError
@@ -132,19 +132,8 @@ def test_the_probe_segment_binds_nothing_per_token(topv_dir, image):
     buffer nobody reads), however many tokens the loop decodes."""
     pipe = Pipeline.load(topv_dir)
 
-    def count_bindings(new_tokens: int) -> list[int]:
-        pipe.generate(image, PROMPT, max_new_tokens=new_tokens, ignore_eos=True)
-        calls = [[] for _ in pipe.decoders]
-        for runner, seen in zip(pipe.decoders, calls):
-            for binding in runner._bindings:
-                for method in ("bind_input", "bind_cpu_input", "bind_output", "bind_ortvalue_input"):
-                    real = getattr(binding, method)
-                    setattr(binding, method, lambda *a, _real=real, _seen=seen, **k: (_seen.append(1), _real(*a, **k))[1])
-        pipe.generate(image, PROMPT, max_new_tokens=new_tokens, ignore_eos=True)
-        return [len(seen) for seen in calls]
-
     # as a fastv export's segments (test_segments), plus the probe's output at prefill and once for decode
-    assert count_bindings(9) == count_bindings(4) == [12, 10, 6]
+    assert count_bindings(pipe, image, PROMPT, 9) == count_bindings(pipe, image, PROMPT, 4) == [12, 10, 6]
 
 
 # --- (c) no text ------------------------------------------------------------------------------------

@@ -210,9 +210,7 @@ register(SelectorInfo(
 def _tops_check(p) -> dict:
     """Every parameter of the registered tops checked (a bad one is an InputError naming it)."""
     TP.stage_params(p, "vision")
-    if str(p["lam2"]).strip().lower() != "auto":
-        TP.stage_ii_lam(p, 1, 2)
-    TP.check_params({"rater_scaling": p["rater_scaling"], "norm": p["norm"]}, "llm")
+    TP.stage_params(p, "llm", TP.stage_ii_lam(p, 1, 2))  # lam2 ("auto" or a number) at any budget
     parse_layers(p["layers"], "tops")
     return p
 

@@ -102,15 +102,10 @@ def test_kernel_at_llava_sizes(method, n, keep, block_k):
 
 
 AOT_CHECK = r"""
-import subprocess, tempfile, os
-from triton.backends.nvidia.compiler import get_ptxas
-from tops_edge.plugins.aot import compile_select, entry_params, KERNEL_ARGS
+from tops_edge.plugins.aot import assemble, compile_select, entry_params, KERNEL_ARGS
 c = compile_select(576, alpha=0.5, beta=0.5, sign=1.0, arch=87)
 assert len(entry_params(c.ptx, c.name)) == len(KERNEL_ARGS), entry_params(c.ptx, c.name)
-with tempfile.TemporaryDirectory() as d:
-    path = os.path.join(d, "k.ptx")
-    open(path, "w").write(c.ptx)
-    subprocess.run([get_ptxas(87).path, "-arch=sm_87", path, "-o", os.path.join(d, "k.cubin")], check=True)
+assemble(c.ptx, 87)
 print("OK", c.name, c.num_warps, c.shared_mem, c.block_n, c.block_k)
 """
 

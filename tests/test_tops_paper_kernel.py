@@ -167,17 +167,12 @@ def test_llava_shaped_case():
 
 
 AOT_CHECK = r"""
-import subprocess, tempfile, os
-from triton.backends.nvidia.compiler import get_ptxas
-from tops_edge.plugins.aot import compile_paper_select, entry_params, PAPER_KERNEL_ARGS
+from tops_edge.plugins.aot import assemble, compile_paper_select, entry_params, PAPER_KERNEL_ARGS
 for norm in ("minmax", "mean"):
     c = compile_paper_select(576, alpha=0.5, lam=0.5, relevance_weight=1.0, norm=norm, arch=87)
     assert len(entry_params(c.ptx, c.name)) == len(PAPER_KERNEL_ARGS), entry_params(c.ptx, c.name)
     assert "fma." not in c.ptx and "div.full" not in c.ptx  # no contraction, IEEE divisions: torch's rounding
-    with tempfile.TemporaryDirectory() as d:
-        path = os.path.join(d, "k.ptx")
-        open(path, "w").write(c.ptx)
-        subprocess.run([get_ptxas(87).path, "-arch=sm_87", path, "-o", os.path.join(d, "k.cubin")], check=True)
+    assemble(c.ptx, 87)
 print("OK", c.name, c.num_warps, c.shared_mem, c.block_n, c.block_k)
 """
 

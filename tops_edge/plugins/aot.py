@@ -82,6 +82,22 @@ def entry_params(ptx: str, name: str) -> list[str]:
     return re.findall(rf"({re.escape(name)}_param_\d+)", head.group(1))
 
 
+def assemble(ptx: str, arch: int) -> None:
+    """Run NVIDIA's assembler (the ptxas Triton bundles) on `ptx` for sm_`arch`; raises if it refuses
+    the PTX. Needs no GPU: the check that a compiled kernel is valid device code."""
+    import os
+    import subprocess
+    import tempfile
+
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "k.ptx")
+        with open(path, "w") as f:
+            f.write(ptx)
+        subprocess.run([get_ptxas(arch).path, f"-arch=sm_{arch}", path, "-o", os.path.join(d, "k.cubin")], check=True)
+
+
 def trim_params(ptx: str, name: str, keep: int) -> str:
     """Drop the entry's parameters after the first `keep`; refuses if the body reads one of them."""
     params = entry_params(ptx, name)

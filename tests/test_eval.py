@@ -259,6 +259,35 @@ def test_run_eval_reports_every_selector_budget_and_type(tiny_uniform_dir):
     assert "agreement with the unpruned model" in format_table(report)
 
 
+def test_jobs_split_the_items_over_workers_and_give_one_processs_report(tiny_uniform_dir):
+    """--jobs 2: two spawned workers answer items 0-4 and 5-10 (unequal shares, every row and budget,
+    an unreachable-free plan); the report's answers, tables, versus counts and agreement are the
+    single process's (KLs to float rounding: the workers run fewer ONNX Runtime threads)."""
+    kwargs = dict(keeps=[576, 64, 32], selectors=["uniform", "dpp-merge:merge=none"], limit=11, max_new_tokens=2,
+                  split="val")
+    one = run_eval(tiny_uniform_dir, **kwargs)
+    two = run_eval(tiny_uniform_dir, jobs=2, **kwargs)
+    assert one["settings"]["jobs"] == 1 and two["settings"]["jobs"] == 2
+    assert two["examples"] == one["examples"] and two["table"] == one["table"]
+    for method in ("dpp-merge:merge=none",):
+        for keep in ("64", "32"):
+            a, b = one["versus"]["against"][method][keep], two["versus"]["against"][method][keep]
+            assert (a["wins"], a["losses"]) == (b["wins"], b["losses"])
+    for method, per_keep in one["agreement"].items():
+        for keep, cell in per_keep.items():
+            other = two["agreement"][method][keep]
+            assert other["n"] == cell["n"] == 11 and other["top1"] == cell["top1"]
+            assert other["kl"] == pytest.approx(cell["kl"], rel=1e-4, abs=1e-7)
+    assert two["settings"]["merge"] == one["settings"]["merge"] == {"uniform": "mean", "dpp-merge:merge=none": "none"}
+
+
+def test_jobs_refuse_a_callers_pipeline(tiny_uniform_dir):
+    from tops_edge.runtime import Pipeline
+
+    with pytest.raises(InputError, match="pass pipeline= only with jobs = 1"):
+        run_eval(tiny_uniform_dir, keeps=[64], limit=2, jobs=2, pipeline=Pipeline.load(tiny_uniform_dir))
+
+
 def test_run_eval_kl_is_that_of_the_pipelines_own_answers(tiny_uniform_dir):
     """The report's mean KL and top-1 agreement, recomputed item by item from generate(output_logits=True)."""
     from tops_edge.runtime import Pipeline
@@ -360,6 +389,7 @@ def test_skip_starts_later_in_the_same_question_sequence():
     (["--selector", "magic"], "unknown selector"),
     (["--task", "nope.jsonl"], "does not exist"),
     (["--limit", "0"], "--limit"),
+    (["--jobs", "0"], "--jobs must be"),
 ])
 def test_cli_eval_bad_input_is_one_line(tiny_uniform_dir, capsys, args, needle):
     code = eval_main([str(tiny_uniform_dir), "--quiet", *args])

@@ -332,6 +332,9 @@ def eval_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=None, help="items to evaluate (ShapesVQA default: 1000; JSONL: all)")
     p.add_argument("--skip", type=int, default=0, metavar="N",
                    help="skip the first N items (default: 0): fresh ShapesVQA questions, or one shard of a long run")
+    p.add_argument("--jobs", type=int, default=1, metavar="N",
+                   help="worker processes, each answering a contiguous share of the items with cores/N ONNX Runtime "
+                        "threads (default: 1); the report is the one a single process writes")
     p.add_argument("--types", default=None, help=f"question types to ask (default: all; shapesvqa: {', '.join(QUESTION_TYPES)}; "
                                                  f"shapesvqa-dense: {', '.join(DENSE_TYPES)})")
     p.add_argument("--max-new-tokens", type=int, default=8, help="answer length limit (default: 8)")
@@ -364,6 +367,7 @@ def _eval(argv) -> int:
         max_new_tokens=args.max_new_tokens, budget=args.budget, types=split(args.types), backend=args.backend,
         log=log, progress=not args.quiet and sys.stderr.isatty(), positions=args.positions,
         split=args.split, merge=args.merge, skip=args.skip, gallery=args.gallery, gallery_items=args.gallery_items,
+        jobs=args.jobs,
     )
     print(format_table(report))
     for path, write in ((args.json, write_json), (args.plot, write_plot)):

@@ -15,6 +15,7 @@ from __future__ import annotations
 import datetime as _dt
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -192,7 +193,8 @@ def parse_selector_spec(spec: str) -> tuple[str, dict]:
 def run_eval(directory, task: str = "shapesvqa", keeps=None, selectors=None, limit: int | None = None,
              max_new_tokens: int = 8, budget: str | None = None, types=None, backend: str = "ort",
              log=None, progress: bool = False, positions: str | None = None, split: str = "test",
-             pipeline=None, merge: str | None = None, skip: int = 0, gallery=None, gallery_items: int = 4) -> dict:
+             pipeline=None, merge: str | None = None, skip: int = 0, gallery=None, gallery_items: int = 4,
+             jobs: int = 1) -> dict:
     """Evaluate an export on `task` (`shapesvqa` or a JSONL path) for each selector and budget.
     `selectors` are names or specs with parameters (`tops:stages=1`, see parse_selector_spec); each spec
     is a row of the report under its own text; `merge=none|mean` in a spec sets that row's token
@@ -201,8 +203,11 @@ def run_eval(directory, task: str = "shapesvqa", keeps=None, selectors=None, lim
     not set its own (default: the export's for the export's own method, each other method's own
     default, e.g. none for tops and mean for dpp-merge). `skip` drops the task's first items (then `limit` counts from there). `gallery`, a
     folder, receives one PNG per item and pruned budget for the first `gallery_items` items: each
-    selector's kept patches side by side (runtime/kept_view.py). Returns the report (schema
-    `tops-eval/1`, see report.py)."""
+    selector's kept patches side by side (runtime/kept_view.py). `jobs` > 1 splits the items into that
+    many contiguous shares, each answered by its own worker process (a Pipeline of its own on
+    `backend`, with cores / jobs ONNX Runtime threads unless TOPS_EDGE_THREADS is set); the report is
+    assembled from every item's answer as one process would (a caller's `pipeline` needs jobs = 1).
+    Returns the report (schema `tops-eval/1`, see report.py)."""
     from tqdm.auto import tqdm
 
     from .. import selector as selector_registry
@@ -212,6 +217,9 @@ def run_eval(directory, task: str = "shapesvqa", keeps=None, selectors=None, lim
     log = log or (lambda msg: None)
     if not Path(directory).is_dir():
         raise InputError(f"{directory} is not a directory; pass the --out DIR of tops-export")
+    jobs = check_count("--jobs", jobs, 1)
+    if jobs > 1 and pipeline is not None:
+        raise InputError("jobs > 1 loads a pipeline per worker from the directory: pass pipeline= only with jobs = 1")
     selectors = list(selectors or [])
     specs = {spec: parse_selector_spec(spec) for spec in selectors}
     for spec, (name, _) in specs.items():
@@ -239,48 +247,18 @@ def run_eval(directory, task: str = "shapesvqa", keeps=None, selectors=None, lim
         gallery = _gallery_folder(gallery)
         gallery_items = check_count("--gallery-items", gallery_items, 1)
     items = load_task(task, limit=limit, types=types, split=split, skip=skip)
+    jobs = min(jobs, len(items))
     log(f"{len(items)} items, selectors {', '.join(selectors)}, keeps {', '.join(map(str, keeps))}")
     t0 = time.perf_counter()
-    total = len(items) * (1 + len(selectors) * len(keeps))
-    bar = tqdm(total=total, desc="tops-eval", unit="answer", disable=not progress, leave=False)
-    answers: dict = {}
-    # [items, V] float32 log-probabilities of the unpruned first answer token, held for the whole run
-    # (items x vocabulary x 4 bytes: 128 MB for 1000 items on a 32k vocabulary)
-    full_logprobs = None
-    kls: dict = {}  # (method, keep): per-item KL(unpruned || pruned) of that token's distribution
-    top1s: dict = {}  # (method, keep): per-item 1 where the most likely first token is the unpruned one
-    stages: dict = {}  # (item, keep): [(method, prediction, Stage)] for the gallery
-
-    def answer_all(key, keep):
-        nonlocal full_logprobs
-        preds, logprobs = [], []
-        for i, item in enumerate(items):
-            n = pipe.visual_tokens(item.image)[0] if pipe.layout.name != "single" else pipe.max_selectable
-            k = n if keep is None else min(keep, n)  # None: every visual token
-            r = pipe.generate(item.image, item.prompt, max_new_tokens=max_new_tokens, keep=k, budget=budget,
-                              output_logits=True)
-            preds.append(r.text.strip())
-            if gallery is not None and i < gallery_items and keep is not None:
-                stages.setdefault((i, keep), []).append((key[0], preds[-1], Stage.of(r, f"{key[0]}, K={k}")))
-            logprobs.append(log_softmax(r.logits[0]).astype(np.float32))
-            bar.update()
-        answers[key] = preds
-        logprobs = np.stack(logprobs) if logprobs else np.zeros((0, 1), np.float32)
-        if keep is None:
-            full_logprobs = logprobs
-        else:
-            kls[key] = kl_divergence(full_logprobs, logprobs)
-            top1s[key] = (logprobs.argmax(-1) == full_logprobs.argmax(-1)).astype(np.int64)
-        return np.array([score(item, p) for item, p in zip(items, preds)], dtype=np.int64)
-
     full_keep = pipe.max_selectable
     # a budget a row's plan cannot reach (e.g. fastv at layer 2 below its smallest average) is
     # reported as unreachable, found before any answer is computed, and the rest of the run goes on
     counts = sorted({pipe.visual_tokens(item.image)[0] for item in items}) if pipe.layout.name != "single" \
         else [pipe.max_selectable]
     unreachable: dict = {}
+    merges = {}
     for method in selectors:
-        _use(pipe, specs[method], merge, exported)
+        merges[method] = _use(pipe, specs[method], merge, exported)
         for keep in keeps:
             for n in counts:
                 try:
@@ -288,26 +266,31 @@ def run_eval(directory, task: str = "shapesvqa", keeps=None, selectors=None, lim
                 except InputError as exc:
                     unreachable.setdefault(method, {})[str(keep)] = str(exc)
                     log(f"{method} K={keep}: unreachable: {exc}")
-                    bar.update(len(items))
                     break
+    # the (row, budget) runs to answer: a budget at or above every visual token is the unpruned run
+    work = [(method, keep) for method in selectors for keep in keeps
+            if str(keep) not in unreachable.get(method, {}) and keep < full_keep]
+    plan = _Plan(specs=specs, work=work, merge=merge, exported=exported, budget=budget,
+                 max_new_tokens=max_new_tokens, gallery_items=gallery_items if gallery is not None else 0)
+    bar = tqdm(total=len(items) * (1 + len(work)), desc="tops-eval", unit="answer", disable=not progress, leave=False)
     try:
-        merges = {}
-        merges[selectors[0]] = _use(pipe, specs[selectors[0]], merge, exported)
-        full = answer_all(("unpruned", full_keep), None)
-        runs = {}
-        for method in selectors:
-            merges[method] = _use(pipe, specs[method], merge, exported)
-            for keep in keeps:
-                if str(keep) in unreachable.get(method, {}):
-                    continue
-                if keep >= full_keep:
-                    runs[(method, keep)] = full
-                    bar.update(len(items))
-                    continue
-                runs[(method, keep)] = answer_all((method, keep), keep)
-                log(f"{method} K={keep}: {runs[(method, keep)].mean():.3f} (unpruned {full.mean():.3f})")
+        if jobs == 1:
+            shard = _answer(pipe, items, plan, bar.update, log)
+        else:
+            shard = _answer_in_workers(directory, backend, pipe.positions, items, plan, jobs, bar.update)
     finally:
         bar.close()
+    answers, kls, top1s, stages = shard["answers"], shard["kls"], shard["top1s"], shard["stages"]
+    full = _correct(items, answers[("unpruned", full_keep)])
+    runs = {}
+    for method in selectors:
+        for keep in keeps:
+            if str(keep) in unreachable.get(method, {}):
+                continue
+            runs[(method, keep)] = full if keep >= full_keep else _correct(items, answers[(method, keep)])
+    if jobs > 1:  # one process logs each row's figure as it ends; workers' rows end together
+        for method, keep in work:
+            log(f"{method} K={keep}: {runs[(method, keep)].mean():.3f} (unpruned {full.mean():.3f})")
     if gallery is not None:
         written = _write_gallery(pipe, gallery, items, answers, stages)
         log(f"wrote {written} pictures to {gallery}")
@@ -323,7 +306,7 @@ def run_eval(directory, task: str = "shapesvqa", keeps=None, selectors=None, lim
         "directory": str(Path(directory).resolve()),
         "model_source": str(pipe.manifest["model"]["source"]),
         "task": task,
-        "settings": {"keeps": keeps, "selectors": selectors, "items": len(items), "skip": int(skip),
+        "settings": {"keeps": keeps, "selectors": selectors, "items": len(items), "skip": int(skip), "jobs": jobs,
                      "max_new_tokens": max_new_tokens,
                      "budget": budget, "positions": pipe.positions, "merge": merges,
                      "split": split if task in BUILTIN_TASKS else None, "num_visual_tokens": pipe.max_selectable},
@@ -338,6 +321,151 @@ def run_eval(directory, task: str = "shapesvqa", keeps=None, selectors=None, lim
             for i, item in enumerate(items[:20])
         ],
     }
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """What every share of the items is asked: the rows' parsed specs, the (row, budget) runs in order,
+    the merging rules, and generation settings."""
+
+    specs: dict
+    work: list
+    merge: str | None
+    exported: tuple
+    budget: str | None
+    max_new_tokens: int
+    gallery_items: int
+
+
+def _answer(pipe, items, plan: _Plan, advance, log, first: int = 0) -> dict:
+    """Answer `items` (the run's items first .. first + len - 1) unpruned, then for each run of
+    `plan.work`: {"answers": {(row, keep): [prediction]}, "kls" / "top1s": {(row, keep): per-item KL
+    to the unpruned first answer token / 1 where its top token is the unpruned one}, "stages":
+    {(run item, keep): [(row, prediction, Stage)]} for the gallery's items}. The unpruned run of
+    the same items is the reference of every KL, so a share of the items is self-contained."""
+    answers, kls, top1s, stages = {}, {}, {}, {}
+    full_logprobs = None
+
+    def answer_all(key, keep):
+        nonlocal full_logprobs
+        preds, logprobs = [], []
+        for i, item in enumerate(items):
+            n = pipe.visual_tokens(item.image)[0] if pipe.layout.name != "single" else pipe.max_selectable
+            k = n if keep is None else min(keep, n)  # None: every visual token
+            r = pipe.generate(item.image, item.prompt, max_new_tokens=plan.max_new_tokens, keep=k, budget=plan.budget,
+                              output_logits=True)
+            preds.append(r.text.strip())
+            if first + i < plan.gallery_items and keep is not None:
+                stages.setdefault((first + i, keep), []).append((key[0], preds[-1], Stage.of(r, f"{key[0]}, K={k}")))
+            logprobs.append(log_softmax(r.logits[0]).astype(np.float32))
+            advance(1)
+        answers[key] = preds
+        # [items, V] float32 log-probabilities of the first answer token (the unpruned ones held for
+        # the whole share: items x vocabulary x 4 bytes, 128 MB for 1000 items on a 32k vocabulary)
+        logprobs = np.stack(logprobs) if logprobs else np.zeros((0, 1), np.float32)
+        if keep is None:
+            full_logprobs = logprobs
+        else:
+            kls[key] = kl_divergence(full_logprobs, logprobs)
+            top1s[key] = (logprobs.argmax(-1) == full_logprobs.argmax(-1)).astype(np.int64)
+        return preds
+
+    first_row = next(iter(plan.specs))
+    _use(pipe, plan.specs[first_row], plan.merge, plan.exported)
+    full = _correct(items, answer_all(("unpruned", pipe.max_selectable), None))
+    for method, keep in plan.work:
+        _use(pipe, plan.specs[method], plan.merge, plan.exported)
+        right = _correct(items, answer_all((method, keep), keep))
+        log(f"{method} K={keep}: {right.mean():.3f} (unpruned {full.mean():.3f})")
+    return {"answers": answers, "kls": kls, "top1s": top1s, "stages": stages}
+
+
+def _correct(items, preds) -> np.ndarray:
+    return np.array([score(item, p) for item, p in zip(items, preds)], dtype=np.int64)
+
+
+def _worker(queue, index, directory, backend, positions, items, plan, first, threads) -> None:
+    """One share of the items in its own process: its answers go back through `queue` as
+    ("done", index, shard), progress as ("progress", n), a failure as ("error", index, message, is_input)."""
+    import os
+    import traceback
+
+    os.environ.setdefault("TOPS_EDGE_THREADS", str(threads))
+    try:
+        from ..runtime import Pipeline
+
+        pipe = Pipeline.load(directory, backend=backend)
+        pipe.positions = positions
+        pending = 0
+
+        def advance(n):
+            nonlocal pending
+            pending += n
+            if pending >= 8:
+                queue.put(("progress", pending))
+                pending = 0
+
+        shard = _answer(pipe, items, plan, advance, lambda msg: None, first=first)
+        queue.put(("progress", pending))
+        queue.put(("done", index, shard))
+    except InputError as exc:
+        queue.put(("error", index, str(exc), True))
+    except BaseException:  # noqa: BLE001 - a worker's failure is reported by the parent, with its traceback
+        queue.put(("error", index, traceback.format_exc(), False))
+
+
+def _answer_in_workers(directory, backend, positions, items, plan: _Plan, jobs: int, advance) -> dict:
+    """`_answer` over `jobs` contiguous shares of the items, each in a spawned worker process; the
+    shares' results joined in item order."""
+    import multiprocessing as mp
+    import os
+    import queue as queue_mod
+
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    bounds = np.linspace(0, len(items), jobs + 1).astype(int)
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    procs = [ctx.Process(target=_worker, daemon=True,
+                         args=(queue, j, str(directory), backend, positions, items[bounds[j]:bounds[j + 1]], plan,
+                               int(bounds[j]), threads))
+             for j in range(jobs)]
+    for proc in procs:
+        proc.start()
+    shards: dict = {}
+    try:
+        while len(shards) < jobs:
+            try:
+                message = queue.get(timeout=5)
+            except queue_mod.Empty:
+                dead = [j for j, proc in enumerate(procs) if j not in shards and not proc.is_alive()]
+                if dead:
+                    raise RuntimeError(f"tops-eval worker {dead[0]} exited (code {procs[dead[0]].exitcode}) "
+                                       f"without its answers") from None
+                continue
+            if message[0] == "progress":
+                advance(message[1])
+            elif message[0] == "done":
+                shards[message[1]] = message[2]
+            else:
+                _, j, text, is_input = message
+                if is_input:
+                    raise InputError(text)
+                raise RuntimeError(f"tops-eval worker {j} failed:\n{text}")
+    finally:
+        for proc in procs:
+            if proc.is_alive():
+                proc.terminate()
+            proc.join(timeout=10)
+    joined: dict = {"answers": {}, "kls": {}, "top1s": {}, "stages": {}}
+    for j in range(jobs):
+        shard = shards[j]
+        for key, preds in shard["answers"].items():
+            joined["answers"].setdefault(key, []).extend(preds)
+        for part in ("kls", "top1s"):
+            for key, values in shard[part].items():
+                joined[part][key] = np.concatenate([joined[part][key], values]) if key in joined[part] else values
+        joined["stages"].update(shard["stages"])
+    return joined
 
 
 def _gallery_folder(path) -> Path:

@@ -20,16 +20,26 @@ from tops_edge.models import checkpoint_dir, verify_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 SHA256 = "afc002a6acf6a8905d6ccee8a11d5b72e3b38043fb8e3ddafac46ce6e3d6c75d"
+#: every shipped checkpoint's weights (the deeper one is tested further in test_shapes_deep_checkpoint.py)
+SHIPPED = {"shapes-llava": SHA256,
+           "shapes-llava-deep": "2183603454cb725084ea8811b73f1810614af3d288ad0da1a9d118585cd8d070"}
 
 
-def test_checkpoint_matches_its_sha256():
-    folder = checkpoint_dir("shapes-llava")
-    assert folder == ROOT / "tops_edge" / "assets" / "shapes-llava"
+def test_every_builtin_checkpoint_is_tested_here():
+    from tops_edge.models import CHECKPOINTS
+
+    assert set(CHECKPOINTS) == set(SHIPPED)
+
+
+@pytest.mark.parametrize("name", sorted(SHIPPED))
+def test_checkpoint_matches_its_sha256(name):
+    folder = checkpoint_dir(name)
+    assert folder == ROOT / "tops_edge" / "assets" / name
     digest = hashlib.sha256((folder / "model.safetensors").read_bytes()).hexdigest()
-    assert digest == SHA256
+    assert digest == SHIPPED[name]
     sums = dict(reversed(line.split()) for line in (folder / "SHA256SUMS").read_text().splitlines())
-    assert sums["model.safetensors"] == SHA256
-    assert (folder / "model.safetensors").stat().st_size < 10 * 2**20
+    assert sums["model.safetensors"] == SHIPPED[name]
+    assert (folder / "model.safetensors").stat().st_size < 20 * 2**20
 
 
 def test_a_tampered_checkpoint_is_refused(tmp_path):
@@ -44,21 +54,23 @@ def test_a_tampered_checkpoint_is_refused(tmp_path):
         verify_checkpoint(copy, "shapes-llava")
 
 
-def test_the_package_data_ships_the_checkpoint():
+@pytest.mark.parametrize("name", sorted(SHIPPED))
+def test_the_package_data_ships_the_checkpoint(name):
     """pyproject's package-data pattern covers every file of the checkpoint folder (a wheel would
     otherwise install a model without its weights or SHA256SUMS)."""
     import fnmatch
     import tomllib
 
     patterns = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["tops_edge"]
-    folder = ROOT / "tops_edge" / "assets" / "shapes-llava"
+    folder = ROOT / "tops_edge" / "assets" / name
     for file in folder.iterdir():
         rel = file.relative_to(ROOT / "tops_edge").as_posix()
         assert any(fnmatch.fnmatch(rel, p) for p in patterns), rel
 
 
-def test_checkpoint_records_the_commands_that_trained_it():
-    info = json.loads((checkpoint_dir("shapes-llava") / "TRAINING.json").read_text())
+@pytest.mark.parametrize("name", sorted(SHIPPED))
+def test_checkpoint_records_the_commands_that_trained_it(name):
+    info = json.loads((checkpoint_dir(name) / "TRAINING.json").read_text())
     assert info["history"] and all(h["command"].startswith("python scripts/train_shapes_llava.py") for h in info["history"])
     assert info["history"][-1]["lm_steps"] == info["lm_steps"]
 

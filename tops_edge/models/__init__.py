@@ -20,7 +20,7 @@ from .llava_next import LlavaNextAdapter
 ADAPTERS: tuple[type[ModelAdapter], ...] = (LlavaAdapter, LlavaNextAdapter)
 
 #: trained checkpoints installed with the package (tops_edge/assets/NAME, HF format, with a SHA256SUMS)
-CHECKPOINTS = ("shapes-llava",)
+CHECKPOINTS = ("shapes-llava", "shapes-llava-deep")
 
 
 def builtin_models() -> list[str]:

@@ -25,11 +25,16 @@ and the rest are random objects that keep those three properties. (colour, shape
 Splits follow ShapesVQA's seed scheme (split, index, stream) with streams of their own, so scene i of
 split s is drawn from its own generator, a split's items do not depend on how many were asked for,
 train, val and test never share a scene, and no scene is one of ShapesVQA's.
+
+The generator is parameterised on the canvas and the object count (`build_scene`, `render`), so
+shapesvqa-wide (eval/shapes_wide.py) lays out the same kind of scene on 672x336 and 336x672 canvases
+with streams of its own; this task's scenes are what they were before that parameterisation.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 from .shapes import BACKGROUND, COLOURS, NUMBERS, SHAPES, SIZE, Question, _rng, ask, draw_shape
 
@@ -74,13 +79,20 @@ class Scene:
     index: int
     objects: tuple[Obj, ...]
     count_colour: str  # the colour the count_colour question asks about (planted k times, k in 0..5)
+    #: the generator stream of the scene's questions (shapesvqa-wide's scenes have their own)
+    question_stream: ClassVar[int] = _QUESTION_STREAM
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """The canvas, (width, height) in pixels."""
+        return SIZE, SIZE
 
     def image(self):
-        return render(self.objects)
+        return render(self.objects, self.size)
 
     def questions(self) -> list[Question]:
         """One question of each type the scene allows, drawn from the scene's own generator."""
-        rng = _rng(self.split, self.index, stream=_QUESTION_STREAM)
+        rng = _rng(self.split, self.index, stream=self.question_stream)
         out = []
         for qtype in QUESTION_TYPES:
             q = QUESTION_MAKERS[qtype](self, rng)
@@ -101,10 +113,11 @@ def _pick(rng, seq):
     return seq[int(rng.integers(len(seq)))]
 
 
-def _plan(rng) -> tuple[list[tuple[str, str]], str]:
-    """The scene's (colour, shape) pairs, in random order, and the colour planted `k` times."""
+def _plan(rng, counts: tuple[int, int] = (MIN_OBJECTS, MAX_OBJECTS)) -> tuple[list[tuple[str, str]], str]:
+    """The scene's (colour, shape) pairs (between counts[0] and counts[1] of them, at least the planted
+    referents'), in random order, and the colour planted `k` times."""
     colours = list(COLOURS)
-    n = int(rng.integers(MIN_OBJECTS, MAX_OBJECTS + 1))
+    n = int(rng.integers(counts[0], counts[1] + 1))
     unique_colour, unique_shape = _pick(rng, colours), _pick(rng, SHAPES)
     shape_a = _pick(rng, [s for s in SHAPES if s != unique_shape])  # the unique-colour object's shape
     colour_b = _pick(rng, [c for c in colours if c != unique_colour])  # the unique-shape object's colour
@@ -130,12 +143,14 @@ def _apart(x, y, r, o: Obj) -> bool:
     return abs(x - o.x) >= gap or abs(y - o.y) >= gap
 
 
-def _place(rng, pairs) -> tuple[Obj, ...] | None:
+def _place(rng, pairs, width: int = SIZE, height: int = SIZE) -> tuple[Obj, ...] | None:
+    """The objects of `pairs` at random places on a width x height canvas, or None when one did not fit."""
     objects: list[Obj] = []
     for colour, shape in pairs:
         r = int(rng.integers(MIN_HALF_WIDTH, MAX_HALF_WIDTH + 1))
         for _ in range(_PLACEMENT_TRIES):
-            x, y = (int(v) for v in rng.integers(r + MARGIN, SIZE - r - MARGIN, size=2))
+            # one draw of (x, y) with per-axis bounds (for a square canvas the same numbers as size=2)
+            x, y = (int(v) for v in rng.integers(r + MARGIN, (width - r - MARGIN, height - r - MARGIN)))
             if all(_apart(x, y, r, o) for o in objects):
                 objects.append(Obj(shape, colour, r, x, y))
                 break
@@ -144,20 +159,28 @@ def _place(rng, pairs) -> tuple[Obj, ...] | None:
     return tuple(objects)
 
 
+def build_scene(split: str, index: int, stream: int, counts: tuple[int, int], size: tuple[int, int]):
+    """(objects, counted colour) of scene `index` of `split`, drawn from generator stream `stream`:
+    counts[0]..counts[1] small, non-overlapping objects around planted referents on a canvas of
+    `size` (width, height)."""
+    rng = _rng(split, index, stream=stream)
+    pairs, counted = _plan(rng, counts)
+    while (objects := _place(rng, pairs, *size)) is None:  # a crowded layout that did not fit: lay it out again
+        pass
+    return objects, counted
+
+
 def scene(split: str, index: int) -> Scene:
     """Scene `index` of `split`: 8-16 small, non-overlapping objects around planted referents."""
-    rng = _rng(split, index, stream=_SCENE_STREAM)
-    pairs, counted = _plan(rng)
-    while (objects := _place(rng, pairs)) is None:  # a crowded layout that did not fit: lay it out again
-        pass
-    return Scene(split, index, objects, counted)
+    return Scene(split, index, *build_scene(split, index, _SCENE_STREAM, (MIN_OBJECTS, MAX_OBJECTS), (SIZE, SIZE)))
 
 
-def render(objects) -> "Image.Image":  # noqa: F821
-    """ShapesVQA's drawing (shapes.render) at each object's own half-width."""
+def render(objects, size: tuple[int, int] = (SIZE, SIZE)) -> "Image.Image":  # noqa: F821
+    """ShapesVQA's drawing (shapes.render) at each object's own half-width, on a canvas of `size`
+    (width, height)."""
     from PIL import Image, ImageDraw
 
-    img = Image.new("RGB", (SIZE, SIZE), BACKGROUND)
+    img = Image.new("RGB", tuple(size), BACKGROUND)
     draw = ImageDraw.Draw(img)
     for o in objects:
         draw_shape(draw, o.shape, o.x, o.y, o.r, COLOURS[o.colour])

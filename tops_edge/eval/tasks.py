@@ -1,7 +1,8 @@
 """Evaluation tasks: items (image, question, answer, kind, category) and LLaVA-style scoring.
 
-Built in: `shapesvqa` (eval/shapes.py) and `shapesvqa-dense` (eval/shapes_dense.py: crowded scenes),
-by default their test splits. User tasks are JSONL files, one item per line:
+Built in: `shapesvqa` (eval/shapes.py), `shapesvqa-dense` (eval/shapes_dense.py: crowded scenes) and
+`shapesvqa-wide` (eval/shapes_wide.py: crowded 672x336 and 336x672 scenes, for LLaVA-NeXT), by default
+their test splits. User tasks are JSONL files, one item per line:
 
     {"image": "images/0001.jpg", "question": "Is there a dog?", "answer": "yes", "type": "yesno"}
     {"image": "q2.png", "question": "Which is larger?\\nA. cat\\nB. dog", "answer": "B", "type": "choice",
@@ -46,12 +47,24 @@ class Item:
         return f"{self.question}\n{SUFFIX[self.kind]}"
 
 
-def shapesvqa(count: int = 1000, split: str = "test", types=None, skip: int = 0, dense: bool = False) -> list[Item]:
-    """ShapesVQA (or, with `dense`, ShapesVQA-dense) questions `skip` .. `skip + count - 1` of `split`
-    (only their scenes are rendered)."""
-    from . import shapes, shapes_dense
+def _generators() -> dict:
+    """The built-in tasks' scene generators, by task name."""
+    from . import shapes, shapes_dense, shapes_wide
 
-    generator = shapes_dense if dense else shapes
+    return {"shapesvqa": shapes, "shapesvqa-dense": shapes_dense, "shapesvqa-wide": shapes_wide}
+
+
+def shapesvqa(count: int = 1000, split: str = "test", types=None, skip: int = 0, dense: bool = False,
+              task: str | None = None) -> list[Item]:
+    """Questions `skip` .. `skip + count - 1` of `split` of the built-in `task` (default: ShapesVQA, or
+    ShapesVQA-dense with `dense`); only their scenes are rendered."""
+    task = task or ("shapesvqa-dense" if dense else "shapesvqa")
+    if dense and task != "shapesvqa-dense":
+        raise InputError(f"dense=True asks for shapesvqa-dense, but task is '{task}'")
+    generators = _generators()
+    if task not in generators:
+        raise InputError(f"unknown built-in task '{task}'; choose one of {', '.join(generators)}")
+    generator = generators[task]
     types = tuple(types) if types else generator.QUESTION_TYPES
     try:
         pairs = generator.questions(split, skip + count, types)[skip:]
@@ -103,22 +116,23 @@ def load_jsonl(path) -> list[Item]:
 
 
 #: the tasks built in (rendered on the fly, with train / val / test splits)
-BUILTIN_TASKS = ("shapesvqa", "shapesvqa-dense")
+BUILTIN_TASKS = ("shapesvqa", "shapesvqa-dense", "shapesvqa-wide")
 
 
 def load_task(task: str, limit: int | None = None, types=None, split: str = "test", skip: int = 0) -> list[Item]:
-    """`shapesvqa` or `shapesvqa-dense` (its `split`: test, or val to tune selector parameters without
-    touching the test questions) or a path to a JSONL file; `skip` drops the first items (a fresh
-    sample of ShapesVQA, or one shard of a long run), then `limit` keeps the first of the rest."""
+    """`shapesvqa`, `shapesvqa-dense` or `shapesvqa-wide` (its `split`: test, or val to tune selector
+    parameters without touching the test questions) or a path to a JSONL file; `skip` drops the first
+    items (a fresh sample of ShapesVQA, or one shard of a long run), then `limit` keeps the first of
+    the rest."""
     limit = None if limit is None else check_count("--limit", limit, 1)
     skip = check_count("--skip", skip, 0)
     if task in BUILTIN_TASKS:
         if split not in ("val", "test"):
             raise InputError(f"--split must be val or test (train is what the model learned from), got '{split}'")
-        return shapesvqa(1000 if limit is None else limit, split=split, types=types, skip=skip,
-                         dense=task == "shapesvqa-dense")
+        return shapesvqa(1000 if limit is None else limit, split=split, types=types, skip=skip, task=task)
     if not task.endswith(".jsonl") and not Path(task).is_file():
-        raise InputError(f"unknown task '{task}': use shapesvqa, shapesvqa-dense or a path to a .jsonl file")
+        raise InputError(f"unknown task '{task}': use shapesvqa, shapesvqa-dense, shapesvqa-wide or a path to a .jsonl "
+                         "file")
     items = load_jsonl(task)[skip:]
     if not items:
         raise InputError(f"--skip {skip} leaves none of the items of {task}")

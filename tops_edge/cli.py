@@ -314,8 +314,9 @@ def eval_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("dir", help="a tops-export output directory")
     p.add_argument("--task", default="shapesvqa",
-                   help="shapesvqa or shapesvqa-dense (built in, crowded scenes; --split picks test or val) or a JSONL "
-                        "file (see docs/fidelity.md)")
+                   help="shapesvqa, shapesvqa-dense (crowded scenes) or shapesvqa-wide (crowded 672x336 and 336x672 "
+                        "scenes, for LLaVA-NeXT), built in (--split picks test or val), or a JSONL file (see "
+                        "docs/fidelity.md)")
     p.add_argument("--keep", default="192,128,64", help="comma-separated budgets (default: 192,128,64); unpruned always runs")
     p.add_argument("--selector", default=None,
                    help=f"comma-separated selectors, switched at run time without re-export (default: the export's); "
@@ -336,7 +337,7 @@ def eval_parser() -> argparse.ArgumentParser:
                    help="worker processes, each answering a contiguous share of the items with cores/N ONNX Runtime "
                         "threads (default: 1); the report is the one a single process writes")
     p.add_argument("--types", default=None, help=f"question types to ask (default: all; shapesvqa: {', '.join(QUESTION_TYPES)}; "
-                                                 f"shapesvqa-dense: {', '.join(DENSE_TYPES)})")
+                                                 f"shapesvqa-dense and shapesvqa-wide: {', '.join(DENSE_TYPES)})")
     p.add_argument("--max-new-tokens", type=int, default=8, help="answer length limit (default: 8)")
     p.add_argument("--budget", default=None, choices=BUDGETS, help="LLaVA-NeXT: how K is split over the crops (default: the export's)")
     p.add_argument("--json", default=None, metavar="FILE", help="write the report (schema: tops_edge/eval/report.py)")
@@ -412,6 +413,73 @@ def _build(argv) -> int:
 
 def build_main(argv=None) -> int:
     return _run_cli("tops-build", _build, argv)
+
+
+# --- tops-serve ----------------------------------------------------------------------------
+def serve_parser() -> argparse.ArgumentParser:
+    from .runtime import BACKENDS
+
+    p = _Parser(prog="tops-serve",
+                description="Serve an export over an OpenAI-compatible HTTP API: POST /v1/chat/completions (JSON or "
+                            "server-sent events), GET /v1/models, GET /health, GET /metrics (see docs/serve.md).")
+    p.add_argument("dir", help="a tops-export output directory")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (default: 127.0.0.1, this machine only; 0.0.0.0: every interface, "
+                        "then set --api-key)")
+    p.add_argument("--port", type=int, default=8000, help="TCP port (default: 8000; 0: any free port)")
+    p.add_argument("--api-key", default=None, metavar="KEY",
+                   help="clients must send 'Authorization: Bearer KEY' to /v1/* (default: $TOPS_SERVE_API_KEY, else none)")
+    p.add_argument("--max-queue", type=int, default=8, metavar="N",
+                   help="requests that may wait for the model; one more is answered 429 with Retry-After (default: 8)")
+    p.add_argument("--request-timeout", type=float, default=120.0, metavar="S",
+                   help="seconds from a request's arrival to the end of its answer, queueing included; then it ends "
+                        "with a timeout error (default: 120; 0: no limit)")
+    p.add_argument("--allowed-local-media-path", default=None, metavar="DIR",
+                   help="accept file:// image URLs under DIR (default: refused)")
+    p.add_argument("--allow-remote-media", action="store_true",
+                   help="fetch http(s) image URLs (32 MiB and 10 s at most; default: refused, send data: URIs)")
+    p.add_argument("--max-image-pixels", type=int, default=4096 * 4096, metavar="P",
+                   help="refuse (413) an image of more than P pixels, checked before it is decoded (default: 16777216)")
+    p.add_argument("--default-max-tokens", type=int, default=256, metavar="N",
+                   help="new tokens for a request that sets no max_tokens (default: 256)")
+    p.add_argument("--backend", default="ort", choices=BACKENDS, help="inference backend (default: ort)")
+    p.add_argument("--quiet", action="store_true", help="no startup line and no access log on stderr")
+    return p
+
+
+def _serve(argv) -> int:
+    args = serve_parser().parse_args(argv)
+    from pathlib import Path
+
+    from .errors import InputError, check_count
+    from .serve import MediaPolicy, serve
+
+    if not 0 <= args.port <= 65535:
+        raise InputError(f"--port must be in 0..65535, got {args.port}")
+    check_count("--max-queue", args.max_queue, 1)
+    check_count("--max-image-pixels", args.max_image_pixels, 1)
+    check_count("--default-max-tokens", args.default_max_tokens, 1)
+    if not args.request_timeout >= 0:
+        raise InputError(f"--request-timeout must be >= 0 seconds, got {args.request_timeout}")
+    local = None
+    if args.allowed_local_media_path is not None:
+        local = Path(args.allowed_local_media_path)
+        if not local.is_dir():
+            raise InputError(f"--allowed-local-media-path {local} is not a directory")
+    api_key = args.api_key if args.api_key is not None else os.environ.get("TOPS_SERVE_API_KEY") or None
+    if api_key is None and args.host not in ("127.0.0.1", "localhost", "::1") and not args.quiet:
+        print(f"tops-serve: warning: listening on {args.host} without --api-key: anyone who reaches the port can use "
+              "the model", file=sys.stderr)
+    serve(args.dir, host=args.host, port=args.port, backend=args.backend, quiet=args.quiet, api_key=api_key,
+          max_queue=args.max_queue, request_timeout=args.request_timeout or None,
+          default_max_tokens=args.default_max_tokens,
+          media=MediaPolicy(allowed_local_path=local, allow_remote=args.allow_remote_media,
+                            max_image_pixels=args.max_image_pixels))
+    return 0
+
+
+def serve_main(argv=None) -> int:
+    return _run_cli("tops-serve", _serve, argv)
 
 
 if __name__ == "__main__":  # python -m tops_edge.cli export|run|bench|eval|build ...

@@ -4,11 +4,18 @@
     result = pipe.generate("cat.png", "What is in the picture?", keep=64)
     for chunk in pipe.stream("cat.png", "Describe it."):
         print(chunk.text, end="")
+
+One Pipeline may be shared by threads: a generation holds the pipeline from its first step to its
+last (a stream from its first chunk until it ends, is closed, or its for loop is left), so
+concurrent calls run one after another, in turn, each as it would alone. `use_selector` waits for
+the running generation.
 """
 
 from __future__ import annotations
 
+import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -39,6 +46,38 @@ class _Timer:
 
 def _params_key(params: dict) -> tuple:
     return tuple(sorted((k, str(v)) for k, v in params.items()))
+
+
+class _ClosingStream(GenerationStream):
+    """A GenerationStream that hands the pipeline back as soon as its consumer is done with it: at the
+    end, on `close()` (or leaving a `with` block), when a for loop over it is left early (break, an
+    exception) and when it is dropped. A stream closed before its end has `.result` too: the tokens
+    so far, `finish_reason` "stop". Close it from the thread that iterates it."""
+
+    def __init__(self, steps, pre, partial: list):
+        super().__init__(steps, pre)
+        self._partial = partial
+        self._closed = False
+
+    def __iter__(self):
+        if self._closed:
+            return
+        try:
+            yield from super().__iter__()
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        self._closed = True
+        self._steps.close()  # GeneratorExit in the generation: it records the partial result and unlocks
+        if self.result is None and self._partial:
+            self.result = self._partial[0]
+
+    def __enter__(self) -> "_ClosingStream":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 class Pipeline:
@@ -88,6 +127,26 @@ class Pipeline:
                          for seg, (a, b) in zip(dec["segments"], self.segment_layers)]
         for runner, following in zip(self.decoders, self.decoders[1:]):
             runner.hand_on_to(following)
+        # one generation at a time: the KV caches, the decode loop's bound buffers and the current
+        # selector are the pipeline's, not the call's
+        self._lock = threading.Lock()
+        self._holder: int | None = None  # the thread that last ran a step of the generation holding it
+
+    @contextmanager
+    def _exclusive(self):
+        """Holds the pipeline (waits for the running generation). A thread that already holds it, i.e.
+        that left a stream open and calls again, gets an error instead of waiting for itself forever."""
+        if not self._lock.acquire(blocking=False):
+            if self._holder == threading.get_ident():
+                raise RuntimeError("this thread has a stream of this Pipeline still open, and it holds the pipeline "
+                                   "until it ends: iterate it to the end or close() it before another call")
+            self._lock.acquire()
+        self._holder = threading.get_ident()
+        try:
+            yield
+        finally:
+            self._holder = None
+            self._lock.release()
 
     @property
     def needs_instruction(self) -> bool:
@@ -106,7 +165,12 @@ class Pipeline:
     def use_selector(self, method: str, **params) -> "Pipeline":
         """Switch to another registered selector (and/or parameters) without re-exporting: its graph
         is built from the registry's ONNX form with this export's shapes and kept for later switches.
-        The vision graph must provide what the method reads (`cls_attention` for `attention`)."""
+        The vision graph must provide what the method reads (`cls_attention` for `attention`).
+        Waits for a generation running in another thread; the switch applies from the next one."""
+        with self._exclusive():
+            return self._use_selector(method, **params)
+
+    def _use_selector(self, method: str, **params) -> "Pipeline":
         from .. import selector as selectors
         from ..selector.parts import selector_part
 
@@ -199,9 +263,13 @@ class Pipeline:
                temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
                raw_prompt: bool = False, ignore_eos: bool = False, keep_ratio: float | None = None,
                budget: str | None = None) -> GenerationStream:
+        """`generate`, chunk by chunk. The stream holds the pipeline from its first chunk until it
+        ends, is closed (`close()`, a `with` block) or a for loop over it is left; a stream closed
+        early still has `.result`, of the tokens so far, with `finish_reason` "stop"."""
+        partial: list[GenerationResult] = []
         steps = self._steps(image, prompt, max_new_tokens, keep, temperature, top_p, seed, raw_prompt, ignore_eos,
-                            keep_ratio, budget)
-        return GenerationStream(steps, self.pre)
+                            keep_ratio, budget, partial=partial)
+        return _ClosingStream(steps, self.pre, partial)
 
     def prompt_positions(self, num_before: int, kept: np.ndarray, num_after: int, num_visual: int) -> np.ndarray:
         """Position ids of the prefill sequence. `compact`: 0..L-1, the kept tokens renumbered
@@ -265,8 +333,9 @@ class Pipeline:
         such as NeXT's newlines, always kept), the sequence's features [T, D] (with `merge = "mean"`
         a kept token's row is its group's mean), the kept tokens' group sizes [K'] (1 unmerged) and
         each sequence token's kept slot [T] (GenerationResult.token_groups)."""
-        if self.merge not in MERGES:
-            raise InputError(f"merge must be one of {', '.join(MERGES)}, got '{self.merge}'")
+        merge = self.merge  # once: another thread may set it for the next generation
+        if merge not in MERGES:
+            raise InputError(f"merge must be one of {', '.join(MERGES)}, got '{merge}'")
         features = token_map.gather(vision["image_features"], self.image_newline)
         if self.selector is None or keep >= token_map.selectable:
             everything = np.arange(len(token_map))
@@ -289,7 +358,7 @@ class Pipeline:
         kept = [token_map.newlines]
         sizes = np.ones(len(token_map), dtype=np.int64)
         owner = np.full(len(token_map), -1, dtype=np.int64)  # the sequence position each token's group is kept at
-        merged_features = features.copy() if self.merge == "mean" else features
+        merged_features = features.copy() if merge == "mean" else features
         for idx, share, grid in zip(members, shares, grids):
             if share >= len(idx):
                 kept.append(idx)
@@ -304,7 +373,7 @@ class Pipeline:
                 chosen = out["kept_indices"][0][order]
                 kept.append(idx[chosen])
                 owner[idx[chosen]] = idx[chosen]
-                if self.merge == "mean":  # the graph merged within the group the budget was split over
+                if merge == "mean":  # the graph merged within the group the budget was split over
                     merged_features[idx[chosen]] = out["merged_features"][0][order]
                     sizes[idx[chosen]] = out["kept_sizes"][0][order]
                     if "token_groups" in out:  # exports before it was an output draw no groups
@@ -394,8 +463,15 @@ class Pipeline:
 
     # --- the loop ----------------------------------------------------------------------------
     def _steps(self, image, prompt, max_new_tokens, keep, temperature, top_p, seed, raw_prompt, ignore_eos=False,
-               keep_ratio=None, budget=None, output_logits=False):
-        """Yields each new token id; returns the GenerationResult."""
+               keep_ratio=None, budget=None, output_logits=False, partial=None):
+        """Yields each new token id; returns the GenerationResult. Holds the pipeline from the first
+        step to the last; closed early, it appends the result so far to `partial` (when given)."""
+        with self._exclusive():
+            return (yield from self._generation(image, prompt, max_new_tokens, keep, temperature, top_p, seed,
+                                                raw_prompt, ignore_eos, keep_ratio, budget, output_logits, partial))
+
+    def _generation(self, image, prompt, max_new_tokens, keep, temperature, top_p, seed, raw_prompt, ignore_eos,
+                    keep_ratio, budget, output_logits, partial):
         if isinstance(max_new_tokens, bool) or int(max_new_tokens) != max_new_tokens or max_new_tokens < 1:
             raise InputError(f"max_new_tokens must be a whole number >= 1, got {max_new_tokens!r}")
         check_sampling(temperature, top_p)
@@ -451,30 +527,36 @@ class Pipeline:
         token_ids: list[int] = []
         step_logits: list[np.ndarray] | None = [] if output_logits else None
         finish = "length"
-        for i in range(max_new_tokens):
-            if step_logits is not None:  # the backend's output buffer is reused by the next step
-                step_logits.append(np.array(logits, dtype=np.float32, copy=True).reshape(-1))
-            tok = next_token(logits, temperature, top_p, rng)
-            token_ids.append(tok)
-            yield tok
-            if tok in self.eos_ids and not ignore_eos:
-                finish = "eos"
-                break
-            if i + 1 == max_new_tokens:
-                break
-            t = time.perf_counter()  # time spent in the caller between tokens is not ours
-            self._token_id[0, 0] = tok
-            embed_token()  # into the first segment's token_embeds; each segment writes the next one's
-            for runner, position in zip(self.decoders, next_positions):
-                logits = runner.step_token(position + i)
-            clock.add("decode", t)
+        try:
+            for i in range(max_new_tokens):
+                if step_logits is not None:  # the backend's output buffer is reused by the next step
+                    step_logits.append(np.array(logits, dtype=np.float32, copy=True).reshape(-1))
+                tok = next_token(logits, temperature, top_p, rng)
+                token_ids.append(tok)
+                yield tok
+                self._holder = threading.get_ident()  # a stream may be resumed from another thread
+                if tok in self.eos_ids and not ignore_eos:
+                    finish = "eos"
+                    break
+                if i + 1 == max_new_tokens:
+                    break
+                t = time.perf_counter()  # time spent in the caller between tokens is not ours
+                self._token_id[0, 0] = tok
+                embed_token()  # into the first segment's token_embeds; each segment writes the next one's
+                for runner, position in zip(self.decoders, next_positions):
+                    logits = runner.step_token(position + i)
+                clock.add("decode", t)
+        except GeneratorExit:  # the stream was closed before its end
+            if partial is None:
+                raise
+            finish = "stop"
 
         decode_steps = max(len(token_ids) - 1, 0)
         timings = dict(clock.ms)
         timings["decode_per_token"] = timings.pop("decode", 0.0) / decode_steps if decode_steps else 0.0
         timings["total"] = sum(v for k, v in clock.ms.items())
         timings["sessions"] = sum(part.busy_ms for part in self._parts)  # inside the backend's run calls
-        return GenerationResult(
+        result = GenerationResult(
             text=self.pre.decode(token_ids),
             token_ids=token_ids,
             kept_indices=[int(i) for i in kept],
@@ -491,3 +573,6 @@ class Pipeline:
             keep=keep,
             logits=step_logits,
         )
+        if finish == "stop":
+            partial.append(result)
+        return result

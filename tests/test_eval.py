@@ -266,7 +266,11 @@ def test_jobs_split_the_items_over_workers_and_give_one_processs_report(tiny_uni
     kwargs = dict(keeps=[576, 64, 32], selectors=["uniform", "dpp-merge:merge=none"], limit=11, max_new_tokens=2,
                   split="val")
     one = run_eval(tiny_uniform_dir, **kwargs)
-    two = run_eval(tiny_uniform_dir, jobs=2, **kwargs)
+    lines: list[str] = []
+    two = run_eval(tiny_uniform_dir, jobs=2, log=lines.append, **kwargs)
+    # without a progress bar, a line per tenth of the answers, the last one all of them (11 x 5 runs)
+    counted = [line for line in lines if " answers (" in line]
+    assert counted and counted[-1].startswith("55/55 answers") and len(counted) <= 10
     assert one["settings"]["jobs"] == 1 and two["settings"]["jobs"] == 2
     assert two["examples"] == one["examples"] and two["table"] == one["table"]
     for method in ("dpp-merge:merge=none",):

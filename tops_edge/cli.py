@@ -482,7 +482,8 @@ def serve_main(argv=None) -> int:
     return _run_cli("tops-serve", _serve, argv)
 
 
-if __name__ == "__main__":  # python -m tops_edge.cli export|run|bench|eval|build ...
+if __name__ == "__main__":  # python -m tops_edge.cli export|run|bench|eval|build|serve ...
     cmd, rest = (sys.argv[1], sys.argv[2:]) if len(sys.argv) > 1 else ("", [])
-    commands = {"export": export_main, "run": run_main, "bench": bench_main, "eval": eval_main, "build": build_main}
-    sys.exit(commands.get(cmd, lambda _: print("usage: python -m tops_edge.cli export|run|bench|eval|build ...") or 2)(rest))
+    commands = {"export": export_main, "run": run_main, "bench": bench_main, "eval": eval_main, "build": build_main,
+                "serve": serve_main}
+    sys.exit(commands.get(cmd, lambda _: print("usage: python -m tops_edge.cli export|run|bench|eval|build|serve ...") or 2)(rest))

@@ -276,8 +276,17 @@ def run_eval(directory, task: str = "shapesvqa", keeps=None, selectors=None, lim
     try:
         if jobs == 1:
             shard = _answer(pipe, items, plan, bar.update, log)
-        else:
-            shard = _answer_in_workers(directory, backend, pipe.positions, items, plan, jobs, bar.update)
+        else:  # the workers' rows end together: without a progress bar, a line per tenth of the answers
+            total, done, tenth = len(items) * (1 + len(work)), [0], [0]
+
+            def advance(n):
+                bar.update(n)
+                done[0] += n
+                if not progress and 10 * done[0] // total > tenth[0]:
+                    tenth[0] = 10 * done[0] // total
+                    log(f"{done[0]}/{total} answers ({time.perf_counter() - t0:.0f} s)")
+
+            shard = _answer_in_workers(directory, backend, pipe.positions, items, plan, jobs, advance)
     finally:
         bar.close()
     answers, kls, top1s, stages = shard["answers"], shard["kls"], shard["top1s"], shard["stages"]

@@ -1,5 +1,7 @@
 """ShapesVQA-dense: crowded scenes, answers recomputed from the objects, adversarial POPE, balance,
-determinism, disjoint splits, geometry and rendering; the task as tops-eval loads it."""
+determinism, disjoint splits, geometry and rendering; the task as tops-eval loads it. The scene tests
+marked `GENERATORS` also run on ShapesVQA-wide (eval/shapes_wide.py: the same scenes on 672x336 and
+336x672 canvases); its own tests are in test_shapes_wide.py."""
 
 from __future__ import annotations
 
@@ -10,7 +12,7 @@ import numpy as np
 import pytest
 
 from tops_edge.errors import InputError
-from tops_edge.eval import shapes, shapes_dense as dense
+from tops_edge.eval import shapes, shapes_dense as dense, shapes_wide as wide
 from tops_edge.eval.tasks import Item, load_task
 
 # the question texts, parsed here on their own (not from dense.TEMPLATES): the recomputation below
@@ -24,6 +26,8 @@ PATTERNS = {
     "above_below": rf"Is the ({COLOUR}) ({SHAPE}) above the ({COLOUR}) ({SHAPE})\?",
 }
 NUMBER_WORDS = ["zero", "one", "two", "three", "four", "five"]
+#: the scene tests that hold for both generators of crowded scenes
+GENERATORS = pytest.mark.parametrize("gen", [dense, wide], ids=["dense", "wide"])
 
 
 def _parse(q):
@@ -36,12 +40,15 @@ def _with(objs, colour=None, shape=None):
     return [o for o in objs if (colour is None or o.colour == colour) and (shape is None or o.shape == shape)]
 
 
-def test_every_answer_follows_from_the_objects():
+@GENERATORS
+def test_every_answer_follows_from_the_objects(gen):
+    seen = Counter()
     for index in range(300):
-        s = dense.scene("train", index)
+        s = gen.scene("train", index)
         objs = s.objects
         for q in s.questions():
             g = _parse(q)
+            seen[q.qtype] += 1
             if q.qtype == "shape_of_colour":
                 (match,) = _with(objs, colour=g[0])  # exactly one object of that colour
                 assert q.answer == match.shape
@@ -57,6 +64,8 @@ def test_every_answer_follows_from_the_objects():
                 (b,) = _with(objs, g[2], g[3])
                 assert abs(a.y - b.y) >= dense.MIN_SEPARATION  # never a near-tie
                 assert (q.answer == "yes") == (a.y < b.y)  # image y grows downwards
+            assert q.kind == dense.ANSWER_KIND[q.qtype]
+    assert set(seen) == set(gen.QUESTION_TYPES) and min(seen.values()) >= 250
 
 
 def test_scenes_plant_unique_referents_beside_distractors():
@@ -73,10 +82,11 @@ def test_scenes_plant_unique_referents_beside_distractors():
         assert len(types) == len(set(types))
 
 
-def test_pope_absent_pairs_are_adversarial():
+@GENERATORS
+def test_pope_absent_pairs_are_adversarial(gen):
     seen = Counter()
     for index in range(300):
-        s = dense.scene("test", index)
+        s = gen.scene("test", index)
         for q in s.questions():
             if q.qtype == "pope" and q.answer == "no":
                 colour, shape = _parse(q)
@@ -86,11 +96,12 @@ def test_pope_absent_pairs_are_adversarial():
     assert seen["no"] > 100
 
 
-def test_answers_are_balanced_per_type():
+@GENERATORS
+def test_answers_are_balanced_per_type(gen):
     by_type: dict[str, list[str]] = {}
-    for _, q in dense.questions("test", 400 * len(dense.QUESTION_TYPES)):
+    for _, q in gen.questions("test", 400 * len(gen.QUESTION_TYPES)):
         by_type.setdefault(q.qtype, []).append(q.answer)
-    assert set(by_type) == set(dense.QUESTION_TYPES)
+    assert set(by_type) == set(gen.QUESTION_TYPES)
     expected = {"shape_of_colour": set(shapes.SHAPES), "colour_of_shape": set(shapes.COLOURS),
                 "pope": {"yes", "no"}, "count_colour": set(NUMBER_WORDS), "above_below": {"yes", "no"}}
     for qtype, answers in by_type.items():
@@ -103,13 +114,14 @@ def test_answers_are_balanced_per_type():
             assert abs(n / len(answers) - share) < tolerance, (qtype, answer, n, len(answers))
 
 
-def test_scenes_are_deterministic_and_prefixes_agree():
-    assert dense.scene("val", 3) == dense.scene("val", 3)
-    assert np.array_equal(np.asarray(dense.scene("val", 3).image()), np.asarray(dense.scene("val", 3).image()))
-    short, long = dense.questions("val", 12), dense.questions("val", 40)
+@GENERATORS
+def test_scenes_are_deterministic_and_prefixes_agree(gen):
+    assert gen.scene("val", 3) == gen.scene("val", 3)
+    assert np.array_equal(np.asarray(gen.scene("val", 3).image()), np.asarray(gen.scene("val", 3).image()))
+    short, long = gen.questions("val", 12), gen.questions("val", 40)
     assert [(s.index, q) for s, q in short] == [(s.index, q) for s, q in long[:12]]
     # start: the pairs of scenes from `start` on, whatever came before
-    later = dense.questions("val", 10, start=5)
+    later = gen.questions("val", 10, start=5)
     assert later[0][0].index == 5
     assert [(s.index, q) for s, q in later] == [(s.index, q) for s, q in long if s.index >= 5][:10]
 
@@ -126,23 +138,27 @@ def test_splits_share_no_scene_and_none_is_a_shapesvqa_scene():
         dense.scene("dev", 0)
 
 
-def test_objects_do_not_overlap_and_stay_inside():
+@GENERATORS
+def test_objects_do_not_overlap_and_stay_inside(gen):
     for index in range(300):
-        objs = dense.scene("train", index).objects
+        s = gen.scene("train", index)
+        objs, (width, height) = s.objects, s.size
         for i, a in enumerate(objs):
             assert dense.MIN_HALF_WIDTH <= a.r <= dense.MAX_HALF_WIDTH
-            assert dense.MARGIN <= a.x - a.r and a.x + a.r <= shapes.SIZE - dense.MARGIN
-            assert dense.MARGIN <= a.y - a.r and a.y + a.r <= shapes.SIZE - dense.MARGIN
+            assert dense.MARGIN <= a.x - a.r and a.x + a.r <= width - dense.MARGIN
+            assert dense.MARGIN <= a.y - a.r and a.y + a.r <= height - dense.MARGIN
             for b in objs[i + 1:]:  # bounding boxes apart by at least MARGIN on one axis
                 gap = a.r + b.r + dense.MARGIN
                 assert abs(a.x - b.x) >= gap or abs(a.y - b.y) >= gap
 
 
-def test_the_rendered_objects_are_where_the_scene_says():
+@GENERATORS
+def test_the_rendered_objects_are_where_the_scene_says(gen):
     background = np.array(shapes.BACKGROUND)
     for index in range(20):
-        s = dense.scene("test", index)
+        s = gen.scene("test", index)
         pixels = np.asarray(s.image())
+        assert pixels.shape == (s.size[1], s.size[0], 3)
         inside = np.zeros(pixels.shape[:2], bool)
         for o in s.objects:
             assert tuple(pixels[o.y, o.x]) == shapes.COLOURS[o.colour]

@@ -98,7 +98,7 @@ def test_7b_fp16_on_orin_nx_is_refused_naming_int8_weight_only(llava7b):
 
 def test_7b_on_orin_nano_is_refused_with_no_precision_fitting(llava7b):
     _, fp = llava7b
-    with pytest.raises(DoesNotFitError, match=r"needs 17\.2 GiB on orin-nano .*no precision fits it \(the smallest, int8, needs 10\.8 GiB\)"):
+    with pytest.raises(DoesNotFitError, match=r"needs 17\.2 GiB on orin-nano .*no precision fits it \(the smallest, int4-wo, needs 8\.2 GiB\)"):
         check_fits(fp, get_preset("orin-nano"), "fp16", "llava-7b")
 
 

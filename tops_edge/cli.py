@@ -87,9 +87,14 @@ def export_parser() -> argparse.ArgumentParser:
     from .plan import PLAN_PRECISIONS, PRESETS
 
     p.add_argument("--precision", default="fp32", choices=tuple(dict.fromkeys(PRECISIONS + PLAN_PRECISIONS)),
-                   help="graph precision: fp32, fp16, int8 (Q/DQ, calibrated) or int8-wo (weight-only INT8 decoder); default: fp32")
+                   help="graph precision: fp32, fp16, int8 (Q/DQ, calibrated), int8-wo (weight-only INT8 decoder) or "
+                        "int4-wo (weight-only INT4 decoder, AWQ scales; docs/precision.md); default: fp32")
     p.add_argument("--calib", default=None, metavar="DIR",
-                   help="--precision int8: calibrate on DIR's images + prompts.jsonl (default: built-in ShapesVQA pairs)")
+                   help="--precision int8, or int4-wo with AWQ: calibrate on DIR's images + prompts.jsonl (default: "
+                        "built-in ShapesVQA pairs)")
+    p.add_argument("--int4-method", default=None, choices=("awq", "rtn"),
+                   help="--precision int4-wo: awq (per-channel scales searched on the calibration prefills) or rtn "
+                        "(plain round-to-nearest); default: awq")
     p.add_argument("--target", default="ort", choices=TARGETS, help="deployment target: ort, or trt (the selector as the tops::Select TensorRT plugin; default: ort)")
     p.add_argument("--device", default=None, choices=tuple(PRESETS), help="plan memory for this device and refuse a model that does not fit it")
     p.add_argument("--dry-run", action="store_true", help="with --device: print the memory plan and export nothing (needs no weights)")
@@ -124,7 +129,7 @@ def _export(argv) -> int:
         params[key.strip().replace("-", "_")] = value.strip()
     out = export_model(
         args.model, args.out, selector=args.selector, keep=args.keep, keep_ratio=args.keep_ratio,
-        budget=args.budget, precision=args.precision,
+        budget=args.budget, precision=args.precision, int4_method=args.int4_method,
         target=args.target, exporter=args.exporter, opset=args.opset, positions=args.positions,
         merge=args.merge, selector_params={k: v for k, v in params.items() if v is not None},
         progress=not args.quiet and sys.stderr.isatty(), device=args.device, calib=args.calib, cuts=args.cuts,

@@ -1,12 +1,16 @@
 """Precision passes for an export: fp16, INT8 with Q/DQ calibrated on real image + prompt pairs,
-weight-only INT8. `convert_parts` runs on the exporter's staged fp32 export, part by part.
+weight-only INT8 and INT4. `convert_parts` runs on the exporter's staged fp32 export, part by part.
 
-    part      fp16   int8              int8-wo
-    vision    fp16   int8 (Q/DQ)       fp32
-    selector  fp32   fp32              fp32      (TOPS.md: the selection is computed in fp32)
-    embed     fp16   fp32              fp32      (a lookup: no compute to quantize)
-    decoder   fp16   int8 (Q/DQ)       int8-wo   (int8 weights + DequantizeLinear, fp32 activations;
-                                                  a decoder in segments: each segment, int8 excepted)
+    part      fp16   int8              int8-wo     int4-wo
+    vision    fp16   int8 (Q/DQ)       fp32        fp32
+    selector  fp32   fp32              fp32        fp32      (TOPS.md: the selection is computed in fp32)
+    embed     fp16   fp32              fp32        fp32      (a lookup: no compute to quantize)
+    decoder   fp16   int8 (Q/DQ)       int8-wo     int4-wo   (int8 / blocked int4 weights + DequantizeLinear,
+                                                              fp32 activations; a decoder in segments:
+                                                              each segment, int8 excepted)
+
+int4-wo's scales are AWQ (searched on the decoder's captured calibration prefills, as int8 captures
+them) or round to nearest (`int4_method`, calib/int4.py).
 
 Every graph keeps fp32 inputs and outputs, but fp16 decoders take and give an fp16 KV cache (half the
 memory); the runtime allocates the KV cache in the graph's dtype.
@@ -27,6 +31,7 @@ PART_PLAN = {
     "fp16": {"vision": "fp16", "embed": "fp16", "decoder": "fp16"},
     "int8": {"vision": "int8", "decoder": "int8"},
     "int8-wo": {"decoder": "int8-wo"},
+    "int4-wo": {"decoder": "int4-wo"},
 }
 EXPORT_PRECISIONS = tuple(PART_PLAN)
 CALIB_VERSION = 1  # bump when the INT8 settings change: old cache entries stop matching
@@ -52,9 +57,12 @@ def cache_key(manifest: dict, part: str, calib: CalibrationSet) -> str:
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:32]
 
 
-def convert_parts(stage: Path, manifest: dict, precision: str, calib=None, progress: bool = False) -> dict[str, dict]:
+def convert_parts(stage: Path, manifest: dict, precision: str, calib=None, progress: bool = False,
+                  int4_method: str | None = None) -> dict[str, dict]:
     """Rewrite the staged fp32 graphs at `precision`; returns {part: {"files": [...], "precision": p}}
-    for the parts it changed. `calib`: a folder, a CalibrationSet or None (the built-in set)."""
+    for the parts it changed (int4-wo parts also record "int4": {"method", "block_size"}). `calib`: a
+    folder, a CalibrationSet or None (the built-in set), for int8 and int4-wo's AWQ. `int4_method`:
+    awq or rtn (int4-wo only; default calib/int4.py DEFAULT_INT4_METHOD)."""
     from tqdm.auto import tqdm
 
     from ..export.manifest import file_record
@@ -65,7 +73,11 @@ def convert_parts(stage: Path, manifest: dict, precision: str, calib=None, progr
     plan = {part: PART_PLAN[precision][part.split(".")[0]] for part in manifest["parts"]
             if part.split(".")[0] in PART_PLAN[precision]}
     feeds: dict[str, list] = {}
-    calib_set = calibration_set(calib) if "int8" in plan.values() else None
+    from .int4 import BLOCK_SIZE, DEFAULT_INT4_METHOD
+
+    int4_method = int4_method or DEFAULT_INT4_METHOD
+    needs_feeds = "int8" in plan.values() or ("int4-wo" in plan.values() and int4_method == "awq")
+    calib_set = calibration_set(calib) if needs_feeds else None
 
     def feeds_of(part):
         if not feeds:  # one fp32 pipeline pass serves every part, and only on a cache miss
@@ -86,6 +98,10 @@ def convert_parts(stage: Path, manifest: dict, precision: str, calib=None, progr
                 fp16_io = passes.to_fp16(graph, raw)
             elif part_precision == "int8-wo":
                 passes.to_int8_weight_only(graph, raw)
+            elif part_precision == "int4-wo":
+                from .int4 import to_int4_weight_only
+
+                to_int4_weight_only(graph, raw, int4_method, lambda part=part: feeds_of(part))
             else:
                 cache = cache_dir() / f"{part}-{cache_key(manifest, part, calib_set)}.json"
                 passes.to_int8(graph, raw, lambda part=part: feeds_of(part), cache)
@@ -96,6 +112,8 @@ def convert_parts(stage: Path, manifest: dict, precision: str, calib=None, progr
             for leftover in (raw, stage / (raw.name + ".data")):
                 leftover.unlink(missing_ok=True)
         changed[part] = {"files": [file_record(stage, n) for n in names], "precision": part_precision}
+        if part_precision == "int4-wo":
+            changed[part]["int4"] = {"method": int4_method, "block_size": BLOCK_SIZE}
         for side in ("inputs", "outputs"):  # the IO that became fp16 (the KV cache) says so
             changed[part][side] = [dict(spec, dtype="float16") if spec["name"] in fp16_io else spec
                                    for spec in manifest["parts"][part][side]]

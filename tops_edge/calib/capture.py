@@ -61,23 +61,29 @@ def _pipeline(directory: Path, manifest: dict):
 
 
 def capture(directory: Path, manifest: dict, calib: CalibrationSet, progress: bool = False) -> dict[str, list[dict]]:
-    """Feeds for each part to calibrate: {"vision": [...], "decoder": [...]}, one per calibration pair."""
+    """Feeds for each part to calibrate, one per calibration pair: {"vision": [...], "decoder": [...]}; a
+    decoder in segments gives each segment's prefill under its part name (decoder.0, decoder.1, ...)."""
     from tqdm.auto import tqdm
 
     pipe = _pipeline(Path(directory), manifest)
     vision = pipe.vision = _RecordingSession(pipe.vision)
-    decoder = pipe.decoders[0] = _RecordingDecoder(pipe.decoders[0])  # int8 exports have one segment
+    recorders = [_RecordingDecoder(runner) for runner in pipe.decoders]
+    pipe.decoders[:] = recorders
     for image, prompt in tqdm(list(zip(calib.images, calib.prompts)), desc="calibration: fp32 pipeline",
                               unit="pair", disable=not progress, leave=False):
         pipe.generate(image, prompt, max_new_tokens=1)
     dec = manifest["decoder"]
-    past = [s["name"] for s in manifest["parts"]["decoder"]["inputs"] if s["name"].startswith("past_key_values.")]
+    feeds = {"vision": vision.feeds}
+    for seg, recorder in zip(dec["segments"], recorders):
+        specs = manifest["parts"][seg["part"]]["inputs"]
+        names = {s["name"] for s in specs}
+        first = "inputs_embeds" if "inputs_embeds" in names else "hidden_states"  # later segments: hidden states
 
-    def prefill(embeds, positions, bias):  # an empty cache of exactly the prompt's size
-        n = embeds.shape[1]
-        empty = np.zeros((1, dec["num_kv_heads"], n, dec["head_dim"]), dtype=np.float32)
-        return dict({"inputs_embeds": embeds, "attention_mask": np.ones((1, n), dtype=np.int64),
-                     "position_ids": positions, "attention_bias": bias,
-                     "cache_position": np.arange(n, dtype=np.int64)}, **{name: empty for name in past})
-    prefills = [prefill(*args) for args in decoder.prefills]
-    return {"vision": vision.feeds, "decoder": prefills}
+        def prefill(embeds, positions, bias, specs=specs, first=first):  # an empty cache of the prompt's size
+            n = embeds.shape[1]
+            empty = np.zeros((1, dec["num_kv_heads"], n, dec["head_dim"]), dtype=np.float32)
+            known = {first: embeds, "attention_mask": np.ones((1, n), dtype=np.int64), "position_ids": positions,
+                     "attention_bias": bias, "cache_position": np.arange(n, dtype=np.int64)}
+            return {s["name"]: empty if s["name"].startswith("past_key_values.") else known[s["name"]] for s in specs}
+        feeds[seg["part"]] = [prefill(*args) for args in recorder.prefills]
+    return feeds

@@ -29,7 +29,7 @@ from .tensorrt_import import require_tensorrt
 BUILD_PRECISIONS = ("fp16", "int8")
 ENGINES_NAME = "engines.json"
 FP32_PARTS = ("selector",)
-QDQ_EXPORTS = ("int8", "int8-wo")  # tops-export precisions whose graphs carry Q/DQ (calib/)
+QDQ_EXPORTS = ("int8", "int8-wo", "int4-wo")  # tops-export precisions whose graphs carry Q/DQ (calib/)
 
 
 def kv_bytes_of(manifest: dict) -> int:

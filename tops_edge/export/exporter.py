@@ -45,6 +45,7 @@ def export_model(
     device: str | None = None,
     calib=None,
     cuts=None,
+    int4_method: str | None = None,
 ) -> Path:
     """Export MODEL into OUT. Returns OUT. A failure leaves an existing OUT untouched.
 
@@ -57,17 +58,25 @@ def export_model(
     similar kept one (proportional attention, selector/merge.py), `none` only selects; default: the
     method's own (dpp-merge and the other pre-LLM baselines merge, tops does not: the paper has none).
     `device` (a plan/devices.py preset) refuses, before any export work, a model that would not fit
-    that device at `precision`. `calib` (int8 only): a folder of images + prompts.jsonl, or a
+    that device at `precision`. `calib` (int8, int4-wo with AWQ): a folder of images + prompts.jsonl, or a
     calib.CalibrationSet; default: the built-in ShapesVQA pairs. `cuts` (decoder layers) exports the
     decoder in segments cut before those layers, so selectors can prune inside the LLM there
     (models/base.py DecoderSegment); default: the cuts of the selector's own plan at the default
     budget (none for the methods that prune before the LLM). Where the selector's graph at a cut
     reads the next layer's post-attention states (topv's target_features), the segment ending at
     that cut also outputs them (`cut_target_features`; manifest `decoder.segments[i].probe`).
+    `int4_method` (int4-wo only): awq (scales searched on the calibration prefills, which `calib`
+    then supplies) or rtn (round to nearest); default awq (calib/int4.py).
     """
+    from ..calib.int4 import DEFAULT_INT4_METHOD, INT4_METHODS
+
     _check_choice("precision", precision, PRECISIONS)
-    if calib is not None and precision != "int8":
-        raise InputError("--calib calibrates INT8 activations: it needs --precision int8")
+    if int4_method is not None:
+        if precision != "int4-wo":
+            raise InputError("--int4-method chooses int4-wo's scales: it needs --precision int4-wo")
+        _check_choice("int4-method", int4_method, INT4_METHODS)
+    if calib is not None and not (precision == "int8" or (precision == "int4-wo" and (int4_method or DEFAULT_INT4_METHOD) == "awq")):
+        raise InputError("--calib calibrates INT8 activations or int4-wo's AWQ scales: it needs --precision int8 or int4-wo")
     if calib is not None:
         from ..calib import calibration_set
 
@@ -110,7 +119,7 @@ def export_model(
         cuts = adapter.check_cuts(cuts)
         if cuts and precision == "int8":
             raise InputError("--precision int8 calibrates one decoder graph; a decoder cut at --cuts "
-                             f"{','.join(map(str, cuts))} takes fp32, fp16 or int8-wo in this version")
+                             f"{','.join(map(str, cuts))} takes fp32, fp16, int8-wo or int4-wo in this version")
         # the next layer's probe, only before the cuts whose selector reads it (no cost elsewhere)
         probes = tuple(c for c in probe_cuts(selector, params, adapter.num_layers) if c in cuts)
         from ..plan import footprint_of
@@ -159,7 +168,7 @@ def export_model(
                 from ..calib import convert_parts
 
                 steps.set_postfix_str(f"converting to {precision}")
-                for name, changed in convert_parts(stage, manifest, precision, calib, progress).items():
+                for name, changed in convert_parts(stage, manifest, precision, calib, progress, int4_method).items():
                     records[name].update(changed)
                 first_segment = manifest["decoder"]["segments"][0]["part"]
                 manifest["decoder"]["kv_dtype"] = next(s["dtype"] for s in records[first_segment]["inputs"]

@@ -39,7 +39,7 @@ _REQUIRED = {
 _REQUIRED_PARTS = ("vision", "embed")  # and every part decoder.segments names
 _REQUIRED_VISUAL = ("layout", "tokens_per_crop", "max_tokens", "max_selectable", "grid", "image_token_id")
 _REQUIRED_SELECTOR = ("method", "params", "default_keep", "default_keep_ratio", "budget", "positions", "merge", "stage")
-PART_PRECISIONS = ("fp32", "fp16", "int8", "int8-wo")  # a graph's precision (calib/__init__.py: which part gets which)
+PART_PRECISIONS = ("fp32", "fp16", "int8", "int8-wo", "int4-wo")  # a graph's precision (calib/__init__.py: which part gets which)
 _REQUIRED_DECODER = ("num_layers", "num_kv_heads", "head_dim", "hidden_size", "vocab_size", "max_context", "eos_token_ids",
                      "cuts", "segments")
 

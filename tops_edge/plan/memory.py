@@ -12,26 +12,33 @@
 
 Bytes per parameter (vision matmul, vision other, embed, decoder matmul, decoder other):
   fp32 4 4 4 4 4; fp16 2 2 2 2 2; int8-wo (weight-only INT8 decoder) 2 2 2 1 2; int8 (Q/DQ on every
-  MatMul/Gemm, the rest fp16) 1 2 2 1 2. KV cache and activations are fp32 at fp32, else fp16
-  (the KV element size can be given instead: an export's KV IO dtype, which tops-build uses).
-  INT8 per-channel scales (one fp32 per output channel) are left out: < 0.1% of the weights.
+  MatMul/Gemm, the rest fp16) 1 2 2 1 2; int4-wo (weight-only INT4 decoder, calib/int4.py) 2 2 2
+  0.53125 2: 4 bits a weight + one fp32 scale per block of 128 input channels (4 / 128 B a weight;
+  the scales are counted here because they are 6% of the INT4 bytes; rounded up to whole bytes per
+  part). KV cache and activations are fp32 at fp32, else fp16 (the KV element size can be given
+  instead: an export's KV IO dtype, which tops-build uses). INT8 per-channel scales (one fp32 per
+  output channel) are left out: < 0.1% of the weights.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
+from fractions import Fraction
 
 from ..errors import InputError
 from .devices import GIB, DevicePreset
 from .footprint import Footprint
 
 #: by fidelity, best first: a refusal names the first one that fits
-PLAN_PRECISIONS = ("fp32", "fp16", "int8-wo", "int8")
+PLAN_PRECISIONS = ("fp32", "fp16", "int8-wo", "int8", "int4-wo")
+INT4_BLOCK = 128  # calib/int4.py BLOCK_SIZE
 WEIGHT_BYTES = {
     "fp32": (4, 4, 4, 4, 4),
     "fp16": (2, 2, 2, 2, 2),
     "int8-wo": (2, 2, 2, 1, 2),
     "int8": (1, 2, 2, 1, 2),
+    "int4-wo": (2, 2, 2, Fraction(1, 2) + Fraction(4, INT4_BLOCK), 2),  # 17/32 B: 4 bits + an fp32 scale per 128
 }
 MAX_PROMPT_TEXT_TOKENS = 512  # text tokens of one prompt the engines are built for, besides the image
 
@@ -79,12 +86,13 @@ def plan_memory(fp: Footprint, device: DevicePreset, precision: str, model: str 
     prefill = fp.tokens_per_image + MAX_PROMPT_TEXT_TOKENS
     plan = MemoryPlan(model, device, precision, context, prefill)
     m = lambda n: f"{n / 1e6:.1f}M"  # noqa: E731
+    b = lambda x: f"{float(x):g}"  # noqa: E731  (17/32 -> 0.53125)
     plan.rows = [
-        ("weights: vision", fp.vision_matmul * vm + fp.vision_other * vo,
-         f"{m(fp.vision_matmul)} matmul x {vm} B + {m(fp.vision_other)} other x {vo} B"),
-        ("weights: embed", fp.embed * eb, f"{m(fp.embed)} x {eb} B"),
-        ("weights: decoder", fp.decoder_matmul * dm + fp.decoder_other * do,
-         f"{m(fp.decoder_matmul)} matmul x {dm} B + {m(fp.decoder_other)} other x {do} B"),
+        ("weights: vision", math.ceil(fp.vision_matmul * vm + fp.vision_other * vo),
+         f"{m(fp.vision_matmul)} matmul x {b(vm)} B + {m(fp.vision_other)} other x {b(vo)} B"),
+        ("weights: embed", math.ceil(fp.embed * eb), f"{m(fp.embed)} x {b(eb)} B"),
+        ("weights: decoder", math.ceil(fp.decoder_matmul * dm + fp.decoder_other * do),
+         f"{m(fp.decoder_matmul)} matmul x {b(dm)} B + {m(fp.decoder_other)} other x {b(do)} B"),
         ("KV cache", 2 * 2 * fp.num_layers * fp.num_kv_heads * fp.head_dim * kv_bytes * context,
          f"2 buffers x 2 x {fp.num_layers} layers x {fp.num_kv_heads} heads x {fp.head_dim} x {kv_bytes} B x {context} tokens"),
         ("activations", prefill * (4 * fp.hidden_size + 2 * fp.intermediate_size) * act + fp.vocab_size * 4,

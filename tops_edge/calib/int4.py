@@ -184,7 +184,7 @@ def to_int4_weight_only(src: Path, dst: Path, method: str = DEFAULT_INT4_METHOD,
     """Every decoder linear layer's weight as blocked INT4 + DequantizeLinear (module docstring).
     `method` awq needs `make_feeds()`: the captured prefill feeds of this graph. `report`, if given,
     receives {group input tensor: {"alpha": a, "errors": {alpha: error}}} (awq) for inspection."""
-    from .passes import _load, _save
+    from .passes import _load, _save, splice_dequantized
 
     if method not in INT4_METHODS:
         raise ValueError(f"int4 method '{method}' is not one of {', '.join(INT4_METHODS)}")
@@ -252,13 +252,7 @@ def to_int4_weight_only(src: Path, dst: Path, method: str = DEFAULT_INT4_METHOD,
             if n.name in readers:
                 n.input[0] = scaled
 
-    still_used = {i for n in model.graph.node for i in n.input}
-    kept = [t for t in model.graph.initializer if t.name in still_used or t.name not in weights]
-    del model.graph.initializer[:]
-    model.graph.initializer.extend(kept + new_inits)
-    nodes = list(model.graph.node)
-    del model.graph.node[:]
-    model.graph.node.extend(new_nodes + nodes)  # DQ reads only initializers: first keeps the order topological
+    splice_dequantized(model, weights, new_inits, new_nodes)
     for opset in model.opset_import:
         if opset.domain in ("", "ai.onnx"):
             opset.version = max(opset.version, INT4_OPSET)

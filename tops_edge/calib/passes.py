@@ -110,14 +110,21 @@ def to_int8_weight_only(src: Path, dst: Path) -> None:
                 [f"{name}_dequantized"], name=f"{name}_DequantizeLinear", axis=axis))
             done[name] = f"{name}_dequantized"
         node.input[1] = done[name]
+    splice_dequantized(model, done, new_inits, new_nodes)
+    _save(model, dst)
+
+
+def splice_dequantized(model: onnx.ModelProto, replaced, new_inits: list, new_nodes: list) -> None:
+    """After the linear layers read dequantized weights: drop the float initializers in `replaced`
+    that no node reads any more, add the quantized ones and put the DequantizeLinear nodes first
+    (they read only initializers, so the graph's order stays topological)."""
     still_used = {i for n in model.graph.node for i in n.input}
-    kept = [t for t in model.graph.initializer if t.name in still_used or t.name not in done]
+    kept = [t for t in model.graph.initializer if t.name in still_used or t.name not in replaced]
     del model.graph.initializer[:]
     model.graph.initializer.extend(kept + new_inits)
     nodes = list(model.graph.node)
     del model.graph.node[:]
-    model.graph.node.extend(new_nodes + nodes)  # DQ reads only initializers: first keeps the order topological
-    _save(model, dst)
+    model.graph.node.extend(new_nodes + nodes)
 
 
 # --- static INT8 ---------------------------------------------------------------------------------

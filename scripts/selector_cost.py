@@ -1,6 +1,6 @@
 """Time every selector's ONNX graph on ONNX Runtime CPU at LLaVA shapes, and count its FLOPs.
 
-    python scripts/selector_cost.py [--runs 20] [--json FILE]
+    python scripts/selector_cost.py [--runs 20] [--json FILE] [--shapes qwen2.5-vl-7b]
 
 Shapes: LLaVA-1.5-7B (N = 576 visual tokens, D = 4096 projected width, E = 1024 CLIP-L width,
 K = 64 / 128 / 192) and LLaVA-NeXT-7B's global budget (N = 2880, K = 640). Inputs are random; the
@@ -10,6 +10,10 @@ GFLOP counts multiply-adds as 2 and cover the matrix work (similarity, relevance
 Then every stage of the methods that prune in stages (tops, fastv, pdrop, and topv where it is
 registered) at --keep T = 128 / 64 / 32 on LLaVA-1.5-7B's 32 layers: each stage's graph on the tokens
 alive there (N at that stage, K it keeps), with Q = 32 prompt tokens after the image at a cut.
+
+`--shapes qwen2.5-vl-7b`: Qwen2.5-VL-7B instead (D = 3584, E = 4 x 1280 = 5120, the merger's input;
+28 layers), on the token grids its processor gives a 640x480 image (17 x 23 = 391 tokens) and a
+1280x720 one (26 x 46 = 1196), the staged methods on the 640x480 one.
 """
 
 from __future__ import annotations
@@ -33,6 +37,14 @@ D, E, M = 4096, 1024, 16  # projected width, vision width, instruction tokens
 Q, LAYERS = 32, 32  # prompt tokens after the image (a cut's text rows); LLaVA-1.5-7B's decoder layers
 STAGED = ("tops", "topv", "fastv", "pdrop")  # timed per stage (those registered)
 CASES = [(576, 64), (576, 128), (576, 192), (2880, 640)]
+GRIDS = {576: (24, 24)}  # N -> its (rows, cols); others: one row
+STAGED_N = 576
+#: --shapes: (D, E, layers, cases, grids, the staged methods' N)
+SHAPES = {
+    "llava-1.5-7b": (4096, 1024, 32, CASES, GRIDS, 576),
+    "qwen2.5-vl-7b": (3584, 5120, 28, [(391, 64), (391, 128), (1196, 128), (1196, 256)],
+                      {391: (17, 23), 1196: (26, 46)}, 391),
+}
 VARIANTS = [  # (label, method, params)
     ("dpp-merge", "dpp-merge", {}),
     ("dpp-merge without the spatial factor (v1)", "dpp-merge", {"spatial": 0.0}),
@@ -80,7 +92,7 @@ def _median_ms(sess, feeds: dict, runs: int) -> float:
 
 
 def staged_rows(rng, runs: int) -> list[dict]:
-    """Each stage of each staged method at T = 128, 64, 32 (plan_for on 32 layers, N = 576)."""
+    """Each stage of each staged method at T = 128, 64, 32 (plan_for on LAYERS layers, N = STAGED_N)."""
     from tops_edge.selector.plan import plan_for
 
     rows = []
@@ -88,16 +100,17 @@ def staged_rows(rng, runs: int) -> list[dict]:
         params = selector.get(method).resolve_params({})
         for average in (128, 64, 32):
             try:
-                plan = plan_for(method, params, average, 576, LAYERS)
+                plan = plan_for(method, params, average, STAGED_N, LAYERS)
             except Exception as e:  # noqa: BLE001  (a schedule that cannot reach T: say so in the table)
                 print(f"  {method} T={average}: {e}", file=sys.stderr)
                 continue
-            alive = 576
+            alive = STAGED_N
+            rows_, cols_ = GRIDS[STAGED_N]
             for stage in plan.stages:
                 at = "vision" if stage.layer == 0 else "llm"
                 n, k = alive, stage.keep
-                layout = {"layout": "single", "tokens_per_crop": n, "grid": [24, 24]}
-                grid = np.stack(np.divmod(np.arange(n), 24), -1).astype(np.float32)[None]
+                layout = {"layout": "single", "tokens_per_crop": n, "grid": [rows_, cols_]}
+                grid = np.stack(np.divmod(np.arange(n), cols_), -1).astype(np.float32)[None]
                 feeds = {
                     "image_features": rng.standard_normal((1, n, D), dtype=np.float32),
                     "vision_features": rng.standard_normal((1, n, E), dtype=np.float32),
@@ -108,7 +121,7 @@ def staged_rows(rng, runs: int) -> list[dict]:
                     "token_positions": grid,
                     "lam": np.array(1.0, dtype=np.float32),
                     "keep": np.array(k, dtype=np.int64),
-                    "grid_h": np.array(24, dtype=np.int64), "grid_w": np.array(24, dtype=np.int64),
+                    "grid_h": np.array(rows_, dtype=np.int64), "grid_w": np.array(cols_, dtype=np.int64),
                 }
                 part = selector_part(method, params, layout, D, E, merge_outputs=False, at=at)
                 sess = ort.InferenceSession(part.onnx_model().SerializeToString(), providers=["CPUExecutionProvider"])
@@ -126,12 +139,14 @@ def main(argv=None) -> int:
     ap.add_argument("--runs", type=int, default=20, help="timed runs per case (median; default 20, 3 at N=2880)")
     ap.add_argument("--json", metavar="FILE", help="also write the rows as JSON")
     ap.add_argument("--staged-only", action="store_true", help="only the per-stage table of the staged methods")
+    ap.add_argument("--shapes", default="llava-1.5-7b", choices=sorted(SHAPES), help="model shapes (default: llava-1.5-7b)")
     args = ap.parse_args(argv)
+    global D, E, LAYERS, GRIDS, STAGED_N
+    D, E, LAYERS, cases, GRIDS, STAGED_N = SHAPES[args.shapes]
     rng = np.random.default_rng(0)
     rows = []
-    for n, k in ([] if args.staged_only else CASES):
-        side = int(round(n**0.5))
-        layout = {"layout": "single", "tokens_per_crop": n, "grid": [side, side] if side * side == n else [1, n]}
+    for n, k in ([] if args.staged_only else cases):
+        layout = {"layout": "single", "tokens_per_crop": n, "grid": list(GRIDS.get(n, (1, n)))}
         feeds = {
             "image_features": rng.standard_normal((1, n, D), dtype=np.float32),
             "vision_features": rng.standard_normal((1, n, E), dtype=np.float32),
@@ -148,7 +163,7 @@ def main(argv=None) -> int:
             sess = ort.InferenceSession(part.onnx_model().SerializeToString(), providers=["CPUExecutionProvider"])
             f = {i.name: feeds[i.name] for i in sess.get_inputs()}
             sess.run(None, f)
-            runs = args.runs if n <= 576 else 3
+            runs = args.runs if n <= 1200 else 3
             times = []
             for _ in range(runs):
                 t = time.perf_counter()
@@ -165,7 +180,7 @@ def main(argv=None) -> int:
         f = {i.name: feeds[i.name] for i in sess.get_inputs()}
         sess.run(None, f)
         times = []
-        for _ in range(args.runs if n <= 576 else 3):
+        for _ in range(args.runs if n <= 1200 else 3):
             t = time.perf_counter()
             sess.run(None, f)
             times.append((time.perf_counter() - t) * 1e3)

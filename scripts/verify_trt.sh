@@ -7,7 +7,8 @@
 # Exports tiny-llava twice (ORT form, and --target trt with the tops::Select plugin), builds fp16
 # engines (int8 too when `tops-export --precision int8` exists), compares each part's engine with
 # ONNX Runtime through polygraphy, runs the TRT pipeline against the ORT one, then does the same for a
-# decoder exported in segments (fastv pruning inside the LLM), and prints a pass/fail table.
+# decoder exported in segments (fastv pruning inside the LLM), Qwen2.5-VL's and Qwen3-VL's dynamic image sizes,
+# and prints a pass/fail table.
 set -uo pipefail
 OUT=${1:-out/verify-trt}
 DEVICE=${DEVICE:-rtx}
@@ -158,6 +159,32 @@ for prompt in ["What shapes are in the picture?", "How many red circles are ther
 print(f"token agreement {same}/{total}")
 sys.exit(0 if stages_ok and same >= 0.9 * total else 1)
 PY
+
+# Qwen2.5-VL and Qwen3-VL (tiny-qwen2.5-vl, tiny-qwen3-vl): the vision engine's dynamic patch count
+# (square, wide, tall images, one at the processor's max_pixels), M-RoPE's [3, 1, S] positions and
+# Qwen3-VL's DeepStack input through the profiles, against ORT.
+for QWEN in tiny-qwen2.5-vl tiny-qwen3-vl; do
+step "export $QWEN (dpp-merge)" tops-export --model "$QWEN" --out "$OUT/$QWEN" --selector dpp-merge --keep 48 --quiet
+step "tops-build fp16 $QWEN ($DEVICE)" tops-build "$OUT/$QWEN" --device "$DEVICE" --precision fp16
+step "TRT $QWEN pipeline == ORT (4 sizes, >= 90% tokens)" python - "$OUT/$QWEN" <<'PY'
+import sys
+import numpy as np
+from PIL import Image
+from tops_edge.runtime import Pipeline
+out = sys.argv[1]
+ort, trt = Pipeline.load(out, backend="ort"), Pipeline.load(out, backend="trt")
+cap = int(ort.manifest["visual"]["max_pixels"] ** 0.5)
+same = total = 0
+for w, h in [(224, 224), (384, 192), (160, 480), (cap, cap)]:
+    image = Image.fromarray(np.random.default_rng(w + h).integers(0, 256, (h, w, 3), dtype=np.uint8))
+    a = ort.generate(image, "Describe the image.", max_new_tokens=16, ignore_eos=True)
+    b = trt.generate(image, "Describe the image.", max_new_tokens=16, ignore_eos=True)
+    same += sum(x == y for x, y in zip(a.token_ids, b.token_ids)); total += len(a.token_ids)
+    print(f"{w}x{h}: {b.num_visual_tokens} tokens, kept equal {a.kept_indices == b.kept_indices}, vision {b.timings_ms['vision']:.2f} ms")
+print(f"token agreement {same}/{total}")
+sys.exit(0 if same >= 0.9 * total else 1)
+PY
+done
 
 echo
 printf '%-52s %s\n' "check" "result"

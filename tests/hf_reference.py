@@ -125,14 +125,19 @@ def hf_greedy_with_bias(model, inputs_embeds: torch.Tensor, bias: torch.Tensor |
 
 @torch.no_grad()
 def hf_cut_greedy(model, inputs_embeds: torch.Tensor, bias: torch.Tensor, cuts, keep_rows, max_new_tokens: int,
-                  positions: str = "compact", eos_token_id: int | None = None):
+                  positions: str = "compact", eos_token_id: int | None = None, deepstack: torch.Tensor | None = None):
     """Greedy decoding through HF's own decoder layers (eager attention), the prompt cut before each
     layer in `cuts`: at cut j the rows `keep_rows[j]` of the previous segment's sequence go on (all
     of them when None). Every segment caches only its own rows and numbers them by `positions`:
     `compact` 0..n-1 within the segment, `original` the rows' positions in the uncut prompt; new
-    tokens follow each segment's last position. `bias` [L] is added to every attention logit on the
+    tokens follow each segment's last position. `positions` may also be the uncut prompt's position
+    ids themselves ([L], or M-RoPE's [3, L]: kept rows keep theirs, as `original`; new tokens take
+    the segment's largest position + 1 on every row). `bias` [L] is added to every attention logit on the
     prompt's key positions (0 on new tokens). Returns (new token ids, [the first step's logits],
-    {cut: head-averaged attention [S, S] of the layer before it, on that segment's prompt})."""
+    {cut: head-averaged attention [S, S] of the layer before it, on that segment's prompt}). With
+    `deepstack` [L_ds, L, D] (Qwen3-VL: zeros on text rows), decoder layer i < L_ds's output on the
+    prompt gets row i added on the rows still there, as HF's `_deepstack_process` adds it at the image
+    positions (decode steps add nothing, as in HF)."""
     from transformers import DynamicCache
 
     lm = model.model.language_model
@@ -148,18 +153,21 @@ def hf_cut_greedy(model, inputs_embeds: torch.Tensor, bias: torch.Tensor, cuts, 
     hooks = [lm.layers[c - 1].self_attn.register_forward_hook(keep_first(c)) for c in cuts]
     try:
         cache = DynamicCache()  # one per layer index: each segment's layers hold only its rows
-        h, pos, key_bias = inputs_embeds, torch.arange(inputs_embeds.shape[1]), bias
+        given = isinstance(positions, torch.Tensor)
+        h, key_bias, ds = inputs_embeds, bias, deepstack
+        pos = positions if given else torch.arange(inputs_embeds.shape[1])
         lengths, next_pos, biases = [], [], []
         for s, (first, last) in enumerate(zip(bounds, bounds[1:])):
             if s > 0 and keep_rows[s - 1] is not None:
                 rows = torch.as_tensor(keep_rows[s - 1])
-                h, pos, key_bias = h[:, rows], pos[rows], key_bias[rows]
-            seg_pos = torch.arange(h.shape[1]) if positions == "compact" else pos
+                h, pos, key_bias = h[:, rows], pos[..., rows], key_bias[rows]
+                ds = None if ds is None else ds[:, rows]
+            seg_pos = torch.arange(h.shape[1]) if not given and positions == "compact" else pos
             length = h.shape[1]
             causal = torch.triu(torch.full((length, length), torch.finfo(torch.float32).min), diagonal=1)
-            h = _hf_layers(lm, h, (causal + key_bias[None, :])[None, None], seg_pos, cache, first, last)
+            h = _hf_layers(lm, h, (causal + key_bias[None, :])[None, None], seg_pos, cache, first, last, ds)
             lengths.append(length)
-            next_pos.append(int(seg_pos[-1]) + 1)
+            next_pos.append(int(seg_pos[..., -1].max()) + 1)
             biases.append(key_bias)
         logits = model.lm_head(lm.norm(h[:, -1:]))[0, -1]
         first_logits, out = logits, []
@@ -171,8 +179,8 @@ def hf_cut_greedy(model, inputs_embeds: torch.Tensor, bias: torch.Tensor, cuts, 
             h = model.get_input_embeddings()(torch.tensor([[tok]]))
             for s, (first, last) in enumerate(zip(bounds, bounds[1:])):
                 biases[s] = torch.cat([biases[s], torch.zeros(1)])
-                h = _hf_layers(lm, h, biases[s][None, None, None, :], torch.tensor([next_pos[s] + step]), cache,
-                               first, last)
+                step_pos = torch.full((*pos.shape[:-1], 1), next_pos[s] + step)  # [1] or [3, 1]
+                h = _hf_layers(lm, h, biases[s][None, None, None, :], step_pos, cache, first, last)
             logits = model.lm_head(lm.norm(h[:, -1:]))[0, -1]
     finally:
         for hook in hooks:
@@ -181,12 +189,16 @@ def hf_cut_greedy(model, inputs_embeds: torch.Tensor, bias: torch.Tensor, cuts, 
     return out, first_logits, captured
 
 
-def _hf_layers(lm, h, mask, positions, cache, first: int, last: int):
-    """HF's decoder layers first..last-1 on h, called as LlamaModel.forward calls them."""
-    rotary = lm.rotary_emb(h, position_ids=positions[None])
-    for layer in lm.layers[first:last]:
-        h = layer(h, attention_mask=mask, position_ids=positions[None], position_embeddings=rotary, use_cache=True,
+def _hf_layers(lm, h, mask, positions, cache, first: int, last: int, deepstack=None):
+    """HF's decoder layers first..last-1 on h, called as LlamaModel.forward (or Qwen2.5-VL's text
+    model, with positions [3, S]) calls them."""
+    batched = positions[None] if positions.dim() == 1 else positions[:, None]  # [1, S] or [3, 1, S]
+    rotary = lm.rotary_emb(h, position_ids=batched)
+    for index, layer in enumerate(lm.layers[first:last], start=first):
+        h = layer(h, attention_mask=mask, position_ids=batched, position_embeddings=rotary, use_cache=True,
                   **{cache_argument(layer): cache})
+        if deepstack is not None and index < len(deepstack):
+            h = h + deepstack[index][None]
     return h
 
 

@@ -98,7 +98,10 @@ def export_parser() -> argparse.ArgumentParser:
     p.add_argument("--target", default="ort", choices=TARGETS, help="deployment target: ort, or trt (the selector as the tops::Select TensorRT plugin; default: ort)")
     p.add_argument("--device", default=None, choices=tuple(PRESETS), help="plan memory for this device and refuse a model that does not fit it")
     p.add_argument("--dry-run", action="store_true", help="with --device: print the memory plan and export nothing (needs no weights)")
-    p.add_argument("--positions", default="compact", choices=POSITIONS, help="position ids after pruning: compact renumbers the kept tokens, original keeps theirs (default: compact)")
+    p.add_argument("--positions", default=None, choices=POSITIONS, help="position ids after pruning: compact renumbers the kept tokens, original keeps theirs (default: compact; Qwen-VL's M-RoPE: original, the only one it takes)")
+    p.add_argument("--max-image-tokens", type=int, default=None, metavar="N",
+                   help="dynamic-resolution models (Qwen-VL): at most N visual tokens per image (the image processor's "
+                        "max_pixels becomes N x 28 x 28); default: the model's own cap")
     p.add_argument("--cuts", default=None, type=_layers, metavar="L,...",
                    help="export the decoder in segments cut before these layers (e.g. 2,12,24), so selectors can "
                         "prune inside the LLM there; default: the selector's own cuts (none before the LLM)")
@@ -131,6 +134,7 @@ def _export(argv) -> int:
         args.model, args.out, selector=args.selector, keep=args.keep, keep_ratio=args.keep_ratio,
         budget=args.budget, precision=args.precision, int4_method=args.int4_method,
         target=args.target, exporter=args.exporter, opset=args.opset, positions=args.positions,
+        max_image_tokens=args.max_image_tokens,
         merge=args.merge, selector_params={k: v for k, v in params.items() if v is not None},
         progress=not args.quiet and sys.stderr.isatty(), device=args.device, calib=args.calib, cuts=args.cuts,
     )
@@ -148,6 +152,8 @@ def _plan_only(args) -> int:
     if args.device is None:
         raise InputError("--dry-run plans memory for a device: add --device (" + ", ".join(PRESETS) + ")")
     adapter = load_architecture(args.model)
+    if args.max_image_tokens is not None:
+        adapter.cap_image_tokens(args.max_image_tokens)
     footprint, device = footprint_of(adapter), get_preset(args.device)
     print(format_plan(plan_memory(footprint, device, args.precision, adapter.source)))
     check_fits(footprint, device, args.precision, adapter.source)

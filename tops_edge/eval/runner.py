@@ -231,6 +231,9 @@ def run_eval(directory, task: str = "shapesvqa", keeps=None, selectors=None, lim
     pipe = pipeline if pipeline is not None else Pipeline.load(directory, backend=backend)
     budget = pipe.resolve_budget(budget)
     if positions is not None:
+        if pipe.layout.name == "mrope" and positions != "original":
+            raise InputError("Qwen-VL's M-RoPE positions are `original` only: --positions compact has no meaning "
+                             "on its 2-D position grid (docs/qwen-vl.md)")
         pipe.positions = positions
     if merge is not None and merge not in MERGES:
         raise InputError(f"merge must be one of {', '.join(MERGES)}, got '{merge}'")

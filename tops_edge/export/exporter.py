@@ -38,7 +38,7 @@ def export_model(
     target: str = "ort",
     exporter: str = DEFAULT_EXPORTER,
     opset: int | None = None,
-    positions: str = "compact",
+    positions: str | None = None,
     merge: str | None = None,
     selector_params: dict[str, Any] | None = None,
     progress: bool = True,
@@ -46,6 +46,7 @@ def export_model(
     calib=None,
     cuts=None,
     int4_method: str | None = None,
+    max_image_tokens: int | None = None,
 ) -> Path:
     """Export MODEL into OUT. Returns OUT. A failure leaves an existing OUT untouched.
 
@@ -66,7 +67,9 @@ def export_model(
     reads the next layer's post-attention states (topv's target_features), the segment ending at
     that cut also outputs them (`cut_target_features`; manifest `decoder.segments[i].probe`).
     `int4_method` (int4-wo only): awq (scales searched on the calibration prefills, which `calib`
-    then supplies) or rtn (round to nearest); default awq (calib/int4.py).
+    then supplies) or rtn (round to nearest); default awq (calib/int4.py). `positions`: compact or
+    original (default compact; Qwen-VL's M-RoPE takes original only). `max_image_tokens` (Qwen-VL):
+    caps each image's visual tokens by lowering the image processor's max_pixels.
     """
     from ..calib.int4 import DEFAULT_INT4_METHOD, INT4_METHODS
 
@@ -82,7 +85,8 @@ def export_model(
 
         calib = calibration_set(calib)  # a bad folder fails here, before any export work
     _check_choice("target", target, TARGETS)
-    _check_choice("positions", positions, POSITIONS)
+    if positions is not None:
+        _check_choice("positions", positions, POSITIONS)
     _check_choice("exporter", exporter, EXPORTERS)
     _check_choice("budget", budget, BUDGETS)
     if keep is not None and keep_ratio is not None:
@@ -103,6 +107,11 @@ def export_model(
         steps.set_postfix_str("loading model")
         adapter = model if isinstance(model, ModelAdapter) else load(model)
         steps.update()
+        if positions is None:
+            positions = "original" if adapter.position_rows == 3 else "compact"
+        adapter.check_positions(positions)
+        if max_image_tokens is not None:
+            adapter.cap_image_tokens(max_image_tokens)
         layout = adapter.visual_layout()
         refuse_layout(selector, params, layout.get("layout", "single"))
         n = layout["max_selectable"]

@@ -16,8 +16,10 @@ from ..errors import CorruptModelError, ModelNotFoundError, UnsupportedModelErro
 from .base import ModelAdapter, PartSpec, TensorSpec
 from .llava import LlavaAdapter
 from .llava_next import LlavaNextAdapter
+from .qwen2_5_vl import Qwen2_5_VLAdapter
+from .qwen3_vl import Qwen3VLAdapter
 
-ADAPTERS: tuple[type[ModelAdapter], ...] = (LlavaAdapter, LlavaNextAdapter)
+ADAPTERS: tuple[type[ModelAdapter], ...] = (LlavaAdapter, LlavaNextAdapter, Qwen2_5_VLAdapter, Qwen3VLAdapter)
 
 #: trained checkpoints installed with the package (tops_edge/assets/NAME, HF format, with a SHA256SUMS)
 CHECKPOINTS = ("shapes-llava", "shapes-llava-deep")
@@ -120,7 +122,7 @@ def download_size(hub_id: str) -> str | None:
 
 def _load_local(path: Path, source: str) -> ModelAdapter:
     import torch
-    from transformers import AutoConfig, AutoProcessor
+    from transformers import AutoConfig
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()  # e.g. the torchvision -> PIL image-processor fallback notice
@@ -136,7 +138,7 @@ def _load_local(path: Path, source: str) -> ModelAdapter:
         raise ModelNotFoundError(f"{path} has a config but no weights (*.safetensors); download the full model")
     try:
         model = adapter_cls.hf_model_class().from_pretrained(str(path), dtype=torch.float32)
-        processor = AutoProcessor.from_pretrained(str(path))
+        processor = adapter_cls.load_processor(path)
     except Exception as exc:
         raise ModelNotFoundError(f"cannot load the model in {path}: {str(exc).splitlines()[0]}") from None
     return adapter_cls(model, processor, source=source)

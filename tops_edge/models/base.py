@@ -257,9 +257,10 @@ class DecoderSegment(nn.Module):
         try:
             rotary = lm.rotary_emb(hidden_states, position_ids=position_ids)
             h = hidden_states
-            for layer in layers:
+            for index, layer in enumerate(layers, start=self.first):
                 h = layer(h, attention_mask=mask, position_ids=position_ids, position_embeddings=rotary,
                           use_cache=True, **{cache_argument(layer): cache})
+                h = self.after_layer(index, h)
             if self.probe:
                 target = self._probe(lm.layers[self.last], h, attention_mask, attention_bias, cache_position,
                                      position_ids, rotary)
@@ -271,6 +272,11 @@ class DecoderSegment(nn.Module):
         if self.returns_logits:
             return (self.lm_head(lm.norm(h[:, -1:, :])), *present)
         return (h, captured[0], *((target,) if self.probe else ()), *present)
+
+    def after_layer(self, index: int, h: torch.Tensor) -> torch.Tensor:
+        """The hidden states handed from decoder layer `index` to the next (a family may add to them:
+        Qwen3-VL's DeepStack)."""
+        return h
 
     @staticmethod
     def _probe(layer, h, attention_mask, attention_bias, cache_position, position_ids, rotary):
@@ -295,6 +301,8 @@ class ModelAdapter(ABC):
     aliases: dict[str, str] = {}
     #: hub id -> billions of parameters of that published checkpoint (the size a first download says)
     hub_params_b: dict[str, float] = {}
+    #: rows of the decoder's position_ids: 1 ([B, S], 1-D RoPE) or 3 ([3, B, S], Qwen-VL's M-RoPE)
+    position_rows: int = 1
 
     def __init__(self, model: nn.Module, processor, source: str):
         self.model = model.eval()
@@ -309,6 +317,27 @@ class ModelAdapter(ABC):
     @classmethod
     @abstractmethod
     def build_tiny(cls, name: str, seed: int = 0) -> "ModelAdapter": ...
+
+    @classmethod
+    def load_processor(cls, path):
+        """The processor of a saved model folder (HF's AutoProcessor unless a family needs otherwise)."""
+        from transformers import AutoProcessor
+
+        return AutoProcessor.from_pretrained(str(path))
+
+    def check_positions(self, positions: str) -> None:
+        """An InputError where `--positions` has no meaning for this family (every value is fine here)."""
+
+    def cap_image_tokens(self, max_tokens: int) -> None:
+        """`--max-image-tokens`: only families with dynamic resolution take it."""
+        from ..errors import InputError
+
+        raise InputError(f"--max-image-tokens applies to dynamic-resolution models (Qwen-VL); {self.family}'s "
+                         "images have a fixed token count")
+
+    def position_example(self, past_len: int, seq: int) -> torch.Tensor:
+        """Example position_ids for tracing a decoder segment: [B, S], or [3, B, S] with M-RoPE."""
+        return torch.arange(past_len, past_len + seq).unsqueeze(0)
 
     # --- facts the manifest records ------------------------------------------------------------
     @property
@@ -414,7 +443,7 @@ class ModelAdapter(ABC):
             return (
                 torch.randn(1, seq, e),
                 filled,
-                torch.arange(past_len, past_len + seq).unsqueeze(0),
+                self.position_example(past_len, seq),
                 torch.zeros(1, capacity),
                 torch.arange(past_len, past_len + seq),
                 *past,
@@ -426,7 +455,8 @@ class ModelAdapter(ABC):
             inputs=[
                 TensorSpec(first_input, "float32", ("batch", "sequence", e)),
                 TensorSpec("attention_mask", "int64", ("batch", "cache_sequence")),
-                TensorSpec("position_ids", "int64", ("batch", "sequence")),
+                TensorSpec("position_ids", "int64", (3, "batch", "sequence") if self.position_rows == 3
+                           else ("batch", "sequence")),
                 TensorSpec("attention_bias", "float32", ("batch", "cache_sequence")),
                 TensorSpec("cache_position", "int64", ("sequence",)),
                 *kv(past_names),

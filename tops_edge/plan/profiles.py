@@ -3,6 +3,8 @@
 Each part gets one profile: {input name: (min, opt, max)} shapes; `keep` is a shape tensor (its
 value decides output shapes), so its entry gives values, not a shape. Ranges:
   images     1 (one image per call); LLaVA-NeXT crops 1 .. max_crops
+  patches    Qwen-VL (dynamic resolution): the vision graph's patches min_tokens*4 .. max_patches and
+             merged tokens min_tokens .. max_tokens (opt: half the cap), from the processor's pixel caps
   visual     N tokens per image (static in LLaVA-1.5's graphs); NeXT's selector segments 1 .. max_selectable
   prompt     1 .. MAX_PROMPT_TEXT_TOKENS text tokens (instruction, embed calls)
   prefill    1 .. N + MAX_PROMPT_TEXT_TOKENS tokens in one decoder step (opt 1: decode dominates)
@@ -45,6 +47,12 @@ def optimization_profiles(manifest: dict, device: DevicePreset) -> dict[str, dic
         "sequence": (1, 1, prefill),
         "cache_sequence": (1, context // 2, context),
     }
+    if "max_patches" in visual:  # mrope: the vision graph's patch and token counts follow the image
+        unit = int(visual["max_patches"]) // n
+        low = int(visual.get("min_tokens", 1))
+        opt = max(low, n // 2)
+        sizes["num_tokens"] = (low, opt, n)
+        sizes["num_patches"] = (low * unit, opt * unit, n * unit)
     profiles = {}
     for part, record in manifest["parts"].items():
         part_sizes = dict(sizes, sequence=(1, 32, prompt)) if part == "embed" else sizes

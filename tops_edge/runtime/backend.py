@@ -71,6 +71,10 @@ class DecoderRunner(ABC):
     #: True for a cut segment that also outputs cut_target_features (the next layer's probe, for
     #: selectors that read target_features: DecoderSegment `probe`)
     probes: bool = False
+    #: rows of position_ids: 1 ([1, S]) or 3 (M-RoPE's [3, 1, S]; a decode step's rows are equal)
+    position_rows: int = 1
+    #: layers of this segment that take a `deepstack_embeds` row (Qwen3-VL's DeepStack), 0 for none
+    deepstack_rows: int = 0
 
     def __init__(self, layout: KVLayout, hidden_size: int):
         self.layout = layout
@@ -90,13 +94,14 @@ class DecoderRunner(ABC):
 
     @abstractmethod
     def step(self, inputs_embeds: np.ndarray, position_ids: np.ndarray,
-             attention_bias: np.ndarray | None = None):
+             attention_bias: np.ndarray | None = None, deepstack: np.ndarray | None = None):
         """Feed [1, S, D] embeddings (a later segment: hidden states) at the given positions; returns
         the last position's logits [V], or for a segment that hands on, (hidden states [1, S, D],
         attention [1, S, C]), and with `probes` a third, the next layer's post-attention-norm states
         [1, S, D] (cut_target_features). `attention_bias` [1, S] (default 0) is added to every later attention
         logit on these tokens: log(n) for a token that stands for n merged ones. It stays with the
-        cached tokens."""
+        cached tokens. `deepstack` [n, 1, S, D] (a segment with `deepstack_rows` n): what each of its
+        first n layers adds to these tokens' hidden states (zeros when None, and on decode steps)."""
 
     @property
     def token_embeds(self) -> np.ndarray:
@@ -110,11 +115,15 @@ class DecoderRunner(ABC):
         """One decode step on `token_embeds` at `position`; returns the logits [V] (a segment that
         hands on writes its hidden state into `next_embeds` and returns None). Same result as
         `step(token_embeds, [[position]])`; backends skip rebinding what did not change."""
-        out = self.step(self.token_embeds, np.array([[position]], dtype=np.int64))
+        out = self.step(self.token_embeds, np.full(self.position_shape(), position, dtype=np.int64))
         if not self.hands_on:
             return out
         self.next_embeds[...] = out[0]
         return None
+
+    def position_shape(self, seq: int = 1) -> tuple[int, ...]:
+        """The shape of one step's position_ids for `seq` tokens."""
+        return (1, seq) if self.position_rows == 1 else (self.position_rows, 1, seq)
 
     def reset(self) -> None:
         self.length = 0
@@ -176,6 +185,9 @@ class OrtDecoderRunner(DecoderRunner):
         outputs = {o.name for o in sess.get_outputs()}
         self.hands_on = "cut_hidden_states" in outputs
         self.probes = "cut_target_features" in outputs
+        self.position_rows = 3 if len(inputs["position_ids"].shape) == 3 else 1
+        self.deepstack_rows = int(inputs["deepstack_embeds"].shape[0]) if "deepstack_embeds" in inputs else 0
+        self._deepstack_token = np.zeros((self.deepstack_rows, 1, 1, self.hidden_size), dtype=np.float32)
         self._attention = np.zeros((1, 1, 0), dtype=np.float32)  # decode steps' cut_attention: not read
         self._target = np.zeros((1, 1, self.hidden_size), dtype=np.float32)  # decode steps' probe: not read
         self.past_names = [i.name for i in sess.get_inputs() if i.name.startswith("past_key_values.")]
@@ -195,7 +207,7 @@ class OrtDecoderRunner(DecoderRunner):
         self._turn = 0
         self._mask = np.zeros((1, 0), dtype=np.int64)
         self._bias = np.zeros((1, 0), dtype=np.float32)  # attention_bias of the cached tokens
-        self._position = np.zeros((1, 1), dtype=np.int64)
+        self._position = np.zeros(self.position_shape(), dtype=np.int64)
         self._slot = np.zeros((1,), dtype=np.int64)
 
     def reserve(self, capacity: int) -> None:
@@ -241,11 +253,15 @@ class OrtDecoderRunner(DecoderRunner):
         self._mask[...] = 0  # the bias of a slot is written when it is filled
         self._turn = 0
 
-    def step(self, inputs_embeds, position_ids, attention_bias=None):
+    def step(self, inputs_embeds, position_ids, attention_bias=None, deepstack=None):
         seq = inputs_embeds.shape[1]
         past, total = self._check_room(seq)
         b = self._bindings[self._turn]
         b.bind_cpu_input(self.input_name, np.ascontiguousarray(inputs_embeds, dtype=np.float32))
+        if self.deepstack_rows:
+            if deepstack is None:
+                deepstack = np.zeros((self.deepstack_rows, 1, seq, self.hidden_size), dtype=np.float32)
+            b.bind_cpu_input("deepstack_embeds", np.ascontiguousarray(deepstack, dtype=np.float32))
         b.bind_cpu_input("position_ids", np.ascontiguousarray(position_ids, dtype=np.int64))
         b.bind_cpu_input("cache_position", np.arange(past, total, dtype=np.int64))
         self._token_bound[self._turn] = False
@@ -275,13 +291,15 @@ class OrtDecoderRunner(DecoderRunner):
             for name, buffer in ((self.input_name, self.token_embeds), ("position_ids", self._position),
                                  ("cache_position", self._slot)):
                 _bind_buffer(b, name, buffer)
+            if self.deepstack_rows:  # decode steps add nothing (HF injects at prefill only)
+                _bind_buffer(b, "deepstack_embeds", self._deepstack_token)
             if self.hands_on:  # the hidden state goes straight into the next segment's token buffer
                 _bind_output(b, "cut_hidden_states", self.next_embeds)
                 _bind_output(b, "cut_attention", self._attention)
                 if self.probes:
                     _bind_output(b, "cut_target_features", self._target)
             self._token_bound[turn] = True
-        self._position[0, 0] = position
+        self._position[...] = position
         self._slot[0] = past
         self._mask[0, past] = 1
         self._bias[0, past] = 0.0

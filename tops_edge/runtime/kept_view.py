@@ -68,14 +68,25 @@ def slot_colours(count: int) -> np.ndarray:
 
 
 def model_views(pipe, image) -> tuple[list[np.ndarray], tuple[int, int]]:
-    """The vision graph's input crops as HxWx3 uint8 images, and the image's (height, width)."""
+    """The vision graph's input crops as HxWx3 uint8 images, and the image's (height, width) (for
+    `mrope`: the one resized image the patches come from, and its patch grid)."""
     pixels, size = pipe.pre.image_inputs(image)
     ip = pipe.pre.image_processor
     mean = np.asarray(ip.image_mean if getattr(ip, "do_normalize", True) else 0.0, np.float32).reshape(-1, 1, 1)
     std = np.asarray(ip.image_std if getattr(ip, "do_normalize", True) else 1.0, np.float32).reshape(-1, 1, 1)
     scale = float(ip.rescale_factor) if getattr(ip, "do_rescale", True) else 1.0
+    if pipe.layout.name == "mrope":
+        pixels = _unpatchify(pixels, size, pipe.layout.merge, pipe.layout.patch_size, len(mean))[None]
     crops = [np.clip((p * std + mean) / scale, 0, 255).round().astype(np.uint8).transpose(1, 2, 0) for p in pixels]
     return crops, size
+
+
+def _unpatchify(patches: np.ndarray, grid, merge: int, patch: int, channels: int) -> np.ndarray:
+    """Qwen-VL's [P, C*T*p*p] patches (merge-block-major, as its image processor lays them out) back
+    to the [C, H*p, W*p] resized image (the first of the T identical frames)."""
+    h, w = (int(v) for v in grid)
+    x = patches.reshape(h // merge, w // merge, merge, merge, channels, -1, patch, patch)[:, :, :, :, :, 0]
+    return x.transpose(4, 0, 2, 5, 1, 3, 6).reshape(channels, h * patch, w * patch)
 
 
 def _patch_side(pipe) -> int:
@@ -90,10 +101,20 @@ def _patch_side(pipe) -> int:
 def panels(pipe, image, stage: Stage) -> list[tuple[str, np.ndarray]]:
     """(caption, RGB array) panels of one stage: one for `single`, base + high-res view for `anyres`."""
     crops, size = model_views(pipe, image)
-    side, n = _patch_side(pipe), pipe.layout.tokens_per_crop
     token_map = pipe.layout.token_map(size)
     if len(stage.groups) != len(token_map):
         raise InputError(f"the stage has {len(stage.groups)} token groups for an image of {len(token_map)} visual tokens")
+    if pipe.layout.name == "mrope":  # one image, its token grid (rows x cols of 28 px) as the processor resized it
+        rows, cols = token_map.grids[0]
+        kept = np.zeros(len(token_map), dtype=bool)
+        kept[list(stage.kept)] = True
+        slot_of = np.asarray(stage.groups, dtype=np.int64)
+        colours = slot_colours(max(len(stage.kept), 1))
+        position = np.arange(rows * cols).reshape(rows, cols)
+        merged = ((slot_of >= 0) & ~kept).any()
+        return [(stage.label + suffix, _draw(crops[0], position, kept, slot_of, colours, tint))
+                for suffix, tint in [("", False)] + ([(", merged groups", True)] if merged else [])]
+    side, n = _patch_side(pipe), pipe.layout.tokens_per_crop
     # per crop and patch: its position in the visual sequence, or -1 (not in it: padding or newline)
     position = np.full(len(crops) * n, -1, dtype=np.int64)
     patches = token_map.source >= 0
@@ -120,12 +141,12 @@ def panels(pipe, image, stage: Stage) -> list[tuple[str, np.ndarray]]:
 
 def _draw(crop: np.ndarray, position: np.ndarray, kept: np.ndarray, slot_of: np.ndarray,
           colours: np.ndarray, tint: bool) -> np.ndarray:
-    side = position.shape[0]
-    ph, pw = crop.shape[0] // side, crop.shape[1] // side
+    rows, cols = position.shape
+    ph, pw = crop.shape[0] // rows, crop.shape[1] // cols
     img = np.repeat(np.repeat(crop.astype(np.float32), SCALE, 0), SCALE, 1)
     ph, pw = ph * SCALE, pw * SCALE
-    for r in range(side):
-        for c in range(side):
+    for r in range(rows):
+        for c in range(cols):
             t = position[r, c]
             block = img[r * ph:(r + 1) * ph, c * pw:(c + 1) * pw]
             if t < 0:
@@ -134,8 +155,8 @@ def _draw(crop: np.ndarray, position: np.ndarray, kept: np.ndarray, slot_of: np.
                 dim = DIM * block + (1 - DIM) * 128.0
                 slot = slot_of[t] if tint else -1
                 block[:] = dim if slot < 0 else (1 - TINT) * dim + TINT * colours[slot]
-    for r in range(side):  # outlines last, so a neighbour's tint never covers them
-        for c in range(side):
+    for r in range(rows):  # outlines last, so a neighbour's tint never covers them
+        for c in range(cols):
             t = position[r, c]
             if t >= 0 and kept[t]:
                 colour = colours[slot_of[t]] if slot_of[t] >= 0 else (255, 255, 255)

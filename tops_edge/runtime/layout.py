@@ -3,6 +3,10 @@
 The manifest's `visual.layout` names one, so the runtime needs no model adapter:
 
 - `single` (LLaVA-1.5): one pass of the vision tower; its N tokens are the sequence.
+- `mrope` (Qwen2.5-VL): dynamic resolution. The image processor resizes the image within its pixel
+  caps; its H x W patches are merged 2x2 into (H/2) x (W/2) tokens, in row-major order, one segment.
+  The vision graph takes the patches plus index arrays for its windows and 2D rotary
+  (runtime/mrope.py), and the decoder M-RoPE's three position rows (`MropeLayout.positions`).
 - `anyres` (LLaVA-NeXT): the image is cut into a base view plus a grid of crops (the grid is the
   pinpoint resolution that fits the image best). The sequence is the base view's tokens, then the
   crops' tokens stitched into one patch grid, the rows and columns that only cover padding removed
@@ -86,6 +90,65 @@ class SingleLayout:
     def max_tokens(self) -> int:
         return self.tokens_per_crop
 
+    def vision_feeds(self, pixels: np.ndarray, image_size, token_map: TokenMap) -> dict[str, np.ndarray]:
+        return {"pixel_values": pixels[: token_map.num_crops]}
+
+
+class MropeLayout:
+    """Qwen2.5-VL: one image, its token grid decided by the processor's resize (`image_size` here is
+    the image's patch grid (H, W), as the processor's image_grid_thw says)."""
+
+    name = "mrope"
+
+    def __init__(self, visual: dict):
+        self.merge = int(visual["merge_size"])
+        self.patch_size = int(visual["patch_size"])
+        #: which index arrays the vision graph takes: Qwen2.5-VL's windows, or Qwen3-VL's resampling
+        self.vision_index = visual.get("vision_index", "qwen2.5")
+        self.window_size = int(visual.get("window_size", 0))
+        self.position_table = int(visual.get("num_position_embeddings", 0))
+        #: decoder layers that receive DeepStack features (Qwen3-VL), 0 for none
+        self.deepstack_layers = int(visual.get("deepstack_layers", 0))
+        self.max_tokens = int(visual["max_tokens"])
+        self.tokens_per_crop = self.max_tokens
+
+    def grid(self, image_size) -> tuple[int, int]:
+        """(rows, cols) of merged tokens of an image of (H, W) patches."""
+        h, w = (int(v) for v in image_size)
+        return h // self.merge, w // self.merge
+
+    def token_map(self, image_size) -> TokenMap:
+        rows, cols = self.grid(image_size)
+        n = rows * cols
+        if n > self.max_tokens:  # the processor's caps make this impossible; a hand-edited folder could
+            raise InputError(f"the image has {n} visual tokens, above this export's cap of {self.max_tokens}")
+        return TokenMap(np.arange(n), np.zeros(n, dtype=np.int64), ((rows, cols),), 1)
+
+    def vision_feeds(self, pixels: np.ndarray, image_size, token_map: TokenMap) -> dict[str, np.ndarray]:
+        h, w = (int(v) for v in image_size)
+        if self.vision_index == "qwen3":
+            from .mrope3 import vision_index_arrays_qwen3
+
+            return {"pixel_values": pixels, **vision_index_arrays_qwen3(h, w, self.merge, self.position_table)}
+        from .mrope import vision_index_arrays
+
+        return {"pixel_values": pixels, **vision_index_arrays(h, w, self.merge, self.window_size, self.patch_size)}
+
+    def positions(self, num_before: int, kept: np.ndarray, num_after: int, token_map: TokenMap) -> np.ndarray:
+        """[3, S] M-RoPE position ids (temporal, height, width) of the prefill sequence, `original`:
+        HF's get_rope_index for the unpruned image, then the pruned tokens' columns removed. Text
+        before the image counts up on all three rows; visual token (r, c) is (s, s + r, s + c) with s
+        the number of tokens before it; the text after resumes at s + max(rows, cols)."""
+        rows, cols = token_map.grids[0]
+        kept = np.asarray(kept, dtype=np.int64)
+        r, c = np.divmod(kept, cols)
+        s = num_before
+        before = np.broadcast_to(np.arange(s), (3, s))
+        visual = np.stack([np.full(len(kept), s), s + r, s + c])
+        start = s + max(rows, cols)
+        after = np.broadcast_to(np.arange(start, start + num_after), (3, num_after))
+        return np.concatenate([before, visual, after], axis=1).astype(np.int64)
+
 
 class AnyresLayout:
     """LLaVA-NeXT's anyres tiling with unpadding and `image_newline` tokens."""
@@ -107,6 +170,9 @@ class AnyresLayout:
 
         height, width = select_best_resolution(list(image_size), [list(p) for p in self.pinpoints])
         return height // self.crop_size, width // self.crop_size
+
+    def vision_feeds(self, pixels: np.ndarray, image_size, token_map: TokenMap) -> dict[str, np.ndarray]:
+        return {"pixel_values": pixels[: token_map.num_crops]}
 
     def token_map(self, image_size: tuple[int, int]) -> TokenMap:
         h_img, w_img = (int(v) for v in image_size)
@@ -161,6 +227,8 @@ def layout_for(visual: dict):
         return SingleLayout(visual)
     if kind == "anyres":
         return AnyresLayout(visual)
+    if kind == "mrope":
+        return MropeLayout(visual)
     raise InputError(f"unknown visual layout '{kind}' in the manifest")
 
 

@@ -100,7 +100,9 @@ class Pipeline:
         self.merge = sel["merge"]
         self.max_context = int(dec["max_context"])
         self.eos_ids = set(dec["eos_token_ids"])
-        self.pre = Preprocessor(directory, int(visual["image_token_id"]))
+        self.pre = Preprocessor(directory, int(visual["image_token_id"]), self.layout.name)
+        #: the current image's token grid (rows, cols): what TopV's token positions are measured on
+        self._grid: tuple[int, int] | None = None
         arrays = manifest.get("arrays", {})
         self.image_newline = np.load(directory / arrays["image_newline"]["path"]) if "image_newline" in arrays else None
         part_path = lambda name: directory / parts[name]["files"][0]["path"]  # noqa: E731
@@ -271,11 +273,14 @@ class Pipeline:
                             keep_ratio, budget, partial=partial)
         return _ClosingStream(steps, self.pre, partial)
 
-    def prompt_positions(self, num_before: int, kept: np.ndarray, num_after: int, num_visual: int) -> np.ndarray:
+    def prompt_positions(self, num_before: int, kept: np.ndarray, num_after: int, num_visual: int,
+                         token_map: TokenMap | None = None) -> np.ndarray:
         """Position ids of the prefill sequence. `compact`: 0..L-1, the kept tokens renumbered
         contiguously. `original`: every token keeps the position it had in the unpruned sequence (of
         `num_visual` visual tokens), so the text after the image (and decoding) resumes at the
-        unpruned length."""
+        unpruned length. The `mrope` layout (Qwen-VL) gives [3, L] M-RoPE rows, always `original`."""
+        if self.layout.name == "mrope":
+            return self.layout.positions(num_before, kept, num_after, token_map)
         if self.positions == "compact":
             return np.arange(num_before + len(kept) + num_after, dtype=np.int64)
         after_start = num_before + num_visual
@@ -383,6 +388,25 @@ class Pipeline:
         groups = np.where(owner >= 0, np.searchsorted(kept, owner), -1)
         return kept, merged_features, sizes[kept], groups
 
+    @staticmethod
+    def _deepstack(vision: dict, token_map: TokenMap, groups: np.ndarray | None, num_kept: int) -> np.ndarray | None:
+        """[L_ds, T, D] DeepStack rows in the image's sequence order (None when the vision graph has
+        none). With token merging (`groups`: each token's kept slot), a kept token's rows are its
+        group's mean, as its image features are."""
+        if "deepstack_features" not in vision:
+            return None
+        rows = vision["deepstack_features"][:, token_map.source]  # one image: source indexes its tokens
+        if groups is None:
+            return rows
+        sums = np.zeros((rows.shape[0], num_kept, rows.shape[2]), dtype=np.float32)
+        np.add.at(sums, (slice(None), groups), rows)
+        counts = np.bincount(groups, minlength=num_kept).astype(np.float32)
+        means = sums / np.maximum(counts, 1.0)[None, :, None]
+        out = rows.copy()
+        kept_at = np.flatnonzero(groups >= 0)
+        out[:, kept_at] = means[:, groups[kept_at]]
+        return out
+
     def _token_embedder(self):
         """The decode loop's embedding lookup: the embed graph run over fixed buffers (bound once),
         from `_token_id` into the decoder's one-token input. Per token, a bound run costs a fraction
@@ -430,16 +454,20 @@ class Pipeline:
         (selector/methods.refuse_layout refuses the others before a generation gets here)."""
         from ..selector.topv import token_positions
 
+        if self.layout.name == "mrope":  # one grid per image, the image's own
+            return token_positions(visual, *self._grid)
         if self.layout.name != "single":
             refuse_layout(self.selector_method, self.selector_params, self.layout.name)
             raise InputError(f"token positions need one patch grid; the '{self.layout.name}' layout has none")
         return token_positions(visual, *self.layout.grid)
 
     def _prefill(self, embeds: np.ndarray, positions: np.ndarray, bias: np.ndarray, rows: "PromptRows", plan,
-                 max_new_tokens: int):
+                 max_new_tokens: int, deepstack: np.ndarray | None = None):
         """Runs every decoder segment on the prompt, pruning at the plan's cuts. Returns the last
         position's logits, each segment's next decode position, the stages that ran at cuts, each
-        segment's step time and the time the cuts' selectors took (ms)."""
+        segment's step time and the time the cuts' selectors took (ms). `deepstack` [L_ds, T, D]
+        (Qwen3-VL): the rows decoder layers 0..L_ds-1 add to each visual token of the image's
+        sequence; a segment holding some of those layers gets its kept tokens' rows."""
         at_cut = {stage.layer: stage.keep for stage in plan.stages if stage.layer > 0}
         hidden, attention, target, stages, next_positions, step_ms, select_ms = embeds, None, None, [], [], [], 0.0
         for runner, (first, _) in zip(self.decoders, self.segment_layers):
@@ -448,15 +476,19 @@ class Pipeline:
                 keep = self._select_at_cut(hidden, attention, rows, at_cut[first], plan, target)
                 select_ms += (time.perf_counter() - t) * 1e3
                 hidden, bias = hidden[:, keep], bias[:, keep]
-                positions = positions[keep] if self.positions == "original" else np.arange(len(keep), dtype=np.int64)
+                positions = positions[..., keep] if self.positions == "original" else np.arange(len(keep), dtype=np.int64)
                 rows = rows.taken(keep)
                 stages.append({"layer": first, "keep": int((~rows.newline).sum()), "kept_indices": rows.visual.tolist()})
             runner.reserve(hidden.shape[1] + max_new_tokens - 1)  # the last token is never fed back
             runner.reset()
             t = time.perf_counter()
-            out = runner.step(hidden, positions[None], bias)
+            injected = None
+            if runner.deepstack_rows and deepstack is not None:  # zeros on text rows, as HF's mask adds nothing there
+                injected = np.zeros((runner.deepstack_rows, 1, hidden.shape[1], hidden.shape[2]), dtype=np.float32)
+                injected[:, 0, rows.visual_rows()] = deepstack[first:first + runner.deepstack_rows][:, rows.visual]
+            out = runner.step(hidden, positions[..., None, :], bias, injected)  # [1, S], or M-RoPE's [3, 1, S]
             step_ms.append((time.perf_counter() - t) * 1e3)
-            next_positions.append(int(positions[-1]) + 1)
+            next_positions.append(int(positions[..., -1].max()) + 1)  # M-RoPE: text rows are equal there
             if runner.hands_on:  # (hidden, attention) or, from a segment with the probe, (hidden, attention, target)
                 hidden, attention, target = out if len(out) == 3 else (*out, None)
         return out, next_positions, stages, step_ms, select_ms
@@ -502,20 +534,23 @@ class Pipeline:
         instruction = self.pre.instruction_ids(prompt, raw=raw_prompt) if self.needs_instruction else None
         t = clock.add("preprocess", t)
 
-        vision = self.vision.run({"pixel_values": pixels[: token_map.num_crops]})
+        self._grid = token_map.grids[0]
+        vision = self.vision.run(self.layout.vision_feeds(pixels, image_size, token_map))
         t = clock.add("vision", t)
         kept, features, sizes, groups = self._select(vision, token_map, instruction, first_keep, budget)
+        merge_used = bool((sizes > 1).any())
         visual = features[kept][None]
         t = clock.add("select", t)
 
         text = self.embed.run({"input_ids": np.concatenate([before, after])[None]})["inputs_embeds"]
         embeds = np.concatenate([text[:, : len(before)], visual, text[:, len(before) :]], axis=1)
-        positions = self.prompt_positions(len(before), kept, len(after), num_visual)
+        positions = self.prompt_positions(len(before), kept, len(after), num_visual, token_map)
         bias = np.zeros((1, prompt_len), dtype=np.float32)  # log(group size) on merged visual tokens
         bias[0, len(before) : len(before) + len(kept)] = np.log(sizes)
         rows = PromptRows(len(before), kept, np.isin(kept, token_map.newlines))
+        deepstack = self._deepstack(vision, token_map, groups if merge_used else None, len(kept))
         logits, next_positions, cut_stages, segment_ms, cut_select_ms = self._prefill(
-            embeds, positions, bias, rows, plan, max_new_tokens)
+            embeds, positions, bias, rows, plan, max_new_tokens, deepstack)
         stages = [{"layer": 0, "keep": first_keep, "kept_indices": [int(i) for i in kept]}] \
             if first_keep < token_map.selectable else []
         t = clock.add("prefill", t)

@@ -11,13 +11,18 @@ from ..errors import InputError, ManifestError
 
 
 class Preprocessor:
-    def __init__(self, directory: Path, image_token_id: int):
+    def __init__(self, directory: Path, image_token_id: int, layout: str = "single"):
         from transformers import AutoProcessor
         from transformers.utils import logging as hf_logging
 
         hf_logging.set_verbosity_error()  # the torchvision -> PIL image-processor fallback notice
         try:
-            self.processor = AutoProcessor.from_pretrained(str(directory))
+            if layout == "mrope":  # Qwen-VL: HF's processor class needs torchvision (runtime/qwen_processor.py)
+                from .qwen_processor import load_qwen_processor
+
+                self.processor = load_qwen_processor(directory)
+            else:
+                self.processor = AutoProcessor.from_pretrained(str(directory))
         except Exception as exc:
             raise ManifestError(f"cannot load the processor files in {directory}: {str(exc).splitlines()[0]}") from None
         self.tokenizer = self.processor.tokenizer
@@ -30,9 +35,17 @@ class Preprocessor:
 
     def image_inputs(self, image) -> tuple[np.ndarray, tuple[int, int]]:
         """(pixel values [crops, C, H, W], the image's (height, width)). One crop for LLaVA-1.5; the
-        base view plus the anyres crops for LLaVA-NeXT, whose processor says the image size."""
+        base view plus the anyres crops for LLaVA-NeXT, whose processor says the image size. Qwen-VL:
+        (patches [P, C*T*p*p], the resized image's patch grid (H, W) from image_grid_thw)."""
         img = load_image(image)
-        out = self.image_processor(images=img, return_tensors="np")
+        try:
+            out = self.image_processor(images=img, return_tensors="np")
+        except ValueError as exc:  # e.g. Qwen's smart_resize: an aspect ratio above 200
+            raise InputError(f"the image ({img.width}x{img.height}) cannot be preprocessed for this model: "
+                             f"{str(exc).splitlines()[0]}") from None
+        if "image_grid_thw" in out:
+            t, h, w = (int(v) for v in out["image_grid_thw"][0])
+            return np.ascontiguousarray(out["pixel_values"], dtype=np.float32), (h, w)
         pixels = np.asarray(out["pixel_values"], np.float32)
         if pixels.ndim == 5:  # [images, crops, C, H, W]
             pixels = pixels[0]

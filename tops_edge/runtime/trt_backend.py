@@ -95,6 +95,9 @@ class TrtDecoderRunner(DecoderRunner):
         self.e = engine
         self.hands_on = "cut_hidden_states" in engine.output_names
         self.probes = "cut_target_features" in engine.output_names
+        self.position_rows = 3 if len(engine.engine.get_tensor_shape("position_ids")) == 3 else 1
+        self.deepstack_rows = (int(engine.engine.get_tensor_shape("deepstack_embeds")[0])
+                               if "deepstack_embeds" in engine.input_names else 0)
         self.past_names = [n for n in engine.input_names if n.startswith("past_key_values.")]
         self.present_names = [n.replace("past_key_values.", "present.") for n in self.past_names]
         self.kv_dtype = engine.dtypes[self.past_names[0]]
@@ -137,7 +140,7 @@ class TrtDecoderRunner(DecoderRunner):
             with self.e.torch.cuda.stream(self.e.stream):  # ordered with the steps' writes and runs
                 self._mask.zero_()
 
-    def step(self, inputs_embeds, position_ids, attention_bias=None):
+    def step(self, inputs_embeds, position_ids, attention_bias=None, deepstack=None):
         torch, ctx = self.e.torch, self.e.context
         seq = inputs_embeds.shape[1]
         past, total = self.length, self.length + seq
@@ -148,6 +151,10 @@ class TrtDecoderRunner(DecoderRunner):
         with torch.cuda.stream(self.e.stream):
             self.e.bind_input(self.input_name, inputs_embeds, alive)
             self.e.bind_input("position_ids", position_ids, alive)
+            if self.deepstack_rows:  # Qwen3-VL: zeros unless given (decode steps)
+                if deepstack is None:
+                    deepstack = np.zeros((self.deepstack_rows, 1, seq, self.hidden_size), dtype=np.float32)
+                self.e.bind_input("deepstack_embeds", np.ascontiguousarray(deepstack, dtype=np.float32), alive)
             self.e.bind_input("cache_position", np.arange(past, total, dtype=np.int64), alive)
             self._mask[0, past:total] = 1
             new_bias = 0.0 if attention_bias is None else torch.as_tensor(np.asarray(attention_bias[0], np.float32))

@@ -245,7 +245,7 @@ def _tops_cut_onnx(p, grid):
 def _tops_cut_feeds(p, plan, layout: str) -> dict:
     import numpy as np
 
-    family = "llava-next" if layout == "anyres" else "llava-1.5"
+    family = {"anyres": "llava-next", "mrope": "qwen2.5-vl"}.get(layout, "llava-1.5")
     return {"lam": np.array(TP.stage_ii_lam(p, plan.average_tokens(), plan.num_visual, family), dtype=np.float32)}
 
 

@@ -284,6 +284,8 @@ __all__ = ["DEFAULT_PARAMS", "NORMS", "RATER_SCALINGS", "check_params", "default
 PUBLISHED_STAGE_II_LAM: dict[str, tuple[tuple[float, float], ...]] = {
     "llava-1.5": ((1 - 128 / 576, 0.5), (1 - 64 / 576, 1.0), (1 - 32 / 576, 1.0)),
     "llava-next": ((1 - 640 / 2880, 0.5), (1 - 320 / 2880, 0.4), (1 - 160 / 2880, 0.5)),
+    # Qwen2.5-VL-7B: one published setting, (alpha, lam) = (0.5, 0.4), at every budget it reports
+    "qwen2.5-vl": ((0.0, 0.4),),
 }
 
 #: the registry's `tops` defaults: Stage I (alpha, lam), Stage II (alpha2, lam2: "auto" = the

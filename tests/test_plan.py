@@ -119,6 +119,31 @@ def test_dry_run_of_a_plan_that_does_not_fit_prints_it_then_one_line_error(tmp_p
     assert len(captured.err.strip().splitlines()) == 1 and "orin-nano" in captured.err
 
 
+#: the built-in configs (models/architecture.py KNOWN_CONFIGS) by alias, with their decoder's KV shape
+BUILT_IN = {"llava-v1.5-7b": "32 layers x 32 heads x 128", "llava-v1.6-7b": "32 layers x 32 heads x 128",
+            "llava-v1.6-mistral-7b": "32 layers x 8 heads x 128", "qwen2.5-vl-3b": "36 layers x 2 heads x 128",
+            "qwen2.5-vl-7b": "28 layers x 4 heads x 128", "qwen3-vl-2b": "28 layers x 8 heads x 128",
+            "qwen3-vl-4b": "36 layers x 8 heads x 128", "qwen3-vl-8b": "36 layers x 8 heads x 128"}
+
+
+@pytest.mark.parametrize("alias", sorted(BUILT_IN))
+def test_dry_run_of_every_built_in_config_on_every_preset(alias, tmp_path, capsys):
+    """Each alias plans from its built-in config on every preset, without the weights: the plan is
+    printed, and a plan that does not fit ends in one line and a non-zero exit."""
+    for device in PRESETS:
+        args = ["--model", alias, "--out", str(tmp_path / "o"), "--device", device, "--precision", "int4-wo", "--dry-run"]
+        if alias.startswith("qwen"):  # their published cap (16384 tokens) is no edge setting
+            args += ["--max-image-tokens", "1024"]
+        code = export_main(args)
+        captured = capsys.readouterr()
+        assert f"on {device} " in captured.out and BUILT_IN[alias] in captured.out
+        fits = "verdict: fits" in captured.out
+        assert (code == 0) == fits and "Traceback" not in captured.err
+        if not fits:
+            assert len(captured.err.strip().splitlines()) == 1
+    assert not (tmp_path / "o").exists()
+
+
 def test_dry_run_needs_a_device(tmp_path, capsys):
     line = one_line_error(capsys, export_main(["--model", "tiny-llava", "--out", str(tmp_path / "o"), "--dry-run"]))
     assert "--device" in line

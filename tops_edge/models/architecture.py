@@ -28,6 +28,19 @@ def _llava15(hidden: int, intermediate: int, layers: int, heads: int) -> dict:
     )
 
 
+#: LLaVA-NeXT's anyres resolutions (llava-v1.6 config.json: image_grid_pinpoints), (height, width)
+_NEXT_PINPOINTS = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
+
+
+def _llava16(hidden: int, intermediate: int, layers: int, heads: int, kv_heads: int | None = None,
+             text_type: str = "llama", context: int = 4096, rope_theta: float = 10000.0) -> dict:
+    spec = _llava15(hidden, intermediate, layers, heads)
+    spec["text"].update(num_key_value_heads=kv_heads or heads, max_position_embeddings=context, rope_theta=rope_theta)
+    spec.update(family="llava_next", text_type=text_type,
+                llava=dict(spec["llava"], image_grid_pinpoints=_NEXT_PINPOINTS, image_seq_length=576))
+    return spec
+
+
 #: Qwen2.5-VL's ViT (the same in 3B and 7B; only its merger's output width follows the LLM)
 _QWEN25_VIT = dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, in_channels=3, patch_size=14,
                    spatial_merge_size=2, temporal_patch_size=2, window_size=112, fullatt_block_indexes=[7, 15, 23, 31],
@@ -71,13 +84,18 @@ def _qwen3(hidden: int, intermediate: int, layers: int, heads: int, kv_heads: in
 _QWEN3_VIT_SMALL = dict(depth=24, hidden_size=1024, intermediate_size=4096, num_heads=16, deepstack_visual_indexes=[5, 11, 17])
 _QWEN3_VIT_8B = dict(depth=27, hidden_size=1152, intermediate_size=4304, num_heads=16, deepstack_visual_indexes=[8, 16, 24])
 
-#: hub id -> config fields (llava-hf/llava-1.5-{7b,13b}-hf: Vicuna-1.5 = Llama-2 shapes, CLIP ViT-L/14-336;
+#: hub id -> config fields (llava-hf/llava-1.5-{7b,13b}-hf and llava-v1.6-{vicuna-7b,vicuna-13b,mistral-7b}-hf:
+#: Vicuna-1.5 = Llama-2 shapes or Mistral-7B, CLIP ViT-L/14-336;
 #: Qwen/Qwen2.5-VL-{3B,7B}-Instruct from their config.json files; Qwen/Qwen3-VL-{2B,4B,8B}-Instruct from
 #: copies of theirs found in other repositories (the hub files were not at hand: check them against a
 #: download when the plan decides a purchase; a cached or local config.json is read instead when present))
 KNOWN_CONFIGS = {
     "llava-hf/llava-1.5-7b-hf": _llava15(4096, 11008, 32, 32),
     "llava-hf/llava-1.5-13b-hf": _llava15(5120, 13824, 40, 40),
+    "llava-hf/llava-v1.6-vicuna-7b-hf": _llava16(4096, 11008, 32, 32),
+    "llava-hf/llava-v1.6-vicuna-13b-hf": _llava16(5120, 13824, 40, 40),
+    "llava-hf/llava-v1.6-mistral-7b-hf": _llava16(4096, 14336, 32, 32, kv_heads=8, text_type="mistral", context=32768,
+                                                  rope_theta=1000000.0),
     "Qwen/Qwen2.5-VL-3B-Instruct": _qwen25(2048, 11008, 36, 16, 2, 151936, tied=True),
     "Qwen/Qwen2.5-VL-7B-Instruct": _qwen25(3584, 18944, 28, 28, 4, 152064, tied=False),
     "Qwen/Qwen3-VL-2B-Instruct": _qwen3(2048, 6144, 28, 16, 8, tied=True, vit=_QWEN3_VIT_SMALL),
@@ -96,10 +114,11 @@ def known_config(hub_id: str):
         from transformers import Qwen3VLConfig
 
         return Qwen3VLConfig(vision_config=spec["vision"], text_config=spec["text"], **spec["top"])
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaNextConfig, MistralConfig
 
-    return LlavaConfig(vision_config=CLIPVisionConfig(**spec["vision"]), text_config=LlamaConfig(**spec["text"]),
-                       **spec["llava"])
+    text = (MistralConfig if spec.get("text_type") == "mistral" else LlamaConfig)(**spec["text"])
+    config_class = LlavaNextConfig if spec.get("family") == "llava_next" else LlavaConfig
+    return config_class(vision_config=CLIPVisionConfig(**spec["vision"]), text_config=text, **spec["llava"])
 
 
 class _CapsOnly:

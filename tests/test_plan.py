@@ -144,6 +144,15 @@ def test_dry_run_of_every_built_in_config_on_every_preset(alias, tmp_path, capsy
     assert not (tmp_path / "o").exists()
 
 
+def test_prefill_is_at_most_the_context():
+    """LLaVA-NeXT's largest image (2928 tokens) + 512 prompt tokens is more than orin-nano's 2048-token
+    context: no prompt can be longer than the context, so the plan and the profiles stop there."""
+    fp = footprint_of(load_architecture("llava-v1.6-7b"))
+    plan = plan_memory(fp, get_preset("orin-nano"), "int4-wo")
+    assert plan.context == 2048 and plan.prefill_tokens == 2048
+    assert plan_memory(fp, get_preset("agx-orin"), "int4-wo").prefill_tokens == 2928 + 512
+
+
 def test_dry_run_needs_a_device(tmp_path, capsys):
     line = one_line_error(capsys, export_main(["--model", "tiny-llava", "--out", str(tmp_path / "o"), "--dry-run"]))
     assert "--device" in line

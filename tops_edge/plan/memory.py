@@ -83,7 +83,7 @@ def plan_memory(fp: Footprint, device: DevicePreset, precision: str, model: str 
     vm, vo, eb, dm, do = WEIGHT_BYTES[precision]
     act = activation_bytes(precision)
     kv_bytes = kv_bytes or act
-    prefill = fp.tokens_per_image + MAX_PROMPT_TEXT_TOKENS
+    prefill = min(context, fp.tokens_per_image + MAX_PROMPT_TEXT_TOKENS)  # no prompt is longer than the context
     plan = MemoryPlan(model, device, precision, context, prefill)
     m = lambda n: f"{n / 1e6:.1f}M"  # noqa: E731
     b = lambda x: f"{float(x):g}"  # noqa: E731  (17/32 -> 0.53125)

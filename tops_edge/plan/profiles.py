@@ -7,7 +7,7 @@ value decides output shapes), so its entry gives values, not a shape. Ranges:
              merged tokens min_tokens .. max_tokens (opt: half the cap), from the processor's pixel caps
   visual     N tokens per image (static in LLaVA-1.5's graphs); NeXT's selector segments 1 .. max_selectable
   prompt     1 .. MAX_PROMPT_TEXT_TOKENS text tokens (instruction, embed calls)
-  prefill    1 .. N + MAX_PROMPT_TEXT_TOKENS tokens in one decoder step (opt 1: decode dominates)
+  prefill    1 .. min(N + MAX_PROMPT_TEXT_TOKENS, context) tokens in one decoder step (opt 1: decode dominates)
   KV cache   1 .. context slots (the fixed-size cache of a generation), context = min(preset, model)
 """
 
@@ -38,7 +38,7 @@ def optimization_profiles(manifest: dict, device: DevicePreset) -> dict[str, dic
     crops = int(visual.get("max_crops", 1))
     context = min(device.max_context, int(manifest["decoder"]["max_context"]))
     prompt = MAX_PROMPT_TEXT_TOKENS
-    prefill = n + prompt
+    prefill = min(n + prompt, context)  # no prompt is longer than the context
     sizes = {
         "num_images": (1, 1, 1), "batch": (1, 1, 1),
         "num_crops": (1, min(3, crops), crops), "tokens": (1, per_crop, selectable),

@@ -200,28 +200,14 @@ def test_cls_attention_leaves_outputs_unchanged(vision, cases):
 # --- ONNX: one graph for every grid -------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def onnx_session(vision, tmp_path_factory):
+def onnx_session(tiny_qwen3, tmp_path_factory):
     import onnxruntime as ort
 
     from tops_edge.export.onnx_export import export_part
-    from tops_edge.models.base import PartSpec, TensorSpec
+    from tops_edge.models.qwen3_vl import Qwen3VLAdapter
 
-    visual = vision.visual
-    embed = visual.patch_embed
-    pixel_dim = embed.in_channels * embed.temporal_patch_size * embed.patch_size ** 2
-    dv, e = visual.config.hidden_size, visual.config.out_hidden_size
-    layers = len(visual.config.deepstack_visual_indexes)
-    part = PartSpec(
-        name="vision",
-        inputs=[TensorSpec("pixel_values", "float32", ("num_patches", pixel_dim)),
-                TensorSpec("patch_positions", "int64", ("num_patches", 2)),
-                TensorSpec("interp_indices", "int64", ("num_patches", 4)),
-                TensorSpec("interp_weights", "float32", ("num_patches", 4))],
-        outputs=[TensorSpec("image_features", "float32", (1, "num_tokens", e)),
-                 TensorSpec("vision_features", "float32", (1, "num_tokens", 4 * dv)),
-                 TensorSpec("deepstack_features", "float32", (layers, "num_tokens", e)),
-                 TensorSpec("cls_attention", "float32", (1, "num_tokens"))],
-        module=vision, example_inputs=lambda: vision.example_inputs(8, 12))
+    # the adapter's own vision part (its IO specs, traced from its example grid), on this module's model
+    part = Qwen3VLAdapter(*tiny_qwen3, source="test").parts(cls_attention=True)[0]
     path = tmp_path_factory.mktemp("qwen3-vision") / "vision.onnx"
     files = export_part(part, path, opset=18)
     assert files == ["vision.onnx"]

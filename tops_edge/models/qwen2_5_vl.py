@@ -126,29 +126,34 @@ class Qwen2_5_VLAdapter(ModelAdapter):
         """vision (dynamic patch count), embed, the decoder or its segments; `cls_attention` adds the
         vision part's substitute for a [CLS] attention (the attention each token receives in the last
         block: models/qwen_vision.py)."""
-        from .qwen_vision import QwenVision
-
         vc = self.vision_config
-        module = QwenVision(self.model.model.visual, patch_attention=cls_attention)
+        module, index_inputs, extra_outputs = self.vision_module(cls_attention)
         width = vc.hidden_size * vc.spatial_merge_size ** 2
         patch_dim = vc.in_channels * vc.temporal_patch_size * vc.patch_size ** 2
         outputs = [TensorSpec("image_features", "float32", (1, "num_tokens", self.hidden_size)),
-                   TensorSpec("vision_features", "float32", (1, "num_tokens", width))]
+                   TensorSpec("vision_features", "float32", (1, "num_tokens", width)), *extra_outputs]
         if cls_attention:
             outputs.append(TensorSpec("cls_attention", "float32", (1, "num_tokens")))
         vision = PartSpec(
             name="vision",
             module=module,
-            inputs=[TensorSpec("pixel_values", "float32", ("num_patches", patch_dim)),
-                    TensorSpec("patch_positions", "int64", ("num_patches", 2)),
-                    TensorSpec("window_index", "int64", ("num_tokens",)),
-                    TensorSpec("window_ids", "int64", ("num_tokens",))],
+            inputs=[TensorSpec("pixel_values", "float32", ("num_patches", patch_dim)), *index_inputs],
             outputs=outputs,
             example_inputs=module.example_inputs,
         )
         lm = self.model.model.language_model
         return [vision, self.embed_part(lm.get_input_embeddings()),
                 *self.decoder_parts(lm, self.model.lm_head, cuts, probes)]
+
+    def vision_module(self, cls_attention: bool):
+        """(the vision graph's module, its index inputs after pixel_values, its outputs beside the
+        features): Qwen2.5-VL's windows (runtime/mrope.py)."""
+        from .qwen_vision import QwenVision
+
+        inputs = [TensorSpec("patch_positions", "int64", ("num_patches", 2)),
+                  TensorSpec("window_index", "int64", ("num_tokens",)),
+                  TensorSpec("window_ids", "int64", ("num_tokens",))]
+        return QwenVision(self.model.model.visual, patch_attention=cls_attention), inputs, []
 
     def position_example(self, past_len: int, seq: int) -> torch.Tensor:
         return torch.arange(past_len, past_len + seq).view(1, 1, -1).expand(3, 1, seq).contiguous()

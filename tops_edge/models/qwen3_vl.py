@@ -86,32 +86,16 @@ class Qwen3VLAdapter(Qwen2_5_VLAdapter):
             return 32 * 32 * 4, 32 * 32 * 16384
         return super().pixel_caps()
 
-    def parts(self, cls_attention: bool = False, cuts=(), probes=()) -> list[PartSpec]:
+    def vision_module(self, cls_attention: bool):
+        """Qwen3-VL's tower (models/qwen3_vision.py): the position table's resampling indices and
+        weights as inputs (runtime/mrope3.py), and its DeepStack features as an output."""
         from .qwen3_vision import Qwen3Vision
 
-        vc = self.vision_config
-        module = Qwen3Vision(self.model.model.visual, patch_attention=cls_attention)
-        width = vc.hidden_size * vc.spatial_merge_size ** 2
-        patch_dim = vc.in_channels * vc.temporal_patch_size * vc.patch_size ** 2
-        e = self.hidden_size
-        outputs = [TensorSpec("image_features", "float32", (1, "num_tokens", e)),
-                   TensorSpec("vision_features", "float32", (1, "num_tokens", width)),
-                   TensorSpec("deepstack_features", "float32", (self.deepstack_layers, "num_tokens", e))]
-        if cls_attention:
-            outputs.append(TensorSpec("cls_attention", "float32", (1, "num_tokens")))
-        vision = PartSpec(
-            name="vision",
-            module=module,
-            inputs=[TensorSpec("pixel_values", "float32", ("num_patches", patch_dim)),
-                    TensorSpec("patch_positions", "int64", ("num_patches", 2)),
-                    TensorSpec("interp_indices", "int64", ("num_patches", 4)),
-                    TensorSpec("interp_weights", "float32", ("num_patches", 4))],
-            outputs=outputs,
-            example_inputs=module.example_inputs,
-        )
-        lm = self.model.model.language_model
-        return [vision, self.embed_part(lm.get_input_embeddings()),
-                *self.decoder_parts(lm, self.model.lm_head, cuts, probes)]
+        inputs = [TensorSpec("patch_positions", "int64", ("num_patches", 2)),
+                  TensorSpec("interp_indices", "int64", ("num_patches", 4)),
+                  TensorSpec("interp_weights", "float32", ("num_patches", 4))]
+        outputs = [TensorSpec("deepstack_features", "float32", (self.deepstack_layers, "num_tokens", self.hidden_size))]
+        return Qwen3Vision(self.model.model.visual, patch_attention=cls_attention), inputs, outputs
 
     def decoder_parts(self, language_model, lm_head, cuts=(), probes=()) -> list[PartSpec]:
         cuts = self.check_cuts(cuts)

@@ -79,38 +79,54 @@ def tiny_qwen_config(tokenizer, **overrides):
         bos_token_id=None, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
         tie_word_embeddings=False,
     )
-    vision.update(overrides.pop("vision", {}))
-    text.update(overrides.pop("text", {}))
+    return qwen_family_config(Qwen2_5_VLConfig, tokenizer, vision, text, overrides)
+
+
+def qwen_family_config(config_class, tokenizer, vision: dict, text: dict, overrides: dict):
+    """A Qwen-VL config (2.5 or 3) from default vision / text dicts, updated by `overrides` (its
+    `vision=` / `text=` dicts update the sub-configs), with the tokenizer's special-token ids."""
+    vision = dict(vision, **overrides.pop("vision", {}))
+    text = dict(text, **overrides.pop("text", {}))
     ids = tokenizer.convert_tokens_to_ids
     cfg = dict(vision_config=vision, text_config=text, image_token_id=ids(QWEN_IMAGE_TOKEN),
                video_token_id=ids("<|video_pad|>"), vision_start_token_id=ids("<|vision_start|>"),
                vision_end_token_id=ids("<|vision_end|>"), tie_word_embeddings=False)
     cfg.update(overrides)
-    return Qwen2_5_VLConfig(**cfg)
+    return config_class(**cfg)
 
 
 def build_qwen_image_processor(min_pixels: int = TINY_MIN_PIXELS, max_pixels: int = TINY_MAX_PIXELS,
-                               patch_size: int = 14, merge_size: int = 2, temporal_patch_size: int = 2):
+                               patch_size: int = 14, merge_size: int = 2, temporal_patch_size: int = 2, **normalise):
+    """The PIL Qwen2-VL image processor with these caps (`normalise`: image_mean / image_std)."""
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
     return Qwen2VLImageProcessorPil(size={"shortest_edge": min_pixels, "longest_edge": max_pixels},
                                     patch_size=patch_size, merge_size=merge_size,
-                                    temporal_patch_size=temporal_patch_size)
+                                    temporal_patch_size=temporal_patch_size, **normalise)
 
 
 def build_tiny_qwen(seed: int = 0, **overrides):
     """(model, processor) of a random Qwen2.5-VL in miniature. Same seed -> same weights."""
-    from transformers import GenerationConfig, Qwen2_5_VLForConditionalGeneration
+    from transformers import Qwen2_5_VLForConditionalGeneration
 
     tokenizer = build_qwen_byte_tokenizer()
-    processor_caps = overrides.pop("pixels", {})
-    config = tiny_qwen_config(tokenizer, **overrides)
+    caps = overrides.pop("pixels", {})
+    return build_random_qwen(Qwen2_5_VLForConditionalGeneration, tiny_qwen_config(tokenizer, **overrides), tokenizer,
+                             seed, caps)
+
+
+def build_random_qwen(model_class, config, tokenizer, seed: int, caps: dict, chat_template: str | None = None,
+                      **normalise):
+    """(model, processor): `model_class(config)` with weights from `seed`, and a processor whose image
+    processor follows the config's patch, merge and temporal sizes (`caps`: min_pixels / max_pixels)."""
+    from transformers import GenerationConfig
+
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = Qwen2_5_VLForConditionalGeneration(config).eval()
+        model = model_class(config).eval()
     model.generation_config = GenerationConfig(eos_token_id=tokenizer.eos_token_id,
                                                pad_token_id=tokenizer.pad_token_id)
     vc = config.vision_config
     image_processor = build_qwen_image_processor(patch_size=vc.patch_size, merge_size=vc.spatial_merge_size,
-                                                 temporal_patch_size=vc.temporal_patch_size, **processor_caps)
-    return model, qwen_processor(image_processor, tokenizer)
+                                                 temporal_patch_size=vc.temporal_patch_size, **caps, **normalise)
+    return model, qwen_processor(image_processor, tokenizer, chat_template)

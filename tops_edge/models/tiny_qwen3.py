@@ -19,10 +19,7 @@ message).
 
 from __future__ import annotations
 
-import torch
-
-from ..runtime.qwen_processor import QWEN_IMAGE_TOKEN, QwenVLProcessor, qwen_processor  # noqa: F401
-from .tiny_qwen import build_qwen_byte_tokenizer
+from .tiny_qwen import build_qwen_byte_tokenizer, build_qwen_image_processor, build_random_qwen, qwen_family_config
 
 # Qwen3-VL-Instruct's chat template less its tool, video and vision-id branches: unlike Qwen2.5-VL's
 # there is no default system message (a system turn is written only when the conversation has one)
@@ -73,24 +70,13 @@ def tiny_qwen3_config(tokenizer, **overrides):
         initializer_range=0.2,  # keeps greedy logits apart, so parity is not decided by ties
         bos_token_id=None, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
     )
-    vision.update(overrides.pop("vision", {}))
-    text.update(overrides.pop("text", {}))
-    ids = tokenizer.convert_tokens_to_ids
-    cfg = dict(vision_config=vision, text_config=text, image_token_id=ids(QWEN_IMAGE_TOKEN),
-               video_token_id=ids("<|video_pad|>"), vision_start_token_id=ids("<|vision_start|>"),
-               vision_end_token_id=ids("<|vision_end|>"), tie_word_embeddings=False)
-    cfg.update(overrides)
-    return Qwen3VLConfig(**cfg)
+    return qwen_family_config(Qwen3VLConfig, tokenizer, vision, text, overrides)
 
 
 def build_qwen3_image_processor(min_pixels: int = TINY3_MIN_PIXELS, max_pixels: int = TINY3_MAX_PIXELS,
                                 patch_size: int = 16, merge_size: int = 2, temporal_patch_size: int = 2):
-    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
-
-    return Qwen2VLImageProcessorPil(size={"shortest_edge": min_pixels, "longest_edge": max_pixels},
-                                    patch_size=patch_size, merge_size=merge_size,
-                                    temporal_patch_size=temporal_patch_size,
-                                    image_mean=list(QWEN3_IMAGE_MEAN), image_std=list(QWEN3_IMAGE_STD))
+    return build_qwen_image_processor(min_pixels, max_pixels, patch_size, merge_size, temporal_patch_size,
+                                      image_mean=list(QWEN3_IMAGE_MEAN), image_std=list(QWEN3_IMAGE_STD))
 
 
 def build_qwen3_tokenizer(model_max_length: int = 4096):
@@ -103,17 +89,10 @@ def build_qwen3_tokenizer(model_max_length: int = 4096):
 def build_tiny_qwen3(seed: int = 0, **overrides):
     """(model, processor) of a random Qwen3-VL in miniature. Same seed -> same weights.
     `pixels={"min_pixels": .., "max_pixels": ..}` changes the image processor's caps."""
-    from transformers import GenerationConfig, Qwen3VLForConditionalGeneration
+    from transformers import Qwen3VLForConditionalGeneration
 
     tokenizer = build_qwen3_tokenizer()
-    processor_caps = overrides.pop("pixels", {})
-    config = tiny_qwen3_config(tokenizer, **overrides)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = Qwen3VLForConditionalGeneration(config).eval()
-    model.generation_config = GenerationConfig(eos_token_id=tokenizer.eos_token_id,
-                                               pad_token_id=tokenizer.pad_token_id)
-    vc = config.vision_config
-    image_processor = build_qwen3_image_processor(patch_size=vc.patch_size, merge_size=vc.spatial_merge_size,
-                                                  temporal_patch_size=vc.temporal_patch_size, **processor_caps)
-    return model, qwen_processor(image_processor, tokenizer, QWEN3_CHAT_TEMPLATE)
+    caps = dict(dict(min_pixels=TINY3_MIN_PIXELS, max_pixels=TINY3_MAX_PIXELS), **overrides.pop("pixels", {}))
+    return build_random_qwen(Qwen3VLForConditionalGeneration, tiny_qwen3_config(tokenizer, **overrides), tokenizer,
+                             seed, caps, QWEN3_CHAT_TEMPLATE, image_mean=list(QWEN3_IMAGE_MEAN),
+                             image_std=list(QWEN3_IMAGE_STD))

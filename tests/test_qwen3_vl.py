@@ -130,3 +130,19 @@ def test_dry_run_plans_qwen3_from_built_in_configs(capsys):
     out = capsys.readouterr().out
     assert code == 0
     assert "memory plan: Qwen/Qwen3-VL-8B-Instruct on orin-nx" in out and "36 layers x 8 heads x 128" in out
+
+
+@pytest.mark.parametrize("precision", ["int8", "int4-wo"])
+def test_calibrated_precisions_feed_the_deepstack_rows(tiny, tmp_path, precision):
+    """int8 and int4-wo (AWQ) calibrate on the fp32 pipeline's captured prefills, which for Qwen3-VL
+    include the DeepStack rows of the segment's first layers; the converted export answers."""
+    import onnx
+
+    pipe = Pipeline.load(export_model(tiny, tmp_path / precision, selector="dpp-merge", precision=precision,
+                                      progress=False))
+    result = pipe.generate(_image(224, 224, seed=9), PROMPT, max_new_tokens=3, keep=24)
+    assert len(result.token_ids) >= 1 and result.stages[0]["keep"] == 24
+    graph = onnx.load(str(tmp_path / precision / pipe.manifest["parts"]["decoder"]["files"][0]["path"]),
+                      load_external_data=False)
+    ops = {n.op_type for n in graph.graph.node}
+    assert ("DequantizeLinear" in ops) and ("deepstack_embeds" in {i.name for i in graph.graph.input})

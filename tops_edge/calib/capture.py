@@ -30,17 +30,18 @@ class _RecordingDecoder:
 
     def __init__(self, inner):
         self.inner = inner
-        self.prefills: list[tuple[np.ndarray, np.ndarray]] = []
+        self.prefills: list[tuple] = []  # (embeds, positions, bias, deepstack rows or None)
 
     def __getattr__(self, name):
         return getattr(self.inner, name)
 
-    def step(self, inputs_embeds, position_ids, attention_bias=None):
+    def step(self, inputs_embeds, position_ids, attention_bias=None, deepstack=None):
         if self.inner.length == 0:
-            bias = np.zeros(position_ids.shape, np.float32) if attention_bias is None else attention_bias
+            bias = np.zeros(inputs_embeds.shape[:2], np.float32) if attention_bias is None else attention_bias
             self.prefills.append((np.array(inputs_embeds, dtype=np.float32), np.array(position_ids, dtype=np.int64),
-                                  np.array(bias, dtype=np.float32)))
-        return self.inner.step(inputs_embeds, position_ids, attention_bias)
+                                  np.array(bias, dtype=np.float32),
+                                  None if deepstack is None else np.array(deepstack, dtype=np.float32)))
+        return self.inner.step(inputs_embeds, position_ids, attention_bias, deepstack)
 
 
 def _pipeline(directory: Path, manifest: dict):
@@ -79,11 +80,12 @@ def capture(directory: Path, manifest: dict, calib: CalibrationSet, progress: bo
         names = {s["name"] for s in specs}
         first = "inputs_embeds" if "inputs_embeds" in names else "hidden_states"  # later segments: hidden states
 
-        def prefill(embeds, positions, bias, specs=specs, first=first):  # an empty cache of the prompt's size
+        def prefill(embeds, positions, bias, deepstack, specs=specs, first=first):  # an empty cache of the prompt's size
             n = embeds.shape[1]
             empty = np.zeros((1, dec["num_kv_heads"], n, dec["head_dim"]), dtype=np.float32)
             known = {first: embeds, "attention_mask": np.ones((1, n), dtype=np.int64), "position_ids": positions,
-                     "attention_bias": bias, "cache_position": np.arange(n, dtype=np.int64)}
+                     "attention_bias": bias, "cache_position": np.arange(n, dtype=np.int64),
+                     "deepstack_embeds": deepstack}  # Qwen3-VL: the rows its first layers added at prefill
             return {s["name"]: empty if s["name"].startswith("past_key_values.") else known[s["name"]] for s in specs}
         feeds[seg["part"]] = [prefill(*args) for args in recorder.prefills]
     return feeds

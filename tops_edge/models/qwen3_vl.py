@@ -53,7 +53,8 @@ class Qwen3VLAdapter(Qwen2_5_VLAdapter):
         "qwen3-vl-4b": "Qwen/Qwen3-VL-4B-Instruct",
         "qwen3-vl-8b": "Qwen/Qwen3-VL-8B-Instruct",
     }
-    hub_params_b: dict[str, float] = {}  # not known here (no published config.json in this machine's stores)
+    #: the built-in configs' parameter counts (models/architecture.py), which are the published sizes
+    hub_params_b = {"Qwen/Qwen3-VL-2B-Instruct": 2.13, "Qwen/Qwen3-VL-4B-Instruct": 4.44, "Qwen/Qwen3-VL-8B-Instruct": 8.77}
     tiny_names = ("tiny-qwen3-vl",)
 
     @classmethod

@@ -23,7 +23,7 @@ def count_bindings(pipe, image, prompt: str, new_tokens: int) -> list[int]:
     pipe.generate(image, prompt, max_new_tokens=new_tokens, ignore_eos=True)
     calls = [[] for _ in pipe.decoders]
     for runner, seen in zip(pipe.decoders, calls):
-        for binding in runner._bindings:
+        for binding in (runner._step_binding, runner._token_binding):
             for method in ("bind_input", "bind_cpu_input", "bind_output", "bind_ortvalue_input"):
                 real = getattr(binding, method)
                 setattr(binding, method, lambda *a, _real=real, _seen=seen, **k: (_seen.append(1), _real(*a, **k))[1])

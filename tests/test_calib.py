@@ -210,7 +210,7 @@ def test_prefill_logits_stay_close_to_fp32(exports, images, precision):
         pipe = Pipeline.load(directory)
         seen = []
         step = pipe.decoder.step
-        pipe.decoder.step = lambda e, p, b=None: seen.append(np.array(step(e, p, b))) or seen[-1]
+        pipe.decoder.step = lambda e, p, *rest: seen.append(np.array(step(e, p, *rest))) or seen[-1]
         pipe.generate(images["wide"], PROMPTS[1], max_new_tokens=1)
         return seen[0]
 
@@ -232,7 +232,7 @@ def test_unfused_int8_computes_the_graphs_qdq_arithmetic(exports, images, monkey
         pipe = Pipeline(pipe.directory, pipe.manifest, backend)
         seen = []
         step = pipe.decoder.step
-        pipe.decoder.step = lambda e, p, b=None: seen.append(np.array(step(e, p, b))) or seen[-1]
+        pipe.decoder.step = lambda e, p, *rest: seen.append(np.array(step(e, p, *rest))) or seen[-1]
         pipe.generate(images["wide"], PROMPTS[1], max_new_tokens=1)
         return seen[0]
 

@@ -71,9 +71,10 @@ def test_small_graph_stays_one_file_even_beside_an_old_data_file(tmp_path):
 
 
 def test_decoder_graph_reads_the_kv_cache_without_copies(tiny_none_dir):
-    """Each layer's attention multiplies by its present K (transposed inside the matmul) and V
-    directly: no Expand / Tile (HF's repeat_kv for grouped heads) and no Mul (the SDPA export's scaled
-    copy of K) touches the cache."""
+    """Each layer's attention multiplies by its past K (transposed inside the matmul) and V directly:
+    no Expand / Tile (HF's repeat_kv for grouped heads), no Mul (the SDPA export's scaled copy of K),
+    no Concat with the new rows and no ScatterND (a written copy) touches the cache. present is only
+    the step's rows [B, H, S, D], which the attention reads the same way."""
     import onnx
 
     graph = onnx.load(str(tiny_none_dir / "decoder.onnx"), load_external_data=False).graph
@@ -81,11 +82,16 @@ def test_decoder_graph_reads_the_kv_cache_without_copies(tiny_none_dir):
     for node in graph.node:
         for name in node.input:
             consumers.setdefault(name, []).append(node)
-    presents = [o.name for o in graph.output if o.name.startswith("present.")]
-    assert presents
-    for name in presents:
+    assert not {n.op_type for n in graph.node} & {"ScatterND", "ScatterElements"}
+    pasts = [i.name for i in graph.input if i.name.startswith("past_key_values.")]
+    presents = [o for o in graph.output if o.name.startswith("present.")]
+    assert pasts and len(presents) == len(pasts)
+    for out in presents:
+        dims = [d.dim_param or d.dim_value for d in out.type.tensor_type.shape.dim]
+        assert dims[2] == "sequence" and dims[2] != "cache_sequence", (out.name, dims)
+    for name in pasts + [o.name for o in presents]:
         ops = {n.op_type for n in consumers.get(name, [])}
-        assert not ops & {"Expand", "Tile", "Mul", "Unsqueeze"}, (name, ops)
+        assert not ops & {"Expand", "Tile", "Mul", "Unsqueeze", "Concat", "ScatterND"}, (name, ops)
         if name.endswith(".value"):
             assert ops == {"MatMul"}, (name, ops)
         else:

@@ -191,7 +191,9 @@ def test_manifest_records_int4_wo_and_the_decoder_holds_blocked_int4(exports, me
     assert not [t for t in model.graph.initializer if t.data_type == TensorProto.FLOAT and len(t.dims) == 2
                 and any(t.name == n.input[1] for n in linears)]  # no float linear weight is left
     fp32 = (exports["fp32"] / "decoder.onnx").stat().st_size
-    assert (exports[method] / "decoder.onnx").stat().st_size < 0.3 * fp32
+    # (the tiny decoder's weights are 0.4 MB, so its graph structure counts: the awq graph is 0.30 of
+    # the fp32 one since the attention reads its cache and the new rows apart, schema 7)
+    assert (exports[method] / "decoder.onnx").stat().st_size < 0.31 * fp32
 
 
 @pytest.mark.parametrize("method", ["awq", "rtn"])
@@ -205,7 +207,7 @@ def test_int4_wo_export_runs_in_the_ort_pipeline_close_to_fp32(exports, images, 
         pipe = Pipeline.load(directory)
         seen = []
         step = pipe.decoder.step
-        pipe.decoder.step = lambda e, p, b=None: seen.append(np.array(step(e, p, b))) or seen[-1]
+        pipe.decoder.step = lambda e, p, *rest: seen.append(np.array(step(e, p, *rest))) or seen[-1]
         result = pipe.generate(images["wide"], PROMPTS[1], max_new_tokens=2)
         return seen[0], result
 
@@ -286,27 +288,29 @@ def test_planner_int4_wo_weights_by_hand():
     assert rows["weights: embed"] == 2 * EMBED
     assert Fraction(1, 2) + Fraction(4, 128) == Fraction(17, 32)
     assert rows["weights: decoder"] == DECODER_MATMUL * 17 // 32 + 2 * DECODER_OTHER == 3_510_681_600
-    assert rows["KV cache"] == 2 * 2 * 32 * 32 * 128 * 2 * 4096
+    assert rows["KV cache"] == 2 * 32 * 32 * 128 * 2 * 4096
 
 
 def test_dry_run_for_llava_7b_on_orin_nano_at_int4_wo(tmp_path, capsys):
     """The 7B at int4-wo on an 8 GB Orin Nano, by hand (GiB = 2^30 bytes):
        vision 2 x 311,888,896 = 0.581; embed 0.245; decoder 6,607,339,520 x 17 / 32 + 2 x 266,240
-       = 3,510,681,600 = 3.270; KV cache at the preset's 2048 tokens, two fp16 buffers: 2.000;
-       activations 0.078; workspace 0.5; reserved 1.5 -> 8.173 GiB: 0.17 GiB over the 8 GiB. The weights fit; the ping-pong KV cache does not."""
+       = 3,510,681,600 = 3.270; KV cache at the preset's 2048 tokens, one fp16 buffer per tensor:
+       1.000; activations 0.078; workspace 0.5; reserved 1.5 -> 7.173 GiB: it fits, 0.83 GiB spare
+       (with the two ping-pong buffers of schema 6 it was 8.17, 0.17 GiB over)."""
     code = export_main(["--model", "llava-v1.5-7b", "--out", str(tmp_path / "o"), "--device", "orin-nano",
                         "--precision", "int4-wo", "--dry-run"])
     out = capsys.readouterr()
     assert "orin-nano" in out.out and "int4-wo, context 2048" in out.out
     assert "6607.3M matmul x 0.53125 B" in out.out
-    total = 2 * VISION + 2 * EMBED + 3_510_681_600 + 2 * 2 * 32 * 32 * 128 * 2 * 2048 \
+    total = 2 * VISION + 2 * EMBED + 3_510_681_600 + 2 * 32 * 32 * 128 * 2 * 2048 \
         + (576 + 512) * (4 * 4096 + 2 * 11008) * 2 + 32064 * 4 + GIB // 2 + 3 * GIB // 2
-    assert f"total {total / GIB:>8.2f}".split() == ["total", "8.17"]
-    assert f"does NOT fit ({(total - 8 * GIB) / GIB:.2f} GiB over)" in out.out
-    assert code != 0 and "no precision fits it (the smallest, int4-wo, needs 8.2 GiB)" in out.err
+    assert f"total {total / GIB:>8.2f}".split() == ["total", "7.17"]
+    assert f"fits ({(8 * GIB - total) / GIB:.2f} GiB spare)" in out.out
+    assert code == 0 and out.err.strip() == ""
     assert not (tmp_path / "o").exists()
 
 
 def test_dry_run_int4_wo_error_is_one_line(tmp_path, capsys):
-    one_line_error(capsys, export_main(["--model", "llava-v1.5-7b", "--out", str(tmp_path / "o"),
+    # the 7B fits the Orin Nano at int4-wo (above); the 13B does not
+    one_line_error(capsys, export_main(["--model", "llava-v1.5-13b", "--out", str(tmp_path / "o"),
                                         "--device", "orin-nano", "--precision", "int4-wo", "--dry-run"]))

@@ -87,10 +87,16 @@ def test_decoder_logits_within_1e4_of_hf_at_prefill_and_decode(tiny, tiny_none_d
             "cache_position": np.arange(pos, pos + seq, dtype=np.int64),
         }
         feeds.update({f"past_key_values.{i // 2}.{('key', 'value')[i % 2]}": t for i, t in enumerate(past)})
-        logits, *past = sess.run(None, feeds)
+        logits, *present = sess.run(None, feeds)
+        for buffer, rows in zip(past, present):  # present: only this step's rows, written at its slots
+            assert rows.shape == (1, h, seq, d)
+            buffer[:, :, pos : pos + seq] = rows
         with torch.no_grad():
             ref = model(inputs_embeds=step_embeds, use_cache=True, **{cache_argument(model): cache},
                         position_ids=torch.arange(pos, pos + seq)[None]).logits[:, -1]
+        for i, layer in enumerate(cache.layers):  # the cache the runtime builds from present is HF's
+            np.testing.assert_allclose(past[2 * i][:, :, : pos + seq], layer.keys.numpy(), rtol=0, atol=1e-5)
+            np.testing.assert_allclose(past[2 * i + 1][:, :, : pos + seq], layer.values.numpy(), rtol=0, atol=1e-5)
         worst = max(worst, float(np.abs(logits[:, 0] - ref.numpy()).max()))
         pos += seq
         with torch.no_grad():

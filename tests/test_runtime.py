@@ -61,7 +61,7 @@ def test_generation_stops_at_eos(pipe_uniform, images, monkeypatch):
             logits[eos] = 1e9
         return logits
 
-    monkeypatch.setattr(pipe_uniform.decoder, "step", lambda embeds, positions, bias=None: forced(real_step(embeds, positions, bias)))
+    monkeypatch.setattr(pipe_uniform.decoder, "step", lambda embeds, positions, *rest: forced(real_step(embeds, positions, *rest)))
     monkeypatch.setattr(pipe_uniform.decoder, "step_token", lambda position: forced(real_token(position)))
     r = pipe_uniform.generate(images["wide"], "Hi", max_new_tokens=20)
     assert r.token_ids[-1] == eos and len(r.token_ids) == 3 and r.finish_reason == "eos"
@@ -70,26 +70,42 @@ def test_generation_stops_at_eos(pipe_uniform, images, monkeypatch):
 def test_kv_cache_is_allocated_once_and_reused_across_calls(pipe_uniform, images):
     pipe_uniform.generate(images["wide"], "Hi", max_new_tokens=16)
     dec = pipe_uniform.decoder
-    buffers, pointers = [id(b) for b in dec._buffers], [b.data_ptr() for b in dec._buffers]
+    buffers, pointers = [id(b) for b in dec._buffers], [b.ctypes.data for b in dec._buffers]
     pipe_uniform.generate(images["wide"], "Hi again", max_new_tokens=8, keep=32)
-    assert [id(b) for b in dec._buffers] == buffers  # no new allocation: the same OrtValues ...
-    assert [b.data_ptr() for b in dec._buffers] == pointers  # ... and the same memory
+    assert [id(b) for b in dec._buffers] == buffers  # no new allocation: the same arrays ...
+    assert [b.ctypes.data for b in dec._buffers] == pointers  # ... and the same memory
+
+
+def test_kv_cache_is_one_buffer_per_tensor(pipe_uniform, images):
+    """The graph returns only each step's rows and the runner writes them into its buffers: the KV
+    memory it owns is one [1, H, capacity, D] buffer per past tensor, which bytes_used fills."""
+    r = pipe_uniform.generate(images["wide"], "Hi", max_new_tokens=6, ignore_eos=True)
+    dec = pipe_uniform.decoder
+    layout = dec.layout
+    per_token = 2 * layout.num_layers * layout.num_kv_heads * layout.head_dim * layout.itemsize
+    assert len(dec._buffers) == len(dec.past_names) == 2 * layout.num_layers
+    assert dec.bytes_allocated == dec.capacity * per_token == dec.capacity * layout.bytes_per_token()
+    assert dec.bytes_used == dec.length * per_token == (r.prompt_tokens + 5) * per_token
+    outputs = {o.name: o.shape for o in dec.sess.get_outputs()}
+    for name in dec.present_names:  # this step's rows [B, H, S, D], not the cache
+        assert outputs[name][1:] == [layout.num_kv_heads, "sequence", layout.head_dim], outputs[name]
 
 
 def test_decode_loop_binds_nothing_per_token(pipe_uniform, images):
     """The fixed-size cache keeps every decode step's shapes, so a generation's bindings are made
-    once: a second generation of the same size binds only its prefill inputs and, once, the
-    one-token inputs of the binding the prefill used, however many tokens it decodes."""
+    once: a second generation of the same size binds only its prefill inputs and present rows (the
+    decode binding's were bound by the first), however many tokens it decodes."""
     pipe_uniform.generate(images["wide"], "Hi", max_new_tokens=16, ignore_eos=True)
     dec = pipe_uniform.decoder
     calls = []
-    for binding in dec._bindings:
+    for binding in (dec._step_binding, dec._token_binding):
         for method in ("bind_input", "bind_cpu_input", "bind_output", "bind_ortvalue_input"):
             real = getattr(binding, method)
             setattr(binding, method, lambda *a, _real=real, _m=method, **k: (calls.append(_m), _real(*a, **k))[1])
     r = pipe_uniform.generate(images["wide"], "Hi", max_new_tokens=16, ignore_eos=True)
     assert len(r.token_ids) == 16 and dec.length == r.prompt_tokens + 15
-    assert len(calls) == 6, calls  # prefill: embeds, positions, slots; then the token buffers once
+    # prefill: embeds, positions, slots and its present rows; decode: nothing
+    assert len(calls) == 3 + len(dec.present_names), calls
 
 
 def test_context_limit_is_a_clear_error(pipe_uniform, images):

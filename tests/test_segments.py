@@ -222,12 +222,14 @@ def test_tops_bench_times_pre_and_in_llm_plans_side_by_side(fastv_dir):
 
 
 def test_a_cut_decoder_binds_nothing_per_token(fastv_dir, image):
-    """Every segment binds its buffers once per generation (a cut segment also its outputs: the
-    prefill's, then the next segment's token buffer), however many tokens the loop decodes."""
+    """Per generation every segment binds only its prefill's inputs and outputs (a cut segment's
+    included); the decode binding (the next segment's token buffer for a cut segment) is made once
+    per cache size, however many tokens the loop decodes."""
     pipe = Pipeline.load(fastv_dir)
 
-    # prefill: input, positions, slots (+ the two outputs of a cut segment); decode: the same, once
-    assert count_bindings(pipe, image, PROMPT, 16) == count_bindings(pipe, image, PROMPT, 5) == [10, 10, 6]
+    # prefill: input, positions, slots, its present rows (2 a layer: 4 here) (+ the two outputs of a
+    # cut segment); decode: nothing (its binding was made once, by the first generation)
+    assert count_bindings(pipe, image, PROMPT, 16) == count_bindings(pipe, image, PROMPT, 5) == [9, 9, 7]
 
 
 def test_fp16_converts_every_segment_and_int8_refuses_cuts(tmp_path, deep, image):
@@ -342,3 +344,42 @@ def test_tops_eval_reports_a_budget_a_plan_cannot_reach_and_runs_the_rest(tmp_pa
     assert set(data["table"]["fastv"]) == {"300"} and set(data["table"]["uniform"]) == {"300", "64"}
     assert "64" not in data["agreement"]["fastv"] and "64" not in data["versus"]["against"].get("uniform", {})
     assert "unreachable" in printed and plot.stat().st_size > 0
+
+
+def test_cut_attention_is_over_every_cache_slot_whatever_the_past_binding(fastv_dir, deep):
+    """A cut segment's cut_attention [1, S, C] puts each query's probabilities at the cache slots:
+    the past's, then this step's own keys at cache_position (present holds only the step's rows
+    [1, H, S, D]). A prefill into an empty cache gives the same with the past bound as 0 slots (what
+    the runtime binds), and a decode step's row equals the last row of a prefill one token longer."""
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(str(fastv_dir / "decoder.0.onnx"), providers=["CPUExecutionProvider"])
+    pasts = [i.name for i in sess.get_inputs() if i.name.startswith("past_key_values.")]
+    h, d, e = deep.num_kv_heads, deep.head_dim, deep.hidden_size
+    seq, capacity = 9, 14
+    x = np.random.default_rng(0).standard_normal((1, seq + 1, e)).astype(np.float32)
+
+    def run(embeds, start, past):
+        n = embeds.shape[1]
+        filled = np.zeros((1, capacity), np.int64)
+        filled[0, : start + n] = 1
+        feeds = {"inputs_embeds": embeds, "attention_mask": filled,
+                 "attention_bias": np.zeros((1, capacity), np.float32), "position_ids": np.arange(start, start + n)[None], "cache_position": np.arange(start, start + n),
+                 **dict(zip(pasts, past))}
+        return dict(zip([o.name for o in sess.get_outputs()], sess.run(None, feeds)))
+
+    full = [np.zeros((1, h, capacity, d), np.float32) for _ in pasts]
+    prefill = run(x[:, :seq], 0, full)
+    empty = run(x[:, :seq], 0, [np.zeros((1, h, 0, d), np.float32) for _ in pasts])
+    assert prefill["cut_attention"].shape == (1, seq, capacity)
+    np.testing.assert_allclose(empty["cut_attention"], prefill["cut_attention"], rtol=0, atol=1e-6)
+    np.testing.assert_allclose(prefill["cut_attention"].sum(-1), 1.0, atol=1e-5)
+    assert not prefill["cut_attention"][..., seq:].any()  # nothing on the empty slots
+    for name, buffer in zip(pasts, full):
+        rows = prefill[name.replace("past_key_values.", "present.")]
+        assert rows.shape == (1, h, seq, d)
+        buffer[:, :, :seq] = rows
+    step = run(x[:, seq:], seq, full)
+    longer = run(x, 0, [np.zeros((1, h, capacity, d), np.float32) for _ in pasts])
+    np.testing.assert_allclose(step["cut_attention"][0, 0], longer["cut_attention"][0, seq], rtol=0, atol=1e-6)
+    np.testing.assert_allclose(step["cut_hidden_states"][0, 0], longer["cut_hidden_states"][0, seq], rtol=0, atol=1e-4)

@@ -56,7 +56,7 @@ def segment_kv_lines(manifest: dict, context: int, kv_bytes: int) -> list[str]:
     dec = manifest["decoder"]
     if len(dec["segments"]) < 2:
         return []
-    per_layer = 2 * 2 * dec["num_kv_heads"] * dec["head_dim"] * kv_bytes * context  # 2 buffers x K, V
+    per_layer = 2 * dec["num_kv_heads"] * dec["head_dim"] * kv_bytes * context  # 1 buffer x K, V (plan/memory.py)
     lines = [f"KV cache per decoder segment (cut at {','.join(map(str, dec['cuts']))}; each up to {context} tokens):"]
     for seg in dec["segments"]:
         first, last = seg["layers"]

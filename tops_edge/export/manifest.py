@@ -14,11 +14,12 @@ from typing import Any
 
 from ..errors import ManifestError
 
-SCHEMA_VERSION = 6  # 2: visual layouts (single | anyres), arrays, keep ratio and budget split; 3: parts' precision;
+SCHEMA_VERSION = 7  # 2: visual layouts (single | anyres), arrays, keep ratio and budget split; 3: parts' precision;
 # 4: the decoder's attention_bias input and selector.merge; 5: the decoder's fixed-size KV cache (cache_position);
 # 6: the decoder in segments (decoder.cuts, decoder.segments), selector.stage, the selectors' token_groups
 # (6 also: a segment's optional `probe: true`, its extra cut_target_features output; absent means none,
-# so manifests written before it read as they did)
+# so manifests written before it read as they did); 7: the decoder's present.{i}.* are only the step's new rows
+# [B, H, S, D] (the runtime writes them into its one KV buffer per tensor): a runtime of 6 cannot run these graphs
 MANIFEST_NAME = "manifest.json"
 
 # key -> type the loader insists on; nested parts are checked separately

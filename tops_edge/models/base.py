@@ -100,52 +100,69 @@ def slot_causal_mask(attention_mask: torch.Tensor, cache_position: torch.Tensor,
     return torch.where(allowed, zero, torch.tensor(torch.finfo(dtype).min, dtype=dtype))
 
 
-class _ScatterSlots(torch.autograd.Function):
-    """data [B, H, C, D] with the rows updates [B, H, S, D] written at indices [B, H, S, 3] (batch,
-    head, slot): ONNX ScatterND (one copy of data, then a contiguous D-row per index)."""
-
-    @staticmethod
-    def forward(ctx, data, indices, updates):
-        out = data.clone()
-        out[indices[..., 0], indices[..., 1], indices[..., 2]] = updates
-        return out
-
-    @staticmethod
-    def symbolic(g, data, indices, updates):
-        return g.op("ScatterND", data, indices, updates)
+def step_mask(attention_mask: torch.Tensor, attention_bias: torch.Tensor, cache_position: torch.Tensor,
+              dtype=torch.float32) -> torch.Tensor:
+    """[B, 1, S, S] additive mask of this step's S tokens over themselves (keys = the new rows):
+    causal by slot, this step's slots' `attention_mask` and `attention_bias` entries."""
+    filled = attention_mask[:, cache_position]  # [B, S]: which of this step's slots hold a token
+    allowed = (cache_position[None, :] <= cache_position[:, None])[None, None] & filled[:, None, None, :].bool()
+    zero = torch.zeros((), dtype=dtype, device=attention_mask.device)
+    mask = torch.where(allowed, zero, torch.tensor(torch.finfo(dtype).min, dtype=dtype))
+    return mask + attention_bias[:, cache_position][:, None, None, :].to(dtype)
 
 
-def _slot_indices(past: torch.Tensor, cache_position: torch.Tensor) -> torch.Tensor:
-    """ScatterND indices [B, H, S, 3] that write S new tokens of every head into `cache_position`."""
-    batch, heads, seq = past.shape[0], past.shape[1], cache_position.shape[0]
-    b = torch.arange(batch, device=past.device).view(-1, 1, 1).expand(batch, heads, seq)
-    h = torch.arange(heads, device=past.device).view(1, -1, 1).expand(batch, heads, seq)
-    s = cache_position.view(1, 1, -1).expand(batch, heads, seq)
-    return torch.stack([b, h, s], dim=-1)
+def past_and_step_mask(attention_mask: torch.Tensor, attention_bias: torch.Tensor, cache_position: torch.Tensor,
+                       past_slots, dtype=torch.float32) -> torch.Tensor:
+    """The decoder graph's additive mask [B, 1, S, P + S] over the keys grouped_attention sees: the
+    P = `past_slots` cache slots the past buffers hold (C, or 0 for a step into an empty cache; only
+    the past is unmasked: slots filled before this step, i.e. `attention_mask` set and below
+    cache_position[0], since a step's slots are contiguous), then this step's S new keys (step_mask).
+    `attention_bias` [B, C] is added per key slot (the new keys': gathered at cache_position).
+    Built once per graph for all layers."""
+    seq = cache_position.shape[0]
+    slot = torch.arange(past_slots, device=attention_mask.device)
+    past = attention_mask[:, :past_slots].bool() & (slot < cache_position[0])[None, :]  # [B, P]
+    zero = torch.zeros((), dtype=dtype, device=attention_mask.device)
+    past = torch.where(past, zero, torch.tensor(torch.finfo(dtype).min, dtype=dtype))
+    past = past + attention_bias[:, :past_slots].to(dtype)
+    past = past[:, None, None, :].expand(-1, 1, seq, past_slots)
+    return torch.cat([past, step_mask(attention_mask, attention_bias, cache_position, dtype)], dim=-1)
 
 
-def _slot_cache(past, cache_position: torch.Tensor, num_layers: int, first_layer: int = 0):
-    """A transformers cache over fixed-size [B, H, C, D] buffers: each layer's update writes the new
-    keys and values into the slots `cache_position` and returns the whole buffers, so the graph's
-    present has the past's shape.
+class CachedRows:
+    """What the decoder graph's cache hands HF's attention as `key` (or `value`): the layer's past
+    buffer [B, H, P, D] as given (never copied or written) and this step's new rows [B, H, S, D]
+    (keys after rotary, or values), written by the runtime into slots `cache_position` after the step.
+    A plain carrier: the tracer only sees the tensors, which grouped_attention reads."""
 
-    The write is one ScatterND per buffer with indices built once for all layers. Measured on
-    tiny-llava-medium (ORT CPU): an element-wise ScatterElements cost 9 ms of a 627-token prefill,
-    ScatterND 1.3 ms; torch's own index_put export rebuilt its broadcast indices per layer, ~15
-    small nodes each, which decode steps pay in dispatch. The buffers are read as given: building
-    the cache from them (`ddp_cache_data`) would trace a Concat that copies every layer's cache.
-    A decoder segment holds layers first_layer.. of the model: `past` holds theirs only."""
+    __slots__ = ("past", "new", "cache_position", "past_slots", "capacity")
+
+    def __init__(self, past: torch.Tensor, new: torch.Tensor, cache_position: torch.Tensor, past_slots, capacity):
+        # read once per graph: P (the past buffers' slots: C, or 0 into an empty cache) and C
+        self.past, self.new, self.cache_position = past, new, cache_position
+        self.past_slots, self.capacity = past_slots, capacity
+
+
+def _slot_cache(past, cache_position: torch.Tensor, capacity, num_layers: int, first_layer: int = 0):
+    """A transformers cache over fixed-size [B, H, C, D] buffers (C = `capacity`; bound as 0 slots
+    into an empty cache) that it only reads: each layer's update hands the attention its past
+    buffer and this step's new keys / values together (CachedRows), and keeps the new rows as the
+    graph's `present` ([B, H, S, D]). The graph writes no cache: the runtime copies present into its
+    one buffer per tensor at the step's slots, so no KV buffer is ever copied (schema 6 wrote the
+    slots with a ScatterND into a copy of the past, which needed a second buffer set to write into).
+    HF's attention modules (Llama, Qwen2.5-VL, Qwen3-VL) pass update's results to the attention
+    function untouched. A decoder segment holds layers first_layer.. of the model: `past` holds
+    theirs only."""
     from transformers import DynamicCache
 
-    indices = _slot_indices(past[0], cache_position)
+    past_slots = past[0].shape[2]
 
     class SlotCache(DynamicCache):
         def update(self, key_states, value_states, layer_idx, *args, **kwargs):
             i = layer_idx - first_layer
-            keys = _ScatterSlots.apply(past[2 * i], indices, key_states)
-            values = _ScatterSlots.apply(past[2 * i + 1], indices, value_states)
-            self.present[i] = (keys, values)
-            return keys, values
+            self.present[i] = (key_states, value_states)
+            return (CachedRows(past[2 * i], key_states, cache_position, past_slots, capacity),
+                    CachedRows(past[2 * i + 1], value_states, cache_position, past_slots, capacity))
 
         def get_seq_length(self, layer_idx: int = 0) -> int:
             return 0  # unused: positions and the mask are given
@@ -160,20 +177,40 @@ def grouped_attention(module, query, key, value, attention_mask, scaling, dropou
     are folded into the query length ([B, KVH, G*S, D] x [B, KVH, D, T]) instead of repeating K and V
     G times (HF's eager `repeat_kv` and the SDPA export both materialise [B, H, T, D] copies of every
     layer's cache at every decode step). Same arithmetic as HF's eager attention otherwise:
-    softmax(q k^T * scale + mask) v, with `attention_mask` the additive [B, 1, S, T] mask."""
+    softmax(q k^T * scale + mask) v in fp32, with `attention_mask` the additive [B, 1, S, T] mask.
+
+    In the decoder graph `key` and `value` are CachedRows: the scores against the P past slots (C,
+    or 0 into an empty cache) and against the S new keys are concatenated (T = P + S, masked by
+    past_and_step_mask), one softmax runs over both, and the output is P_past V_past + P_new V_new,
+    so the cache is read in place and never concatenated with the new rows (only the scores are).
+    Plain tensors (the probe, the tests) are one key set."""
     batch, heads, seq, dim = query.shape
-    kv_heads = key.shape[1]
+    rows = isinstance(key, CachedRows)
+    kv_heads = (key.past if rows else key).shape[1]
     groups = heads // kv_heads
     q = (query * scaling).reshape(batch, kv_heads, groups * seq, dim)
-    scores = torch.matmul(q, key.transpose(2, 3))  # [B, KVH, G*S, T]
+    if rows:
+        past_slots = key.past_slots
+        scores = torch.cat([torch.matmul(q, key.past.transpose(2, 3)), torch.matmul(q, key.new.transpose(2, 3))],
+                           dim=-1)  # [B, KVH, G*S, P + S]
+    else:
+        scores = torch.matmul(q, key.transpose(2, 3))  # [B, KVH, G*S, T]
     if attention_mask is not None:
         scores = (scores.reshape(batch, kv_heads, groups, seq, -1) + attention_mask[:, :, None]).reshape(
             batch, kv_heads, groups * seq, -1)
     probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
     capture = getattr(module, CAPTURE, None)
     if capture is not None:  # a decoder segment's last layer: what an in-LLM selector reads
-        capture.append(probs.reshape(batch, kv_heads * groups, seq, -1).float().mean(1))  # [B, S, T] over all heads
-    out = torch.matmul(probs, value)  # [B, KVH, G*S, D]
+        mean = probs.reshape(batch, kv_heads * groups, seq, -1).float().mean(1)  # [B, S, T] over all heads
+        if rows:  # to every cache slot [B, S, C]: the past's, then the new keys' at their slots
+            slots = key.cache_position.view(1, 1, seq).expand(batch, seq, seq)
+            empty = torch.zeros(batch, seq, key.capacity - past_slots, dtype=mean.dtype, device=mean.device)
+            mean = torch.cat([mean[..., :past_slots], empty], dim=-1).scatter(-1, slots, mean[..., past_slots:])
+        capture.append(mean)
+    if rows:
+        out = torch.matmul(probs[..., :past_slots], value.past) + torch.matmul(probs[..., past_slots:], value.new)
+    else:
+        out = torch.matmul(probs, value)  # [B, KVH, G*S, D]
     return out.reshape(batch, heads, seq, dim).transpose(1, 2), None
 
 
@@ -193,18 +230,25 @@ class DecoderSegment(nn.Module):
     be a large share of its cost at 7B. A segment that ends at a cut returns instead the hidden states
     after its last layer (`cut_hidden_states` [B, S, E], the next layer's input) and `cut_attention`
     [B, S, C]: its last layer's attention probabilities from each of the S query positions to the C
-    cache slots, averaged over heads, which in-LLM selectors read (text -> visual attention; computed
-    inside that layer's attention, so every other layer keeps the plain kernel).
+    cache slots (this step's own keys at their slots), averaged over heads, which in-LLM selectors
+    read (text -> visual attention; computed inside that layer's attention, so every other layer
+    keeps the plain kernel).
 
     The cache has a fixed size C for a whole generation (optimum's names, onnxruntime-genai's
     `past_present_share_buffer` shapes): `past_key_values.{i}.*` (i the model's layer index) are
-    [B, H, C, D] buffers, `cache_position` [S] the slots this step writes its S tokens to,
-    `attention_mask` [B, C] which slots hold a token, and `present.{i}.*` the same [B, H, C, D] with
-    those slots written. So every decode step has the same shapes and a runtime binds its buffers once
-    per generation instead of once per token (16 KV bindings a token at 4 layers, most of the decode
-    loop's time outside the graph). Empty slots are masked out; they must hold finite values (a
-    runtime zeroes its buffers). Each segment has its own cache, mask, bias and positions: after a
-    cut it caches only the tokens kept there.
+    [B, H, C, D] buffers, `cache_position` [S] the slots this step's S tokens go to (contiguous, after
+    the filled ones), `attention_mask` [B, C] which slots hold a token (this step's included), and
+    `present.{i}.*` [B, H, S, D] only this step's new rows: the keys after rotary and the values. The
+    graph reads the past in place and writes no cache: each layer's attention scores its queries
+    against the past slots and against the S new keys (causal among them), one softmax over both
+    (grouped_attention), and the runtime then copies present into its buffers at cache_position, so
+    it holds one buffer per tensor. A step into an empty cache (a prefill) may bind the past as
+    [B, H, 0, D]: nothing is scored against it (attention_mask, attention_bias and cut_attention
+    keep their C slots), so a prefill's attention is S x S, not S x (C + S). Every decode step has
+    the same shapes, so a runtime binds its buffers once per generation instead of once per token
+    (16 KV bindings a token at 4 layers, most of the decode loop's time outside the graph). Empty
+    slots are masked out; they must hold finite values (a runtime zeroes its buffers). Each segment
+    has its own cache, mask, bias and positions: after a cut it caches only the tokens kept there.
 
     A segment built with `probe` (only where the selector at its cut reads `target_features`:
     TopV) also outputs `cut_target_features` [B, S, E]: the next layer's attention sub-block run on
@@ -217,9 +261,9 @@ class DecoderSegment(nn.Module):
     one-token attention whose output nobody reads (the cost of one attention sub-block per token in
     the segment that ends at the cut, paid only by exports that asked for the probe).
 
-    `attention_bias` [B, C] is added to the logits of every query for key slot c: 0 reproduces
-    the HF model exactly; log(n) makes one cached token count as n identical ones (the runtime's token
-    merging, see selector/merge.py).
+    `attention_bias` [B, C] is added to the logits of every query for key slot c (a new key: its slot
+    in cache_position): 0 reproduces the HF model exactly; log(n) makes one cached token count as n
+    identical ones (the runtime's token merging, see selector/merge.py).
 
     The layers are HF's own modules, called as the HF model calls them (rotary embeddings once, one
     additive mask for all layers), traced with `grouped_attention` (the HF model's attention setting
@@ -242,11 +286,12 @@ class DecoderSegment(nn.Module):
     def forward(self, hidden_states, attention_mask, position_ids, attention_bias, cache_position, *past):
         _register_export_attention()
         lm = self.language_model
-        cache = _slot_cache(past, cache_position, self.num_layers, self.first)
-        mask = slot_causal_mask(attention_mask, cache_position, hidden_states.dtype)
-        # per key position, added to every layer's and head's attention logits: log(size) of a kept
+        capacity = attention_mask.shape[-1]
+        cache = _slot_cache(past, cache_position, capacity, self.num_layers, self.first)
+        # per key slot, added to every layer's and head's attention logits: log(size) of a kept
         # token that stands for merged tokens (proportional attention), 0 elsewhere
-        mask = mask + attention_bias[:, None, None, :].to(mask.dtype)
+        mask = past_and_step_mask(attention_mask, attention_bias, cache_position, past[0].shape[2],
+                                  hidden_states.dtype)
         layers = lm.layers[self.first:self.last]
         captured: list = []
         if not self.returns_logits:
@@ -282,11 +327,7 @@ class DecoderSegment(nn.Module):
     def _probe(layer, h, attention_mask, attention_bias, cache_position, position_ids, rotary):
         """post_attention_layernorm(h + self_attn(input_layernorm(h))) of `layer` over this step's S
         tokens only (keys = queries, no cache): causal by slot, this step's slots' mask and bias."""
-        step_mask = attention_mask[:, cache_position]  # [B, S]: which of this step's slots hold a token
-        allowed = (cache_position[None, :] <= cache_position[:, None])[None, None] & step_mask[:, None, None, :].bool()
-        zero = torch.zeros((), dtype=h.dtype, device=h.device)
-        mask = torch.where(allowed, zero, torch.tensor(torch.finfo(h.dtype).min, dtype=h.dtype))
-        mask = mask + attention_bias[:, cache_position][:, None, None, :].to(mask.dtype)
+        mask = step_mask(attention_mask, attention_bias, cache_position, h.dtype)
         attended, _ = layer.self_attn(hidden_states=layer.input_layernorm(h), attention_mask=mask,
                                       position_ids=position_ids, position_embeddings=rotary)
         return layer.post_attention_layernorm(h + attended)
@@ -425,7 +466,7 @@ class ModelAdapter(ABC):
         layers = range(segment.first, segment.last)
         past_names = [f"past_key_values.{i}.{kind}" for i in layers for kind in ("key", "value")]
         present_names = [f"present.{i}.{kind}" for i in layers for kind in ("key", "value")]
-        kv = lambda names: [TensorSpec(nm, "float32", ("batch", h, "cache_sequence", d)) for nm in names]  # noqa: E731
+        kv = lambda names, length: [TensorSpec(nm, "float32", ("batch", h, length, d)) for nm in names]  # noqa: E731
         first_input = "inputs_embeds" if segment.first == 0 else "hidden_states"
         if segment.returns_logits:
             outputs = [TensorSpec("logits", "float32", ("batch", 1, self.text_config.vocab_size))]
@@ -459,9 +500,10 @@ class ModelAdapter(ABC):
                            else ("batch", "sequence")),
                 TensorSpec("attention_bias", "float32", ("batch", "cache_sequence")),
                 TensorSpec("cache_position", "int64", ("sequence",)),
-                *kv(past_names),
+                # its own dim name: a prefill into an empty cache binds the past as 0 slots (the mask keeps C)
+                *kv(past_names, "past_sequence"),
             ],
-            outputs=[*outputs, *kv(present_names)],
+            outputs=[*outputs, *kv(present_names, "sequence")],  # this step's rows only
             example_inputs=example,
         )
 

@@ -1,9 +1,10 @@
 """The memory planner: weights per precision + KV cache + activations + workspace + reserve vs the device.
 
     weights      parameters x bytes per precision (below), per part
-    KV cache     2 buffers x 2 (K, V) x layers x kv_heads x head_dim x kv bytes x context tokens
-                 (two fixed-size buffers: the decoder writes present = past with the new slots
-                 into the other one; see runtime/backend.py; context = min(device preset, model))
+    KV cache     1 buffer x 2 (K, V) x layers x kv_heads x head_dim x kv bytes x context tokens
+                 (one fixed-size buffer per tensor: the decoder reads the past in place and returns
+                 only the step's new rows, which the runtime writes into it; see runtime/backend.py;
+                 context = min(device preset, model))
     activations  the decoder's largest prefill: tokens x (4 hidden + 2 intermediate) x bytes, plus
                  the fp32 logits row; tokens = the visual tokens per image + MAX_PROMPT_TEXT_TOKENS
                  (the engines' optimization profile, see profiles.py)
@@ -93,8 +94,8 @@ def plan_memory(fp: Footprint, device: DevicePreset, precision: str, model: str 
         ("weights: embed", math.ceil(fp.embed * eb), f"{m(fp.embed)} x {b(eb)} B"),
         ("weights: decoder", math.ceil(fp.decoder_matmul * dm + fp.decoder_other * do),
          f"{m(fp.decoder_matmul)} matmul x {b(dm)} B + {m(fp.decoder_other)} other x {b(do)} B"),
-        ("KV cache", 2 * 2 * fp.num_layers * fp.num_kv_heads * fp.head_dim * kv_bytes * context,
-         f"2 buffers x 2 x {fp.num_layers} layers x {fp.num_kv_heads} heads x {fp.head_dim} x {kv_bytes} B x {context} tokens"),
+        ("KV cache", 2 * fp.num_layers * fp.num_kv_heads * fp.head_dim * kv_bytes * context,
+         f"1 buffer x 2 x {fp.num_layers} layers x {fp.num_kv_heads} heads x {fp.head_dim} x {kv_bytes} B x {context} tokens"),
         ("activations", prefill * (4 * fp.hidden_size + 2 * fp.intermediate_size) * act + fp.vocab_size * 4,
          f"{prefill} tokens x (4 x {fp.hidden_size} + 2 x {fp.intermediate_size}) x {act} B + logits"),
         ("TensorRT workspace", device.workspace_bytes, "preset"),

@@ -46,6 +46,7 @@ def optimization_profiles(manifest: dict, device: DevicePreset) -> dict[str, dic
         "queries": (1, 32, prompt),  # an in-LLM selector's text rows (the prompt after the image)
         "sequence": (1, 1, prefill),
         "cache_sequence": (1, context // 2, context),
+        "past_sequence": (1, context // 2, context),  # the KV buffers (the ORT backend binds 0 slots at prefill)
     }
     if "max_patches" in visual:  # mrope: the vision graph's patch and token counts follow the image
         unit = int(visual["max_patches"]) // n

@@ -1,13 +1,15 @@
 """Backends behind one small interface: sessions with named inputs and outputs, and a decoder runner
 whose KV cache is allocated once and fed through IO binding.
 
-The decoder follows optimum's IO names over a fixed-size cache (`past_key_values.{i}.key` in,
-`present.{i}.key` out, both [1, H, C, D]; `cache_position` names the slots a step writes; see
-models/base.py `DecoderSegment`). Its KV cache is two buffers per tensor, allocated once: each step
-reads the past from one and ORT writes `present` straight into the other, then they swap. Every
-decode step has the same shapes, so both directions are bound once per generation: per token the
-loop writes a position and a slot into bound buffers and runs. Nothing in the decode loop allocates
-or binds.
+The decoder follows optimum's IO names over a fixed-size cache (`past_key_values.{i}.key` [1, H, C, D]
+in, `present.{i}.key` out: only this step's S new rows, [1, H, S, D]; `cache_position` names the slots
+they belong to; see models/base.py `DecoderSegment`). Its KV cache is one buffer per tensor,
+allocated once: each step reads the past from it in place (a step into an empty cache binds it as
+0 slots, so a prefill scores only its own tokens), and the runner copies the returned rows into it
+at slots [past, total) (a prefill: one slice assignment per tensor; a decode step: from [1, H, 1, D]
+rows bound once). Every decode step has the same shapes, so everything is bound once per
+generation: per token the loop writes a position and a slot into bound buffers, runs, and copies one
+row per head and tensor. Nothing in the decode loop allocates or binds.
 """
 
 from __future__ import annotations
@@ -177,9 +179,6 @@ class OrtDecoderRunner(DecoderRunner):
         inputs = {i.name: i for i in sess.get_inputs()}
         self.input_name = "inputs_embeds" if "inputs_embeds" in inputs else "hidden_states"  # later segments
         super().__init__(layout, int(inputs[self.input_name].shape[-1]))
-        import onnxruntime as ort
-
-        self._ort = ort
         self.sess = sess
         self.device = device
         outputs = {o.name for o in sess.get_outputs()}
@@ -200,11 +199,19 @@ class OrtDecoderRunner(DecoderRunner):
         self.logits = np.empty((1, 1, vocab), dtype=np.float32)
         self.capacity = 0  # tokens the allocated buffers hold
         self.window = 0  # the cache size C this generation's steps see (<= capacity; see reserve)
-        self._buffers: list = []  # the OrtValues that own the KV memory: [A..., B...]
-        # two bindings, one per direction (past A -> present B, and B -> A); `_turn` is the next one
-        self._bindings: list = []
-        self._token_bound = [False, False]  # whether a binding's step inputs are the one-token buffers
-        self._turn = 0
+        # the KV memory: one flat buffer per past tensor (numpy on the CPU, torch on CUDA), and the
+        # [1, H, window, D] views of it the graph reads and the steps' rows are written into
+        self._buffers: list = []
+        self._views: list = []
+        self._arrays = _HostArrays() if device == "cpu" else _CudaArrays()
+        # decode steps' present rows [1, H, 1, D]: bound once, copied into the buffers after each step
+        self._token_rows = [self._arrays.empty((1, layout.num_kv_heads, 1, layout.head_dim), self.kv_dtype)
+                            for _ in self.past_names]
+        # two bindings over the same buffers: `step` (any length; its present rows bound per call)
+        # and `step_token` (the decode loop's: everything bound once)
+        self._step_binding = self._token_binding = None
+        self._token_bound = False  # whether the token binding's one-token inputs and outputs are bound
+        self._step_past_empty = False  # whether the step binding's past inputs are bound as 0 slots
         self._mask = np.zeros((1, 0), dtype=np.int64)
         self._bias = np.zeros((1, 0), dtype=np.float32)  # attention_bias of the cached tokens
         self._position = np.zeros(self.position_shape(), dtype=np.int64)
@@ -214,34 +221,36 @@ class OrtDecoderRunner(DecoderRunner):
         """Make the cache `capacity` slots for the next generation. Memory is allocated (zeroed: empty
         slots must be finite, see DecoderSegment) only when it grows; a smaller generation binds a
         [1, H, capacity, D] view of the same buffers, so its attention spans its own length only."""
+        h, d = self.layout.num_kv_heads, self.layout.head_dim
         if capacity > self.capacity:
-            per = self.layout.num_kv_heads * self.layout.head_dim * capacity
-            # on the CPU an OrtValue from numpy wraps the array's memory: one array per buffer
-            make = self._ort.OrtValue.ortvalue_from_numpy
-            self._buffers = [make(_aligned_zeros(per, self.kv_dtype), self.device, 0)
-                             for _ in range(2 * len(self.past_names))]
+            self._buffers = [self._arrays.zeros(h * capacity * d, self.kv_dtype) for _ in self.past_names]
             self.capacity = capacity
             self.window = 0
         if capacity != self.window:
+            self._views = [buf[: h * capacity * d].reshape(1, h, capacity, d) for buf in self._buffers]
             self._mask = np.zeros((1, capacity), dtype=np.int64)
             self._bias = np.zeros((1, capacity), dtype=np.float32)
             if self.hands_on:
                 self._attention = np.zeros((1, 1, capacity), dtype=np.float32)
-            self._bindings = [self._bind_direction(d, capacity) for d in (0, 1)]
-            self._token_bound = [False, False]
+            self._step_binding, self._token_binding = self._bind_cache(), self._bind_cache()
+            self._step_past_empty = False
+            for name, rows in zip(self.present_names, self._token_rows):
+                self._bind(self._token_binding, name, rows, output=True)
+            self._token_bound = False
             self.window = capacity
         self.reset()
 
-    def _bind_direction(self, direction: int, window: int):
-        """An IO binding that reads the past from one buffer set and writes present into the other."""
-        n = len(self.past_names)
-        ptrs = [buf.data_ptr() for buf in self._buffers]
-        src, dst = (ptrs[:n], ptrs[n:]) if direction == 0 else (ptrs[n:], ptrs[:n])
-        shape = [1, self.layout.num_kv_heads, window, self.layout.head_dim]
+    def _bind(self, binding, name: str, array, output: bool = False) -> None:
+        """Binds a KV array (a buffer view, its first 0 slots, or a step's rows) by address on the
+        runner's device."""
+        bind = binding.bind_output if output else binding.bind_input
+        bind(name, self.device, 0, self.kv_dtype, list(array.shape), self._arrays.address(array))
+
+    def _bind_cache(self):
+        """An IO binding whose past inputs are the buffers and whose mask and bias are the runner's."""
         b = self.sess.io_binding()
-        for name, out_name, s, d in zip(self.past_names, self.present_names, src, dst):
-            b.bind_input(name, self.device, 0, self.kv_dtype, shape, s)
-            b.bind_output(out_name, self.device, 0, self.kv_dtype, shape, d)
+        for name, view in zip(self.past_names, self._views):
+            self._bind(b, name, view)
         for name, buffer in (("attention_mask", self._mask), ("attention_bias", self._bias)):
             _bind_buffer(b, name, buffer)
         if not self.hands_on:  # a cut segment binds its outputs per step kind (step / step_token)
@@ -251,12 +260,15 @@ class OrtDecoderRunner(DecoderRunner):
     def reset(self) -> None:
         super().reset()
         self._mask[...] = 0  # the bias of a slot is written when it is filled
-        self._turn = 0
+
+    def hand_on_to(self, following: "DecoderRunner") -> None:
+        super().hand_on_to(following)
+        self._token_bound = False  # the decode binding's cut_hidden_states output changed
 
     def step(self, inputs_embeds, position_ids, attention_bias=None, deepstack=None):
         seq = inputs_embeds.shape[1]
         past, total = self._check_room(seq)
-        b = self._bindings[self._turn]
+        b = self._step_binding
         b.bind_cpu_input(self.input_name, np.ascontiguousarray(inputs_embeds, dtype=np.float32))
         if self.deepstack_rows:
             if deepstack is None:
@@ -264,30 +276,36 @@ class OrtDecoderRunner(DecoderRunner):
             b.bind_cpu_input("deepstack_embeds", np.ascontiguousarray(deepstack, dtype=np.float32))
         b.bind_cpu_input("position_ids", np.ascontiguousarray(position_ids, dtype=np.int64))
         b.bind_cpu_input("cache_position", np.arange(past, total, dtype=np.int64))
-        self._token_bound[self._turn] = False
+        if (past == 0) != self._step_past_empty:  # into an empty cache the past is 0 slots (no scores)
+            self._step_past_empty = past == 0
+            for name, view in zip(self.past_names, self._views):
+                self._bind(b, name, view[:, :, :0] if past == 0 else view)
+        rows = [self._arrays.empty((1, self.layout.num_kv_heads, seq, self.layout.head_dim), self.kv_dtype)
+                for _ in self.present_names]
+        for name, array in zip(self.present_names, rows):
+            self._bind(b, name, array, output=True)
         self._mask[0, past:total] = 1
         self._bias[0, past:total] = 0.0 if attention_bias is None else attention_bias[0]
         if not self.hands_on:
-            return self._run(b, total)
+            return self._run(b, rows, past, total)
         hidden = np.empty((1, seq, self.hidden_size), dtype=np.float32)
         attention = np.empty((1, seq, self.window), dtype=np.float32)
         _bind_output(b, "cut_hidden_states", hidden)
         _bind_output(b, "cut_attention", attention)
         if not self.probes:
-            self._run(b, total)
+            self._run(b, rows, past, total)
             return hidden, attention
         target = np.empty((1, seq, self.hidden_size), dtype=np.float32)
         _bind_output(b, "cut_target_features", target)
-        self._run(b, total)
+        self._run(b, rows, past, total)
         return hidden, attention, target
 
     def step_token(self, position):
         """The decode loop's step: everything is bound, so per token it writes the position, the slot
-        and the slot's mask and bias entries, and runs."""
+        and the slot's mask and bias entries, runs, and copies the new rows into the cache."""
         past, total = self._check_room(1)
-        turn = self._turn
-        b = self._bindings[turn]
-        if not self._token_bound[turn]:
+        b = self._token_binding
+        if not self._token_bound:
             for name, buffer in ((self.input_name, self.token_embeds), ("position_ids", self._position),
                                  ("cache_position", self._slot)):
                 _bind_buffer(b, name, buffer)
@@ -298,12 +316,12 @@ class OrtDecoderRunner(DecoderRunner):
                 _bind_output(b, "cut_attention", self._attention)
                 if self.probes:
                     _bind_output(b, "cut_target_features", self._target)
-            self._token_bound[turn] = True
+            self._token_bound = True
         self._position[...] = position
         self._slot[0] = past
         self._mask[0, past] = 1
         self._bias[0, past] = 0.0
-        logits = self._run(b, total)
+        logits = self._run(b, self._token_rows, past, total)
         return None if self.hands_on else logits
 
     def _check_room(self, seq: int) -> tuple[int, int]:
@@ -312,13 +330,81 @@ class OrtDecoderRunner(DecoderRunner):
             raise RuntimeError(f"KV cache holds {self.window} tokens, step needs {total}")  # a bug, not user input
         return past, total
 
-    def _run(self, binding, total: int) -> np.ndarray:
+    def _run(self, binding, rows: list, past: int, total: int) -> np.ndarray:
+        """Runs, then writes the step's present rows into the buffers at slots [past, total)."""
         t = time.perf_counter()
         self.sess.run_with_iobinding(binding)
+        self._arrays.write(self._views, rows, past, total)
         self.busy_ms += (time.perf_counter() - t) * 1e3
-        self._turn ^= 1
         self.length = total
         return self.logits[0, -1] if not self.hands_on else None
+
+    @property
+    def bytes_allocated(self) -> int:
+        """The KV memory the runner owns: one buffer per tensor of `capacity` slots."""
+        return sum(self._arrays.nbytes(buf) for buf in self._buffers)
+
+
+class _HostArrays:
+    """KV arrays in host memory (ORT's CPU provider reads and writes them by address): numpy."""
+
+    @staticmethod
+    def zeros(n: int, dtype) -> np.ndarray:
+        return _aligned_zeros(n, dtype)
+
+    @staticmethod
+    def empty(shape, dtype) -> np.ndarray:
+        return np.empty(shape, dtype=dtype)
+
+    @staticmethod
+    def address(array: np.ndarray) -> int:
+        return array.ctypes.data
+
+    @staticmethod
+    def nbytes(array: np.ndarray) -> int:
+        return array.nbytes
+
+    @staticmethod
+    def write(views: list, rows: list, past: int, total: int) -> None:
+        if total - past == 1:  # a decode step: one D-row per head
+            for view, new in zip(views, rows):
+                view[0, :, past] = new[0, :, 0]
+        else:
+            for view, new in zip(views, rows):
+                view[:, :, past:total] = new
+
+
+class _CudaArrays:
+    """KV arrays in CUDA memory for ORT's CUDA provider, held as torch tensors (torch is a dependency;
+    ORT's Python API copies no slices on the device). NOT verified here (no GPU on the development
+    machines)."""
+
+    def __init__(self):
+        import torch
+
+        self.torch = torch
+
+    def _dtype(self, dtype):
+        return self.torch.float16 if np.dtype(dtype) == np.float16 else self.torch.float32
+
+    def zeros(self, n: int, dtype):
+        return self.torch.zeros(n, dtype=self._dtype(dtype), device="cuda")
+
+    def empty(self, shape, dtype):
+        return self.torch.empty(tuple(shape), dtype=self._dtype(dtype), device="cuda")
+
+    @staticmethod
+    def address(array) -> int:
+        return array.data_ptr()
+
+    @staticmethod
+    def nbytes(array) -> int:
+        return array.numel() * array.element_size()
+
+    def write(self, views: list, rows: list, past: int, total: int) -> None:
+        for view, new in zip(views, rows):  # ORT's run has synchronized its outputs
+            view[:, :, past:total].copy_(new)
+        self.torch.cuda.current_stream().synchronize()  # before the next run reads the buffers
 
 
 def _aligned_zeros(n: int, dtype, alignment: int = 64) -> np.ndarray:

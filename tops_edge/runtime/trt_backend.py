@@ -1,12 +1,13 @@
 """The TensorRT backend: the Backend / Session / DecoderRunner interface over engines from tops-build.
 
 Engines and IO buffers live in torch CUDA tensors on one stream. The decoder's KV cache, attention
-mask and logits are allocated once (`reserve`): two fixed-size KV buffers per tensor, as in the ORT
-backend, so each step binds past to one and present (the past with this step's slots written) to
-the other, then they swap. The shapes are set once per generation; per step the new tokens'
-embeddings, positions and slots are copied in and the logits row out (the Session interface is
-numpy, like ORT's). The pipeline opens parts by their .onnx path; the backend runs the engine that
-engines.json (written by tops-build) records for that part.
+mask and logits are allocated once (`reserve`): one fixed-size KV buffer per tensor, as in the ORT
+backend, bound as `past`; `present` (this step's new rows only, [1, H, S, D]) goes to a scratch
+tensor that is copied into the buffer at the step's slots on the engine's stream (the past stays bound
+at C slots on a prefill too: the engines' profiles start at 1 slot, where ORT binds 0). The shapes are set
+once per generation; per step the new tokens' embeddings, positions and slots are copied in and the
+logits row out (the Session interface is numpy, like ORT's). The pipeline opens parts by their .onnx
+path; the backend runs the engine that engines.json (written by tops-build) records for that part.
 
 NOT verified here (no TensorRT, no GPU on the development machines): scripts/verify_trt.sh runs it
 against ONNX Runtime on a TensorRT host.
@@ -103,8 +104,9 @@ class TrtDecoderRunner(DecoderRunner):
         self.kv_dtype = engine.dtypes[self.past_names[0]]
         self.capacity = 0  # slots the allocated buffers hold
         self.window = 0  # the cache size C of this generation (see OrtDecoderRunner.reserve)
-        self._src: list = []
-        self._dst: list = []
+        self._buffers: list = []  # one flat buffer per past tensor
+        self._views: list = []  # their [1, H, window, D] views: what past reads, where present is written
+        self._rows: dict = {}  # step length -> the present scratch tensors [1, H, S, D] (decode: S = 1)
         self._mask = self._bias = self._logits = None
 
     def reserve(self, capacity: int) -> None:
@@ -112,8 +114,7 @@ class TrtDecoderRunner(DecoderRunner):
         if capacity > self.capacity:
             per = self.layout.num_kv_heads * self.layout.head_dim * capacity
             # zeroed: empty slots are masked out but must hold finite values (models/base.py DecoderSegment)
-            buffers = [torch.zeros(per, dtype=self.kv_dtype, device="cuda") for _ in range(2 * len(self.past_names))]
-            self._src, self._dst = buffers[: len(self.past_names)], buffers[len(self.past_names):]
+            self._buffers = [torch.zeros(per, dtype=self.kv_dtype, device="cuda") for _ in self.past_names]
             if not self.hands_on:
                 vocab = self.e.engine.get_tensor_shape("logits")[-1]
                 self._logits = torch.empty((1, 1, vocab), dtype=torch.float32, device="cuda")
@@ -123,8 +124,10 @@ class TrtDecoderRunner(DecoderRunner):
             self._mask = torch.zeros((1, capacity), dtype=self.e.dtypes["attention_mask"], device="cuda")
             self._bias = torch.zeros((1, capacity), dtype=self.e.dtypes["attention_bias"], device="cuda")
             h, d = self.layout.num_kv_heads, self.layout.head_dim
-            for name in self.past_names:
+            self._views = [buf[: h * capacity * d].view(1, h, capacity, d) for buf in self._buffers]
+            for name, view in zip(self.past_names, self._views):
                 ctx.set_input_shape(name, (1, h, capacity, d))  # a [1,h,C,d] view of the buffer's start
+                ctx.set_tensor_address(name, view.data_ptr())
             for name, buffer in (("attention_mask", self._mask), ("attention_bias", self._bias)):
                 ctx.set_input_shape(name, (1, capacity))
                 ctx.set_tensor_address(name, buffer.data_ptr())
@@ -159,9 +162,9 @@ class TrtDecoderRunner(DecoderRunner):
             self._mask[0, past:total] = 1
             new_bias = 0.0 if attention_bias is None else torch.as_tensor(np.asarray(attention_bias[0], np.float32))
             self._bias[0, past:total] = new_bias  # the cached tokens' bias stays in the buffer
-            for name, out_name, src, dst in zip(self.past_names, self.present_names, self._src, self._dst):
-                ctx.set_tensor_address(name, src.data_ptr())
-                ctx.set_tensor_address(out_name, dst.data_ptr())
+            rows = self._present_rows(seq)
+            for name, buffer in zip(self.present_names, rows):
+                ctx.set_tensor_address(name, buffer.data_ptr())
             if self.hands_on:  # this step's hidden states and attention, [1, S, D] and [1, S, C] (+ the probe)
                 names = ("cut_hidden_states", "cut_attention") + (("cut_target_features",) if self.probes else ())
                 outputs = [torch.empty((1, seq, self.hidden_size), dtype=torch.float32, device="cuda"),
@@ -171,11 +174,27 @@ class TrtDecoderRunner(DecoderRunner):
                 for name, buffer in zip(names, outputs):
                     ctx.set_tensor_address(name, buffer.data_ptr())
             self.e.execute()
+            for view, new in zip(self._views, rows):  # this step's rows into the cache, on the same stream
+                view[:, :, past:total].copy_(new)
             result = tuple(o.cpu().numpy() for o in outputs) if self.hands_on else self._logits.cpu().numpy()[0, -1]
         self.busy_ms += (time.perf_counter() - t) * 1e3
-        self._src, self._dst = self._dst, self._src
         self.length = total
         return result
+
+    def _present_rows(self, seq: int) -> list:
+        """Scratch tensors for a step's present outputs: kept for decode steps (S = 1), per call else."""
+        rows = self._rows.get(seq)
+        if rows is None:
+            shape = (1, self.layout.num_kv_heads, seq, self.layout.head_dim)
+            rows = [self.e.torch.empty(shape, dtype=self.kv_dtype, device="cuda") for _ in self.present_names]
+            if seq == 1:
+                self._rows[seq] = rows
+        return rows
+
+    @property
+    def bytes_allocated(self) -> int:
+        """The KV memory the runner owns: one buffer per tensor of `capacity` slots."""
+        return sum(buf.numel() * buf.element_size() for buf in self._buffers)
 
 
 class TrtBackend(Backend):

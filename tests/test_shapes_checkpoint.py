@@ -20,9 +20,11 @@ from tops_edge.models import checkpoint_dir, verify_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 SHA256 = "afc002a6acf6a8905d6ccee8a11d5b72e3b38043fb8e3ddafac46ce6e3d6c75d"
-#: every shipped checkpoint's weights (the deeper one is tested further in test_shapes_deep_checkpoint.py)
+#: every shipped checkpoint's weights (the deeper and the NeXT one are tested further in
+#: test_shapes_deep_checkpoint.py and test_shapes_next_checkpoint.py)
 SHIPPED = {"shapes-llava": SHA256,
-           "shapes-llava-deep": "2183603454cb725084ea8811b73f1810614af3d288ad0da1a9d118585cd8d070"}
+           "shapes-llava-deep": "2183603454cb725084ea8811b73f1810614af3d288ad0da1a9d118585cd8d070",
+           "shapes-llava-next": "1700fc76bb9b18139b102c926d38edf4e3299492801386d702d110a80d61bebc"}
 
 
 def test_every_builtin_checkpoint_is_tested_here():

@@ -22,7 +22,7 @@ from .qwen3_vl import Qwen3VLAdapter
 ADAPTERS: tuple[type[ModelAdapter], ...] = (LlavaAdapter, LlavaNextAdapter, Qwen2_5_VLAdapter, Qwen3VLAdapter)
 
 #: trained checkpoints installed with the package (tops_edge/assets/NAME, HF format, with a SHA256SUMS)
-CHECKPOINTS = ("shapes-llava", "shapes-llava-deep")
+CHECKPOINTS = ("shapes-llava", "shapes-llava-deep", "shapes-llava-next")
 
 
 def builtin_models() -> list[str]:

@@ -252,7 +252,8 @@ def bench_parser() -> argparse.ArgumentParser:
     p = _Parser(
         prog="tops-bench",
         description="Time an exported model per visual-token budget: stage latencies (median, p90), TTFT, TPOT, "
-                    "decode tokens/s, KV-cache bytes and peak RSS; optionally against HF transformers.",
+                    "decode tokens/s, KV-cache bytes and peak RSS, beside the FLOP and weight-read limits; "
+                    "optionally against HF transformers or llama.cpp.",
     )
     p.add_argument("dir", help="a tops-export output directory")
     p.add_argument("--keep", default=None, help="comma-separated budgets, e.g. 576,192,128,64 (default: N, then 192,128,64 below N)")
@@ -264,7 +265,14 @@ def bench_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", default=None, metavar="FILE", help="write the report as one JSON object (schema: docs/benchmark.md)")
     p.add_argument("--csv", default=None, metavar="FILE", help="write one CSV row per budget")
     p.add_argument("--plot", default=None, metavar="FILE", help="write a PNG of TTFT and KV-cache bytes against kept tokens (needs matplotlib)")
-    p.add_argument("--compare", default=None, choices=("hf",), help="also time HF transformers' generate on the source model (unpruned)")
+    p.add_argument("--compare", default=None, choices=("hf", "llama.cpp"),
+                   help="also time HF transformers' generate on the source model (unpruned), or llama.cpp on its GGUF "
+                        "conversion (--gguf), run alternately with ours (unpruned; needs the [peer] extra)")
+    p.add_argument("--gguf", default=None, metavar="DIR",
+                   help="--compare llama.cpp: the GGUF folder made by `python scripts/compare_llamacpp.py convert DIR --out GGUF_DIR`")
+    p.add_argument("--peer-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="--compare llama.cpp: override one of llama.cpp's defaults (n_batch=2048, n_ubatch=512, "
+                        "kv_type=f16|f32, flash_attn=auto|on|off, vision_flash_attn=auto|on|off); repeatable")
     p.add_argument("--budget", default=None, choices=BUDGETS, help="LLaVA-NeXT: how each K is split over the crops (default: the export's)")
     p.add_argument("--selector", default=None,
                    help="comma-separated selectors timed side by side at each budget, switched at run time "
@@ -279,8 +287,12 @@ def _bench(argv) -> int:
     args = bench_parser().parse_args(argv)
     from .bench import format_table, parse_keeps, run_benchmark, write_csv, write_json, write_plot
     from .bench.report import check_writable, require_matplotlib
+    from .errors import InputError
 
     keeps = parse_keeps(args.keep) if args.keep is not None else None
+    if (args.gguf is not None or args.peer_option) and args.compare != "llama.cpp":
+        raise InputError("--gguf and --peer-option go with --compare llama.cpp")
+    peer_options = _peer_options(args.peer_option)
     for path in (args.json, args.csv, args.plot):  # fail before minutes of benchmarking, not after
         if path is not None:
             check_writable(path)
@@ -292,6 +304,7 @@ def _bench(argv) -> int:
         new_tokens=args.new_tokens, image=args.image, compare=args.compare, backend=args.backend, log=log,
         budget=args.budget, progress=not args.quiet and sys.stderr.isatty(),
         selectors=[x.strip() for x in args.selector.split(",") if x.strip()] if args.selector else None,
+        gguf=args.gguf, peer_options=peer_options,
     )
     print(format_table(report))
     for path, write in ((args.json, write_json), (args.csv, write_csv), (args.plot, write_plot)):
@@ -300,6 +313,20 @@ def _bench(argv) -> int:
             if log:
                 log(f"wrote {path}")
     return 0
+
+
+def _peer_options(items) -> dict:
+    """["n_ubatch=1024", "kv_type=f32"] -> {"n_ubatch": 1024, "kv_type": "f32"} (checked by the peer module)."""
+    from .errors import InputError
+
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise InputError(f"--peer-option takes KEY=VALUE, got {item!r}")
+        value = value.strip()
+        out[key.strip()] = int(value) if value.lstrip("-").isdigit() else value
+    return out
 
 
 def bench_main(argv=None) -> int:

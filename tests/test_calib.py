@@ -159,8 +159,8 @@ def test_int8_leaves_attention_matmuls_and_lm_head_in_float(exports):
     fp32 = graph(exports["fp32"], "decoder")
     model = graph(exports["int8"], "decoder")
     made = producers(model)
-    float_nodes = set(activation_matmuls(fp32)) | {lm_head(fp32)}
-    assert lm_head(fp32) is not None and len(float_nodes) > 1
+    float_nodes = set(activation_matmuls(fp32)) | set(lm_head(fp32))
+    assert len(lm_head(fp32)) == 1 and len(float_nodes) > 1
     for node in model.graph.node:
         if node.op_type == "MatMul" and node.name in float_nodes:
             assert all(made.get(i) is None or made[i].op_type != "DequantizeLinear" for i in node.input), node.name

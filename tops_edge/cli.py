@@ -98,6 +98,9 @@ def export_parser() -> argparse.ArgumentParser:
     p.add_argument("--target", default="ort", choices=TARGETS, help="deployment target: ort, or trt (the selector as the tops::Select TensorRT plugin; default: ort)")
     p.add_argument("--device", default=None, choices=tuple(PRESETS), help="plan memory for this device and refuse a model that does not fit it")
     p.add_argument("--dry-run", action="store_true", help="with --device: print the memory plan and export nothing (needs no weights)")
+    p.add_argument("--lm-head-chunks", type=int, default=None, metavar="N",
+                   help="compute the LM head as N MatMuls over vocabulary slices (the same logits; smaller GEMMs for a "
+                        "TensorRT build's workspace); default: what the --device plan asks for, else 1")
     p.add_argument("--positions", default=None, choices=POSITIONS, help="position ids after pruning: compact renumbers the kept tokens, original keeps theirs (default: compact; Qwen-VL's M-RoPE: original, the only one it takes)")
     p.add_argument("--max-image-tokens", type=int, default=None, metavar="N",
                    help="dynamic-resolution models (Qwen-VL): at most N visual tokens per image (the image processor's "
@@ -134,7 +137,7 @@ def _export(argv) -> int:
         args.model, args.out, selector=args.selector, keep=args.keep, keep_ratio=args.keep_ratio,
         budget=args.budget, precision=args.precision, int4_method=args.int4_method,
         target=args.target, exporter=args.exporter, opset=args.opset, positions=args.positions,
-        max_image_tokens=args.max_image_tokens,
+        max_image_tokens=args.max_image_tokens, lm_head_chunks=args.lm_head_chunks,
         merge=args.merge, selector_params={k: v for k, v in params.items() if v is not None},
         progress=not args.quiet and sys.stderr.isatty(), device=args.device, calib=args.calib, cuts=args.cuts,
     )
@@ -155,7 +158,12 @@ def _plan_only(args) -> int:
     if args.max_image_tokens is not None:
         adapter.cap_image_tokens(args.max_image_tokens)
     footprint, device = footprint_of(adapter), get_preset(args.device)
-    print(format_plan(plan_memory(footprint, device, args.precision, adapter.source)))
+    plan = plan_memory(footprint, device, args.precision, adapter.source)
+    if args.lm_head_chunks is not None:
+        from .plan.memory import vocabulary_chunks
+
+        plan.head_chunks = len(vocabulary_chunks(footprint.vocab_size, args.lm_head_chunks))
+    print(format_plan(plan))
     check_fits(footprint, device, args.precision, adapter.source)
     return 0
 
@@ -445,7 +453,8 @@ def _build(argv) -> int:
         print(describe_build(args.dir, args.device, args.precision))
         return 0
     log = (lambda msg: None) if args.quiet else (lambda msg: print(f"tops-build: {msg}", file=sys.stderr, flush=True))  # noqa: E731
-    build_engines(args.dir, args.device, args.precision, timing_cache=args.timing_cache, log=log)
+    build_engines(args.dir, args.device, args.precision, timing_cache=args.timing_cache, log=log,
+                  warn=lambda msg: print(f"tops-build: {msg}", file=sys.stderr, flush=True))
     return 0
 
 

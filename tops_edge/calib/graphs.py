@@ -89,16 +89,24 @@ def norm_statistics_nodes(model: onnx.ModelProto) -> set[str]:
     return chain
 
 
-def lm_head(model: onnx.ModelProto, output: str = "logits") -> str | None:
-    """The linear layer that produces OUTPUT (through reshapes/slices), if any."""
+def lm_head(model: onnx.ModelProto, output: str = "logits") -> list[str]:
+    """The linear layers that produce OUTPUT (through reshapes, slices, casts): one node, or one per
+    vocabulary chunk where the head is split (their outputs concatenated; models/base.py
+    ChunkedLMHead); [] if OUTPUT comes from no linear layer."""
     producer = _producers(model)
-    name = output
-    while name in producer:
-        node = producer[name]
+    found, todo = [], [output]
+    while todo:
+        name = todo.pop(0)
+        node = producer.get(name)
+        if node is None:
+            continue
         if node.op_type in LINEAR_OPS:
-            return node.name
-        name = node.input[0]
-    return None
+            found.append(node.name)
+        elif node.op_type == "Concat":
+            todo.extend(node.input)
+        elif node.input:
+            todo.append(node.input[0])
+    return found
 
 
 def q_dq_nodes(model: onnx.ModelProto) -> list[onnx.NodeProto]:

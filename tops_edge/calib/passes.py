@@ -147,8 +147,7 @@ class _Feeds:
 
 def int8_excluded_nodes(model: onnx.ModelProto) -> list[str]:
     """Linear-op nodes left float: activation x activation MatMuls and the LM head."""
-    head = graphs.lm_head(model)
-    return graphs.activation_matmuls(model) + ([head] if head else [])
+    return graphs.activation_matmuls(model) + graphs.lm_head(model)
 
 
 def to_int8(src: Path, dst: Path, make_feeds, cache: Path | None) -> None:

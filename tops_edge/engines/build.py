@@ -45,8 +45,21 @@ def describe_build(directory, device: str, precision: str) -> str:
         precision = manifest["precision"]  # int8-wo: int8 decoder weights only
     plan = plan_memory(footprint_from_manifest(manifest), preset, precision, manifest["model"]["source"],
                        kv_bytes=kv_bytes_of(manifest))
+    head = head_warning(manifest, plan)
     return "\n".join([format_plan(plan), *segment_kv_lines(manifest, plan.context, kv_bytes_of(manifest)),
-                      format_profiles(optimization_profiles(manifest, preset))])
+                      *([head] if head else []), format_profiles(optimization_profiles(manifest, preset))])
+
+
+def head_warning(manifest: dict, plan) -> str | None:
+    """A line when the export's LM head is split into fewer vocabulary chunks than the plan asks for
+    on this device (plan/memory.py lm_head_chunks: an estimate, so a warning, not a refusal)."""
+    dec = manifest["decoder"]
+    have = len(dec.get("lm_head_chunks", [dec["vocab_size"]]))
+    if have >= plan.head_chunks:
+        return None
+    return (f"warning: this export computes its LM head as {have} MatMul(s); on {plan.device.name} the planner "
+            f"estimates ~{plan.head_workspace / 2**30:.2f} GiB of workspace for it and asks for {plan.head_chunks} "
+            f"(re-export with tops-export --device {plan.device.name}, or --lm-head-chunks {plan.head_chunks})")
 
 
 def segment_kv_lines(manifest: dict, context: int, kv_bytes: int) -> list[str]:
@@ -65,8 +78,9 @@ def segment_kv_lines(manifest: dict, context: int, kv_bytes: int) -> list[str]:
 
 
 def build_engines(directory, device: str, precision: str = "fp16", timing_cache: str | None = None,
-                  log: Callable[[str], None] = lambda msg: None) -> Path:
-    """Build every part's engine into DIR and write DIR/engines.json; returns its path."""
+                  log: Callable[[str], None] = lambda msg: None, warn: Callable[[str], None] | None = None) -> Path:
+    """Build every part's engine into DIR and write DIR/engines.json; returns its path. `log` gets
+    the progress lines, `warn` (default: `log`) the warnings."""
     directory = Path(directory)
     if precision not in BUILD_PRECISIONS:
         raise InputError(f"--precision {precision} cannot be built; choose {', '.join(BUILD_PRECISIONS)}")
@@ -79,8 +93,11 @@ def build_engines(directory, device: str, precision: str = "fp16", timing_cache:
     if precision != "int8" and qdq:
         raise InputError(f"{directory} holds Q/DQ graphs ({manifest['precision']}): build it with --precision int8")
     plan_precision = manifest["precision"] if qdq else precision  # int8-wo: int8 decoder weights only
-    check_fits(footprint_from_manifest(manifest), preset, plan_precision, manifest["model"]["source"],
-               kv_bytes=kv_bytes_of(manifest))
+    plan = check_fits(footprint_from_manifest(manifest), preset, plan_precision, manifest["model"]["source"],
+                      kv_bytes=kv_bytes_of(manifest))
+    head = head_warning(manifest, plan)
+    if head:
+        (warn or log)(head)
     trt = require_tensorrt("tops-build")
     if manifest.get("target") == "trt" and "selector" in manifest["parts"]:
         from .. import plugins

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import platform
 from pathlib import Path
 from typing import Any
@@ -47,6 +48,7 @@ def export_model(
     cuts=None,
     int4_method: str | None = None,
     max_image_tokens: int | None = None,
+    lm_head_chunks: int | None = None,
 ) -> Path:
     """Export MODEL into OUT. Returns OUT. A failure leaves an existing OUT untouched.
 
@@ -69,7 +71,10 @@ def export_model(
     `int4_method` (int4-wo only): awq (scales searched on the calibration prefills, which `calib`
     then supplies) or rtn (round to nearest); default awq (calib/int4.py). `positions`: compact or
     original (default compact; Qwen-VL's M-RoPE takes original only). `max_image_tokens` (Qwen-VL):
-    caps each image's visual tokens by lowering the image processor's max_pixels.
+    caps each image's visual tokens by lowering the image processor's max_pixels. `lm_head_chunks`:
+    the LM head as that many MatMuls over consecutive vocabulary slices (the same logits; for TensorRT
+    builds whose workspace one vocabulary-wide GEMM would exceed); default: what the `device` plan
+    asks for (plan/memory.py lm_head_chunks), else 1.
     """
     from ..calib.int4 import DEFAULT_INT4_METHOD, INT4_METHODS
 
@@ -99,6 +104,8 @@ def export_model(
     params = info.resolve_params(selector_params)
     info.extra_inputs(params)  # validates choices such as `similarity` before any work
     opset = opset or opset_default()
+    if lm_head_chunks is not None and (isinstance(lm_head_chunks, bool) or int(lm_head_chunks) < 1):
+        raise InputError(f"--lm-head-chunks must be at least 1, got {lm_head_chunks}")
 
     from tqdm.auto import tqdm
 
@@ -135,11 +142,18 @@ def export_model(
         from ..plan.footprint import with_probes
 
         footprint = with_probes(footprint_of(adapter), adapter, probes)  # a probe copies one layer's attention
+        from ..plan.memory import vocabulary_chunks
+
         if device is not None:
             from ..plan import check_fits, get_preset
 
-            check_fits(footprint, get_preset(device), precision, adapter.source)
+            plan = check_fits(footprint, get_preset(device), precision, adapter.source)
+            if lm_head_chunks is None:
+                lm_head_chunks = plan.head_chunks
+        head_rows = vocabulary_chunks(adapter.text_config.vocab_size, int(lm_head_chunks or 1))
         parts = adapter.parts(cls_attention=True, cuts=cuts, probes=probes)
+        if len(head_rows) > 1:
+            _split_lm_head(parts, head_rows)
         vision_width = next(o for o in parts[0].outputs if o.name == "vision_features").shape[-1]
         sel = selector_part(selector, params, layout, adapter.hidden_size, vision_width, target)
         if sel is not None:
@@ -171,10 +185,18 @@ def export_model(
             manifest = _manifest(adapter, layout, records, arrays, selector, params, budget_spec, precision, opset,
                                  exporter, positions, merge, cuts, probes)
             manifest["target"] = target
+            manifest["decoder"]["lm_head_chunks"] = head_rows  # rows per LM-head MatMul (one entry: unsplit)
             manifest["footprint"] = footprint.to_json()  # the memory planner's input (tops-build)
             write_manifest(stage, manifest)
             if precision != "fp32":  # the passes read the fp32 export (int8 runs its pipeline to calibrate)
                 from ..calib import convert_parts
+
+                # the torch model is not needed past here: a model loaded here is released before the
+                # passes, so its fp32 weights and the passes' copies are not in host RAM together
+                del parts, sel
+                if not isinstance(model, ModelAdapter):
+                    del adapter
+                gc.collect()
 
                 steps.set_postfix_str(f"converting to {precision}")
                 for name, changed in convert_parts(stage, manifest, precision, calib, progress, int4_method).items():
@@ -187,6 +209,15 @@ def export_model(
     finally:
         steps.close()
     return out
+
+
+def _split_lm_head(parts, rows: list[int]) -> None:
+    """The decoder segment that returns logits computes its LM head in vocabulary chunks."""
+    from ..models.base import ChunkedLMHead, DecoderSegment
+
+    for part in parts:
+        if isinstance(part.module, DecoderSegment) and part.module.returns_logits:
+            part.module.lm_head = ChunkedLMHead(part.module.lm_head, rows)
 
 
 def _segments(cuts, num_layers: int) -> list[tuple[str, int, int]]:

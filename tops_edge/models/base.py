@@ -220,6 +220,32 @@ def _register_export_attention() -> None:
     AttentionInterface.register(EXPORT_ATTENTION, grouped_attention)
 
 
+class ChunkedLMHead(nn.Module):
+    """An LM head computed as one MatMul per consecutive vocabulary slice, the logits concatenated in
+    vocabulary order: every logit is the same dot product over the hidden size as in the one MatMul
+    (tested equal), while no single GEMM spans the whole vocabulary. A TensorRT build gives each GEMM
+    a workspace; a 150k-row head asks more of it than a Jetson Orin Nano's preset holds
+    (plan/memory.py `lm_head_chunks`). The chunks are views of the head's own weight rows."""
+
+    def __init__(self, head: nn.Linear, sizes: list[int]):
+        super().__init__()
+        if sum(sizes) != head.out_features or min(sizes) < 1:
+            raise ValueError(f"vocabulary chunks {sizes} do not cover the head's {head.out_features} rows")
+        self.sizes = list(sizes)
+        self.chunks = nn.ModuleList()
+        start = 0
+        for n in sizes:
+            chunk = nn.Linear(head.in_features, n, bias=head.bias is not None, device="meta")
+            chunk.weight = nn.Parameter(head.weight.detach()[start:start + n], requires_grad=False)
+            if head.bias is not None:
+                chunk.bias = nn.Parameter(head.bias.detach()[start:start + n], requires_grad=False)
+            self.chunks.append(chunk)
+            start += n
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([chunk(x) for chunk in self.chunks], dim=-1)
+
+
 class DecoderSegment(nn.Module):
     """Decoder layers [first, last) of the LLM over an explicit KV cache: the whole decoder when
     first = 0 and last = L, else one segment of a decoder cut at layers where tokens are pruned.

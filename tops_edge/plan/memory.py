@@ -19,6 +19,16 @@ Bytes per parameter (vision matmul, vision other, embed, decoder matmul, decoder
   part). KV cache and activations are fp32 at fp32, else fp16 (the KV element size can be given
   instead: an export's KV IO dtype, which tops-build uses). INT8 per-channel scales (one fp32 per
   output channel) are left out: < 0.1% of the weights.
+
+The LM head's workspace (`lm_head_chunks`): a TensorRT build gives each GEMM tactic scratch memory
+out of the preset's workspace limit, and a GEMM over a whole 150k vocabulary asks for more than an
+Orin Nano's. Nothing here can measure that (no TensorRT), so the estimate is a reading of the one
+figure known: Edge-LLM's Orin Nano build of Qwen3-VL-2B, whose 2048 x 151936 LM-head MatMul "asks
+for about 1 GiB of contiguous workspace" (shared/docs/ANCHORS.md), which is its weight at 4 B a value
+(1.16 GiB). So: head workspace = vocab x hidden x 4 B, and the head is exported as
+ceil(that / preset workspace) MatMuls over consecutive vocabulary slices (rows rounded up to
+multiples of 128, models/base.py ChunkedLMHead): the same logits, no GEMM over the preset's limit.
+`tops-export --lm-head-chunks N` overrides it.
 """
 
 from __future__ import annotations
@@ -42,6 +52,31 @@ WEIGHT_BYTES = {
     "int4-wo": (2, 2, 2, Fraction(1, 2) + Fraction(4, INT4_BLOCK), 2),  # 17/32 B: 4 bits + an fp32 scale per 128
 }
 MAX_PROMPT_TEXT_TOKENS = 512  # text tokens of one prompt the engines are built for, besides the image
+HEAD_WORKSPACE_BYTES = 4  # a head GEMM's workspace per weight value (the reading above)
+VOCAB_ALIGN = 128  # rows of a vocabulary chunk: multiples of this, the last chunk what is left
+
+
+def lm_head_workspace(fp: Footprint) -> int:
+    """Our estimate of the TensorRT workspace the unsplit LM-head GEMM asks for (module docstring)."""
+    return fp.vocab_size * fp.hidden_size * HEAD_WORKSPACE_BYTES
+
+
+def lm_head_chunks(fp: Footprint, device: DevicePreset) -> int:
+    """How many vocabulary chunks keep each head GEMM within the preset's workspace (1: no split)."""
+    return len(vocabulary_chunks(fp.vocab_size, math.ceil(lm_head_workspace(fp) / device.workspace_bytes)))
+
+
+def vocabulary_chunks(vocab_size: int, chunks: int) -> list[int]:
+    """Rows per chunk: up to `chunks` consecutive slices of the vocabulary, each but the last a
+    multiple of VOCAB_ALIGN rows, the last what is left (fewer chunks where the rounding uses the
+    vocabulary up first)."""
+    if chunks < 1:
+        raise InputError(f"--lm-head-chunks must be at least 1, got {chunks}")
+    size = math.ceil(vocab_size / chunks / VOCAB_ALIGN) * VOCAB_ALIGN
+    if chunks == 1 or size >= vocab_size:
+        return [vocab_size]
+    full, rest = divmod(vocab_size, size)
+    return [size] * full + ([rest] if rest else [])
 
 
 class DoesNotFitError(InputError):
@@ -60,6 +95,8 @@ class MemoryPlan:
     context: int
     prefill_tokens: int
     rows: list[tuple[str, int, str]] = field(default_factory=list)  # (item, bytes, how it was counted)
+    head_workspace: int = 0  # lm_head_workspace
+    head_chunks: int = 1  # lm_head_chunks: vocabulary chunks an export for this device splits the LM head into
 
     @property
     def total(self) -> int:
@@ -72,7 +109,8 @@ class MemoryPlan:
     def to_json(self) -> dict:
         return {"model": self.model, "device": self.device.name, "precision": self.precision, "context": self.context,
                 "prefill_tokens": self.prefill_tokens, "rows": [{"item": i, "bytes": b, "how": h} for i, b, h in self.rows],
-                "total_bytes": self.total, "device_bytes": self.device.memory_bytes, "fits": self.fits}
+                "total_bytes": self.total, "device_bytes": self.device.memory_bytes, "fits": self.fits,
+                "lm_head": {"workspace_bytes": self.head_workspace, "chunks": self.head_chunks}}
 
 
 def plan_memory(fp: Footprint, device: DevicePreset, precision: str, model: str = "model",
@@ -85,7 +123,8 @@ def plan_memory(fp: Footprint, device: DevicePreset, precision: str, model: str 
     act = activation_bytes(precision)
     kv_bytes = kv_bytes or act
     prefill = min(context, fp.tokens_per_image + MAX_PROMPT_TEXT_TOKENS)  # no prompt is longer than the context
-    plan = MemoryPlan(model, device, precision, context, prefill)
+    plan = MemoryPlan(model, device, precision, context, prefill, head_workspace=lm_head_workspace(fp),
+                      head_chunks=lm_head_chunks(fp, device))
     m = lambda n: f"{n / 1e6:.1f}M"  # noqa: E731
     b = lambda x: f"{float(x):g}"  # noqa: E731  (17/32 -> 0.53125)
     plan.rows = [
@@ -117,6 +156,9 @@ def format_plan(plan: MemoryPlan) -> str:
     spare = d.memory_bytes - plan.total
     verdict = f"fits ({spare / GIB:.2f} GiB spare)" if plan.fits else f"does NOT fit ({-spare / GIB:.2f} GiB over)"
     lines.append(f"  verdict: {verdict}")
+    head = "one MatMul" if plan.head_chunks == 1 else f"{plan.head_chunks} MatMuls over vocabulary slices"
+    lines.append(f"  LM head: ~{plan.head_workspace / GIB:.2f} GiB of GEMM workspace unsplit (estimate; preset limit "
+                 f"{d.workspace_gib:g}): {head}")
     return "\n".join(lines)
 
 

@@ -8,7 +8,7 @@
 # engines (int8 too when `tops-export --precision int8` exists), compares each part's engine with
 # ONNX Runtime through polygraphy, runs the TRT pipeline against the ORT one, then does the same for a
 # decoder exported in segments (fastv pruning inside the LLM), Qwen2.5-VL's and Qwen3-VL's dynamic image sizes,
-# and prints a pass/fail table.
+# int4-wo engines (AWQ, RTN) and an LM head split in vocabulary chunks, and prints a pass/fail table.
 set -uo pipefail
 OUT=${1:-out/verify-trt}
 DEVICE=${DEVICE:-rtx}
@@ -185,6 +185,37 @@ print(f"token agreement {same}/{total}")
 sys.exit(0 if same >= 0.9 * total else 1)
 PY
 done
+
+# int4-wo (AWQ and RTN: blocked INT4 DequantizeLinear, TensorRT's weight-only INT4) with the LM head
+# split in 3 vocabulary chunks, and an fp16 export with the split head: each TRT pipeline against the
+# ORT pipeline of the same export, and the split fp16 engine's tokens against the unsplit one's.
+for METHOD in awq rtn; do
+step "export tiny-llava int4-wo $METHOD, head in 3" tops-export --model tiny-llava --out "$OUT/int4-$METHOD" --selector dpp-merge --keep 64 \
+     --precision int4-wo --int4-method "$METHOD" --lm-head-chunks 3 --quiet
+step "tops-build int4-wo $METHOD ($DEVICE)" tops-build "$OUT/int4-$METHOD" --device "$DEVICE" --precision int8
+done
+step "export tiny-llava fp16, head in 3" tops-export --model tiny-llava --out "$OUT/fp16-split" --selector dpp-merge --keep 64 \
+     --precision fp16 --lm-head-chunks 3 --quiet
+step "tops-build fp16 split head ($DEVICE)" tops-build "$OUT/fp16-split" --device "$DEVICE" --precision fp16
+step "TRT int4-wo / split head == ORT (>= 90% tokens)" python - "$OUT" <<'PY'
+import sys
+from tops_edge.runtime import Pipeline
+out = sys.argv[1]
+ok = True
+pairs = [(f"{out}/int4-awq", f"{out}/int4-awq"), (f"{out}/int4-rtn", f"{out}/int4-rtn"),
+         (f"{out}/fp16-split", f"{out}/fp16-split"), (f"{out}/trt", f"{out}/fp16-split")]  # last: unsplit vs split, both TRT
+for a_dir, b_dir in pairs:
+    a = Pipeline.load(a_dir, backend="ort" if a_dir == b_dir else "trt")
+    b = Pipeline.load(b_dir, backend="trt")
+    same = total = 0
+    for prompt in ["What shapes are in the picture?", "Describe the image."]:
+        x = a.generate("examples/shapes.png", prompt, max_new_tokens=16, ignore_eos=True)
+        y = b.generate("examples/shapes.png", prompt, max_new_tokens=16, ignore_eos=True)
+        same += sum(i == j for i, j in zip(x.token_ids, y.token_ids)); total += len(x.token_ids)
+    print(f"{a_dir} vs {b_dir} (TRT): token agreement {same}/{total}")
+    ok &= same >= 0.9 * total
+sys.exit(0 if ok else 1)
+PY
 
 echo
 printf '%-52s %s\n' "check" "result"

@@ -153,3 +153,28 @@ def test_build_help_exits_zero(capsys):
     assert build_main(["--help"]) == 0
     out = capsys.readouterr().out
     assert "--device" in out and "--timing-cache" in out
+
+
+def test_verify_trt_script_commands_parse():
+    """scripts/verify_trt.sh cannot run here (no TensorRT): its tops-export / tops-build lines at least
+    name flags and choices the parsers take."""
+    import re
+    import shlex
+    from pathlib import Path
+
+    from tops_edge.cli import build_parser, export_parser
+
+    text = Path(__file__).resolve().parents[1].joinpath("scripts", "verify_trt.sh").read_text().replace("\\\n", " ")
+    values = {"$OUT": "out", "$DEVICE": "rtx", "$QWEN": "tiny-qwen3-vl", "$METHOD": "awq"}
+    seen = {"tops-export": 0, "tops-build": 0}
+    for line in text.splitlines():
+        match = re.search(r"(?:step \"[^\"]*\" |^|if )(tops-(?:export|build)) (.*?)(?:2>.*)?$", line.strip())
+        if not match:
+            continue
+        args = match.group(2)
+        for key, value in values.items():
+            args = args.replace(key, value)
+        parser = export_parser() if match.group(1) == "tops-export" else build_parser()
+        parser.parse_args(shlex.split(args.split(";")[0]))
+        seen[match.group(1)] += 1
+    assert seen["tops-export"] >= 8 and seen["tops-build"] >= 7  # every line of the script, found

@@ -138,9 +138,11 @@ def _build_one(trt, onnx_path: Path, engine_path: Path, profile: dict, preset, p
         load_timing_cache=str(cache) if cache.exists() else None,
     )
     build = EngineBytesFromNetwork(NetworkFromOnnxPath(str(onnx_path)), config=config, save_timing_cache=str(cache))
-    data = build()
+    data = build()  # TensorRT's serialized engine (IHostMemory): written as it is, not copied into bytes first
     tmp = engine_path.with_suffix(".engine.tmp")
-    tmp.write_bytes(bytes(data))
+    with open(tmp, "wb") as f:
+        f.write(data)
+    del data
     os.replace(tmp, engine_path)  # a failed build never leaves a half-written engine under the real name
 
 

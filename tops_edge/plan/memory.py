@@ -13,8 +13,8 @@
 
 Bytes per parameter (vision matmul, vision other, embed, decoder matmul, decoder other):
   fp32 4 4 4 4 4; fp16 2 2 2 2 2; int8-wo (weight-only INT8 decoder) 2 2 2 1 2; int8 (Q/DQ on every
-  MatMul/Gemm, the rest fp16) 1 2 2 1 2; int4-wo (weight-only INT4 decoder, calib/int4.py) 2 2 2
-  0.53125 2: 4 bits a weight + one fp32 scale per block of 128 input channels (4 / 128 B a weight;
+  MatMul/Gemm but the LM head, which stays float: 2 B; the rest fp16) 1 2 2 1 2; int4-wo (weight-only
+  INT4 decoder, calib/int4.py) 2 2 2 0.53125 2: 4 bits a weight + one fp32 scale per block of 128 input channels (4 / 128 B a weight;
   the scales are counted here because they are 6% of the INT4 bytes; rounded up to whole bytes per
   part). KV cache and activations are fp32 at fp32, else fp16 (the KV element size can be given
   instead: an export's KV IO dtype, which tops-build uses). INT8 per-channel scales (one fp32 per
@@ -123,6 +123,8 @@ def plan_memory(fp: Footprint, device: DevicePreset, precision: str, model: str 
     act = activation_bytes(precision)
     kv_bytes = kv_bytes or act
     prefill = min(context, fp.tokens_per_image + MAX_PROMPT_TEXT_TOKENS)  # no prompt is longer than the context
+    head = fp.vocab_size * fp.hidden_size  # the LM head's weights (part of decoder_matmul)
+    hb = 2 if precision == "int8" else dm  # Q/DQ int8 leaves the head float (calib/passes.py): fp16 in the engine
     plan = MemoryPlan(model, device, precision, context, prefill, head_workspace=lm_head_workspace(fp),
                       head_chunks=lm_head_chunks(fp, device))
     m = lambda n: f"{n / 1e6:.1f}M"  # noqa: E731
@@ -131,8 +133,10 @@ def plan_memory(fp: Footprint, device: DevicePreset, precision: str, model: str 
         ("weights: vision", math.ceil(fp.vision_matmul * vm + fp.vision_other * vo),
          f"{m(fp.vision_matmul)} matmul x {b(vm)} B + {m(fp.vision_other)} other x {b(vo)} B"),
         ("weights: embed", math.ceil(fp.embed * eb), f"{m(fp.embed)} x {b(eb)} B"),
-        ("weights: decoder", math.ceil(fp.decoder_matmul * dm + fp.decoder_other * do),
-         f"{m(fp.decoder_matmul)} matmul x {b(dm)} B + {m(fp.decoder_other)} other x {b(do)} B"),
+        ("weights: decoder", math.ceil((fp.decoder_matmul - head) * dm + head * hb + fp.decoder_other * do),
+         (f"{m(fp.decoder_matmul)} matmul x {b(dm)} B" if hb == dm else
+          f"{m(fp.decoder_matmul - head)} matmul x {b(dm)} B + {m(head)} LM head x {b(hb)} B")
+         + f" + {m(fp.decoder_other)} other x {b(do)} B"),
         ("KV cache", 2 * fp.num_layers * fp.num_kv_heads * fp.head_dim * kv_bytes * context,
          f"1 buffer x 2 x {fp.num_layers} layers x {fp.num_kv_heads} heads x {fp.head_dim} x {kv_bytes} B x {context} tokens"),
         ("activations", prefill * (4 * fp.hidden_size + 2 * fp.intermediate_size) * act + fp.vocab_size * 4,

@@ -96,3 +96,26 @@ def test_decoder_graph_reads_the_kv_cache_without_copies(tiny_none_dir):
             assert ops == {"MatMul"}, (name, ops)
         else:
             assert ops <= {"Transpose", "MatMul", "Shape"}, (name, ops)
+
+
+def test_the_torch_model_is_released_before_the_precision_passes(tmp_path, monkeypatch):
+    """A model tops-export loaded itself is freed before the fp16 / int8 / int4 passes, so its fp32
+    weights and the passes' copies are never in host RAM together (plan/build.py counts them apart)."""
+    import gc
+
+    import torch
+
+    import tops_edge.calib as calib
+
+    real, alive = calib.convert_parts, []
+
+    def spy(*args, **kwargs):
+        gc.collect()
+        alive.append(sum(o.numel() for o in gc.get_objects() if isinstance(o, torch.nn.Parameter)))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(calib, "convert_parts", spy)
+    from tops_edge.export import export_model
+
+    export_model("tiny-llava", tmp_path / "wo", precision="int8-wo", progress=False)
+    assert alive == [0]

@@ -193,7 +193,7 @@ def export_model(
 
                 # the torch model is not needed past here: a model loaded here is released before the
                 # passes, so its fp32 weights and the passes' copies are not in host RAM together
-                del parts, sel
+                del parts, part, sel  # `part` too: the loop leaves the last one (the decoder) bound
                 if not isinstance(model, ModelAdapter):
                     del adapter
                 gc.collect()

@@ -12,6 +12,8 @@ LLaVA-1.5-7B as exported (its config is built in, no weights needed):
 
 from __future__ import annotations
 
+import math
+
 import pytest
 
 from tops_edge.cli import export_main
@@ -211,3 +213,34 @@ def test_tiny_footprint_counts_what_the_exported_graphs_hold(tiny, tiny_none_dir
     assert numel("embed") == fp.embed
     assert numel("vision") == pytest.approx(fp.vision_matmul + fp.vision_other, rel=0.01)
     assert numel("decoder") == pytest.approx(fp.decoder_matmul + fp.decoder_other, rel=0.01)
+
+
+@pytest.mark.parametrize("precision", ["fp16", "int8-wo", "int4-wo"])
+@pytest.mark.parametrize("device", ["orin-nano", "agx-orin"])
+def test_7b_build_time_estimate_matches_hand_computation(llava7b, precision, device):
+    from tops_edge.plan.build import EXPORT_OVERHEAD, PASS_FACTOR, plan_build
+
+    _, fp = llava7b
+    _, reserved, workspace, _ = PRESET_FIGURES[device]
+    build = plan_build(fp, get_preset(device), precision)
+    decoder32 = 4 * (DECODER_MATMUL + DECODER_OTHER)
+    assert dict((i, b) for i, b, _ in build.host) == {
+        "export (torch, fp32)": 4 * PARAMS + EXPORT_OVERHEAD,
+        f"{precision} passes": math.ceil(PASS_FACTOR[precision] * decoder32)}
+    graph_w, engine_w = {"fp16": (2, 2), "int8-wo": (1, 1), "int4-wo": (17 / 32, 17 / 32)}[precision]
+    graph_o = 2 if precision == "fp16" else 4  # the quantized exports keep their other weights fp32 in the graph
+    graph = math.ceil(DECODER_MATMUL * graph_w + DECODER_OTHER * graph_o)
+    engine = math.ceil(DECODER_MATMUL * engine_w + DECODER_OTHER * 2)
+    assert build.largest_part == "decoder"
+    assert [b for _, b, _ in build.device_rows] == [graph, engine, engine, int(workspace * GIB), int(reserved * GIB)]
+    assert build.device_peak == graph + 2 * engine + int((workspace + reserved) * GIB)
+    assert build.host_peak == max(4 * PARAMS + EXPORT_OVERHEAD, math.ceil(PASS_FACTOR[precision] * decoder32))
+
+
+def test_dry_run_prints_the_build_estimate(capsys):
+    from tops_edge.cli import export_main
+
+    assert export_main(["--model", "llava-v1.5-7b", "--out", "unused", "--device", "orin-nano", "--precision",
+                        "int4-wo", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "host RAM to export" in out and "device RAM to build" in out and "build: " in out

@@ -164,6 +164,9 @@ def _plan_only(args) -> int:
 
         plan.head_chunks = len(vocabulary_chunks(footprint.vocab_size, args.lm_head_chunks))
     print(format_plan(plan))
+    from .plan.build import format_build, plan_build
+
+    print(format_build(plan_build(footprint, device, args.precision)))
     check_fits(footprint, device, args.precision, adapter.source)
     return 0
 

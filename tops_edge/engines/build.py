@@ -22,6 +22,7 @@ from typing import Callable
 from ..errors import InputError
 from ..export.manifest import load_manifest, sha256_file
 from ..plan import check_fits, format_plan, get_preset, plan_memory
+from ..plan.build import format_build, plan_build
 from ..plan.footprint import footprint_from_manifest
 from ..plan.profiles import format_profiles, optimization_profiles
 from .tensorrt_import import require_tensorrt
@@ -46,8 +47,10 @@ def describe_build(directory, device: str, precision: str) -> str:
     plan = plan_memory(footprint_from_manifest(manifest), preset, precision, manifest["model"]["source"],
                        kv_bytes=kv_bytes_of(manifest))
     head = head_warning(manifest, plan)
+    build = plan_build(footprint_from_manifest(manifest), preset, precision)
     return "\n".join([format_plan(plan), *segment_kv_lines(manifest, plan.context, kv_bytes_of(manifest)),
-                      *([head] if head else []), format_profiles(optimization_profiles(manifest, preset))])
+                      *([head] if head else []), format_build(build),
+                      format_profiles(optimization_profiles(manifest, preset))])
 
 
 def head_warning(manifest: dict, plan) -> str | None:

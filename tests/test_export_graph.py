@@ -102,20 +102,24 @@ def test_the_torch_model_is_released_before_the_precision_passes(tmp_path, monke
     """A model tops-export loaded itself is freed before the fp16 / int8 / int4 passes, so its fp32
     weights and the passes' copies are never in host RAM together (plan/build.py counts them apart)."""
     import gc
-
-    import torch
+    import weakref
 
     import tops_edge.calib as calib
+    import tops_edge.export.exporter as exporter
 
-    real, alive = calib.convert_parts, []
+    real_load, real_convert, loaded, alive = exporter.load, calib.convert_parts, [], []
 
-    def spy(*args, **kwargs):
+    def load(spec):
+        adapter = real_load(spec)
+        loaded.append(weakref.ref(adapter.model))
+        return adapter
+
+    def convert(*args, **kwargs):
         gc.collect()
-        alive.append(sum(o.numel() for o in gc.get_objects() if isinstance(o, torch.nn.Parameter)))
-        return real(*args, **kwargs)
+        alive.append([ref() is not None for ref in loaded])
+        return real_convert(*args, **kwargs)
 
-    monkeypatch.setattr(calib, "convert_parts", spy)
-    from tops_edge.export import export_model
-
-    export_model("tiny-llava", tmp_path / "wo", precision="int8-wo", progress=False)
-    assert alive == [0]
+    monkeypatch.setattr(exporter, "load", load)
+    monkeypatch.setattr(calib, "convert_parts", convert)
+    exporter.export_model("tiny-llava", tmp_path / "wo", precision="int8-wo", progress=False)
+    assert alive == [[False]]

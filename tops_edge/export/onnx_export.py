@@ -14,6 +14,7 @@ import torch
 
 from ..errors import ExportError
 from ..models.base import PartSpec
+from . import shapes
 
 EXPORTERS = ("legacy", "dynamo")
 #: protobuf's hard limit is 2 GiB; stay well below it and move weights to one `.onnx.data` file
@@ -44,7 +45,10 @@ def export_part(part: PartSpec, path: Path, opset: int, exporter: str = "legacy"
                 else:
                     torch.onnx.export(module, args, str(raw), dynamo=True, external_data=True, optimize=True,
                                       verify=False, dynamic_shapes=_dynamic_shapes(part), **names)
-            return save_graph(raw, path)
+            files = save_graph(raw, path)
+            if shapes.applies(part.name):  # the traced shape arithmetic, proven constant (TOPS_EDGE_SHAPE_PASS=0: off)
+                shapes.simplify_file(path)
+            return files
         except Exception as exc:  # the exporters raise many types; one line names the part
             raise ExportError(f"exporting part '{part.name}' with the {exporter} exporter failed: {_first_line(exc)}") from exc
 

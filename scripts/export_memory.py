@@ -283,12 +283,9 @@ PRECISION_RUNS = {"fp32": ("fp32", None), "fp16": ("fp16", None), "int8": ("int8
 
 def reset_hwm() -> bool:
     """Resets VmHWM to the current RSS (Linux >= 4.0: clear_refs 5); False where not allowed."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
+    from tops_edge.bench.device import PeakMemory
+
+    return PeakMemory._reset_hwm()
 
 
 class PhasePeaks(RssSampler):

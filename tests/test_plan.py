@@ -244,3 +244,13 @@ def test_dry_run_prints_the_build_estimate(capsys):
                         "int4-wo", "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert "host RAM to export" in out and "device RAM to build" in out and "build: " in out
+
+
+def test_build_estimate_reads_the_graphs_at_the_exports_precision(llava7b):
+    from tops_edge.plan.build import plan_build
+
+    _, fp = llava7b
+    same = plan_build(fp, get_preset("agx-orin"), "fp16")
+    from_fp32 = plan_build(fp, get_preset("agx-orin"), "fp16", "fp32")  # an fp32 export built at fp16
+    assert from_fp32.device_rows[0][1] == 4 * (DECODER_MATMUL + DECODER_OTHER) == 2 * same.device_rows[0][1]
+    assert from_fp32.device_rows[1:] == same.device_rows[1:]

@@ -47,7 +47,7 @@ def describe_build(directory, device: str, precision: str) -> str:
     plan = plan_memory(footprint_from_manifest(manifest), preset, precision, manifest["model"]["source"],
                        kv_bytes=kv_bytes_of(manifest))
     head = head_warning(manifest, plan)
-    build = plan_build(footprint_from_manifest(manifest), preset, precision)
+    build = plan_build(footprint_from_manifest(manifest), preset, precision, manifest["precision"])
     return "\n".join([format_plan(plan), *segment_kv_lines(manifest, plan.context, kv_bytes_of(manifest)),
                       *([head] if head else []), format_build(build),
                       format_profiles(optimization_profiles(manifest, preset))])

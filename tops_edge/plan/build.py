@@ -94,8 +94,9 @@ def _part_bytes(fp: Footprint, per: tuple, head_bytes=None) -> dict[str, int]:
             "decoder": math.ceil((fp.decoder_matmul - head) * dm + head * hb + fp.decoder_other * do)}
 
 
-def plan_build(fp: Footprint, device: DevicePreset, precision: str) -> BuildPlan:
-    """The build-time estimate of `precision` (a memory-plan precision) on `device`."""
+def plan_build(fp: Footprint, device: DevicePreset, precision: str, export_precision: str | None = None) -> BuildPlan:
+    """The build-time estimate of `precision` (a memory-plan precision) on `device`; the graphs the
+    parser reads are stored at `export_precision` (default: the same; an fp32 export built fp16: fp32)."""
     plan = BuildPlan(precision, device)
     fp32 = 4 * fp.parameters
     plan.host.append(("export (torch, fp32)", fp32 + EXPORT_OVERHEAD,
@@ -107,7 +108,8 @@ def plan_build(fp: Footprint, device: DevicePreset, precision: str) -> BuildPlan
             how += f"; --int4-method rtn: {RTN_FACTOR:g} x, {RTN_FACTOR * decoder32 / GIB:.1f} GiB"
         plan.host.append((f"{precision} passes", math.ceil(PASS_FACTOR[precision] * decoder32), how))
     # int8 (Q/DQ) leaves the LM head float: fp32 in the graph, fp16 in the engine
-    graph = _part_bytes(fp, GRAPH_BYTES[precision], 4 if precision == "int8" else None)
+    stored = export_precision or precision
+    graph = _part_bytes(fp, GRAPH_BYTES[stored], 4 if stored == "int8" else None)
     engine = _part_bytes(fp, WEIGHT_BYTES[precision], 2 if precision == "int8" else None)
     part = max(engine, key=lambda p: graph[p] + 2 * engine[p])
     plan.largest_part = part

@@ -51,6 +51,9 @@ full export, whole peak: fp32 3.02 + 0.753 L (27.1), fp16 1.78 + 1.886 L (62.1),
 does (in the decoder's torch export), the passes peak in the decoder's conversion. L=4 peaks at 10 GiB
 (int4-wo-rtn), ~16 min for --layers 3,4 at the four precisions. The 50 ms samples miss up to 1.7 GiB of
 the exact (HWM) phase peaks: torch.onnx.export and the passes hold the GIL for long stretches.
+int4-wo (AWQ) fails at L=3 today: calib/int4.py activation_statistics serializes its probe copy of the
+decoder in memory (SerializeToString, 2 GB protobuf limit) after the capture; the child records its
+peaks up to the failure (13.1 GiB at L=3, in the capture + statistics phase).
 """
 
 from __future__ import annotations

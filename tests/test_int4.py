@@ -157,6 +157,35 @@ def test_awq_search_on_a_tiny_decoder_graph_beats_rtn_per_group(tmp_path):
     np.testing.assert_allclose(output_error(x, [wq, wk], s), report["normed"]["errors"][report["normed"]["alpha"]], rtol=1e-4)
 
 
+def test_awq_reads_a_graph_with_external_data_from_its_file(tmp_path):
+    """A 7B decoder's graph is above protobuf's 2 GB limit, so the AWQ statistics run the graph's
+    file (its weights in external data), not an in-memory copy: the same statistics and the same
+    written weights as from a graph with its weights inside."""
+    rng = np.random.default_rng(5)
+    k = 160
+    gamma = (rng.random(k) + 0.5).astype(np.float32)
+    w = rng.standard_normal((k, k)).astype(np.float32) * 0.1
+    nodes = [helper.make_node("Mul", ["h", "gamma"], ["normed"]), helper.make_node("MatMul", ["normed", "w"], ["out"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("h", TensorProto.FLOAT, [1, "n", k])],
+                              [helper.make_tensor_value_info("out", TensorProto.FLOAT, [1, "n", k])],
+                              [numpy_helper.from_array(gamma, "gamma"), numpy_helper.from_array(w, "w")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    inside, outside = tmp_path / "in" / "g.onnx", tmp_path / "out" / "g.onnx"
+    inside.parent.mkdir(), outside.parent.mkdir()
+    onnx.save(model, str(inside))
+    onnx.save_model(model, str(outside), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location="g.onnx.data", size_threshold=0)
+    assert not onnx.load(str(outside), load_external_data=False).graph.initializer[1].raw_data  # really outside
+    feeds = [{"h": rng.standard_normal((1, 48, k)).astype(np.float32)}]
+    a, b = activation_statistics(inside, ["normed"], feeds), activation_statistics(outside, ["normed"], feeds)
+    np.testing.assert_array_equal(a["normed"][0], b["normed"][0])
+    assert sorted(p.name for p in outside.parent.iterdir()) == ["g.onnx", "g.onnx.data"]  # the probe is gone
+    to_int4_weight_only(inside, tmp_path / "a.onnx", "awq", lambda: feeds)
+    to_int4_weight_only(outside, tmp_path / "b.onnx", "awq", lambda: feeds)
+    wa, wb = ({t.name: numpy_helper.to_array(t) for t in onnx.load(str(tmp_path / f)).graph.initializer} for f in ("a.onnx", "b.onnx"))
+    assert wa.keys() == wb.keys() and all(np.array_equal(wa[n], wb[n]) for n in wa)
+
+
 # --- export ---------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def small_calib():

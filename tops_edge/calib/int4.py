@@ -133,20 +133,31 @@ def _linears(model: onnx.ModelProto, inits: dict) -> list[tuple[onnx.NodeProto, 
     return out
 
 
-def activation_statistics(model: onnx.ModelProto, tensors: list[str], feeds: list[dict],
+def activation_statistics(model: onnx.ModelProto | Path, tensors: list[str], feeds: list[dict],
                           max_rows: int = AWQ_MAX_ROWS) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """{tensor: (mean |x| per channel over every row, up to max_rows rows of x)} over the feeds, read by
-    running the fp32 graph with those tensors as extra outputs (ORT, plain CPU)."""
+    running the fp32 graph with those tensors as extra outputs (ORT, plain CPU). `model` may be the
+    graph's file: then the probe is that graph's proto (weights not read) saved beside it, so it reads
+    the same external data file, and a graph above protobuf's 2 GB limit (a 7B decoder) works."""
     import onnxruntime as ort
 
-    probe = onnx.ModelProto()
-    probe.CopyFrom(model)
-    present = {o.name for o in probe.graph.output}
-    probe.graph.output.extend(helper.make_empty_tensor_value_info(t) for t in tensors if t not in present)
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     options.log_severity_level = 3
-    sess = ort.InferenceSession(probe.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    if isinstance(model, Path):
+        probe = onnx.load(str(model), load_external_data=False)
+        _add_outputs(probe, tensors)
+        path = model.with_name(model.stem + ".probe.onnx")
+        try:
+            onnx.save_model(probe, str(path))
+            sess = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        finally:
+            path.unlink(missing_ok=True)
+    else:
+        probe = onnx.ModelProto()
+        probe.CopyFrom(model)
+        _add_outputs(probe, tensors)
+        sess = ort.InferenceSession(probe.SerializeToString(), options, providers=["CPUExecutionProvider"])
     inputs = [i.name for i in sess.get_inputs()]
     sums: dict[str, np.ndarray] = {}
     counts: dict[str, int] = defaultdict(int)
@@ -161,6 +172,11 @@ def activation_statistics(model: onnx.ModelProto, tensors: list[str], feeds: lis
             step = max(1, v.shape[0] // per_feed)
             rows[name].append(v[::step][:per_feed])
     return {name: (sums[name] / counts[name], np.concatenate(rows[name])[:max_rows]) for name in tensors}
+
+
+def _add_outputs(probe: onnx.ModelProto, tensors: list[str]) -> None:
+    present = {o.name for o in probe.graph.output}
+    probe.graph.output.extend(helper.make_empty_tensor_value_info(t) for t in tensors if t not in present)
 
 
 def _foldable_scale(model: onnx.ModelProto, tensor: str, readers: set[str], inits: dict, uses: dict) -> TensorProto | None:
@@ -211,7 +227,7 @@ def to_int4_weight_only(src: Path, dst: Path, method: str = DEFAULT_INT4_METHOD,
                 readers_of_weight[node.input[1]].add(tensor)
         # a weight read by layers with different inputs keeps s = 1 (one stored weight, one scaling)
         searchable = [t for t, nodes in groups.items() if all(len(readers_of_weight[n.input[1]]) == 1 for n in nodes)]
-        stats = activation_statistics(model, searchable, list(make_feeds()))
+        stats = activation_statistics(Path(src), searchable, list(make_feeds()))  # the file: > 2 GB graphs too
         for tensor in searchable:
             absmean, x = stats[tensor]
             unique = list({n.input[1]: canonical[n.name] for n in groups[tensor]}.values())
